@@ -1,0 +1,20 @@
+"""peft-ops: fused Triton kernels and swap-in modules for extreme-low-parameter adapters.
+
+    layer = peft_ops.LoRAXSLinear(base_linear, rank=16)
+    names = peft_ops.inject(model, "loraxs", rank=16, target_modules=["q_proj", "v_proj"])
+    peft_ops.save_adapter(model, "adapter.safetensors"); peft_ops.load_adapter(model, "adapter.safetensors")
+"""
+from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
+from .functional import BACKENDS, lowrank_linear
+from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
+from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
+from .methods import METHODS, Method, get_method
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear", "LowRankLinear", "LAYER_CLASSES",
+    "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
+    "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
+    "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
+]

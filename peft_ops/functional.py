@@ -1,0 +1,64 @@
+"""One entry point for the low-rank linear, dispatched by backend.
+
+``"triton"`` runs the fused kernels (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
+before the kernels were imported); ``"reference"`` runs the plain-PyTorch path; ``"auto"`` picks triton
+for CUDA tensors and the reference elsewhere. A backend that can't run where it is asked raises; it
+never falls back silently.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+
+__all__ = ["BACKENDS", "lowrank_linear", "resolve_backend", "check_backend"]
+
+BACKENDS = ("auto", "triton", "reference")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not known; expected one of {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+def triton_interpreting() -> bool:
+    """Whether the Triton kernels run under the interpreter (decided when they were first imported)."""
+    from peft_ops import kernels
+
+    return kernels.INTERPRET
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that will run for input ``x``; raises if ``backend`` can't run there."""
+    if check_backend(backend) == "auto":
+        return "triton" if x.is_cuda and x.dtype in _TRITON_DTYPES else "reference"
+    if backend == "triton":
+        if x.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"backend='triton': input dtype is {x.dtype}; the fused kernels take float32, "
+                            f"float16 or bfloat16 (use backend='reference' for others)")
+        if x.is_cuda:
+            return backend
+        if x.device.type == "cpu" and triton_interpreting():
+            return backend
+        raise RuntimeError(
+            f"backend='triton': input is on {x.device}; the fused kernels need a CUDA tensor, or a CPU "
+            f"tensor with TRITON_INTERPRET=1 set before peft_ops.kernels is first imported. "
+            f"Use backend='reference' (or 'auto') to run the plain PyTorch path here.")
+    return backend
+
+
+def lowrank_linear(x, weight, bias, up, core, down, scale, *, dropout_p: float = 0.0,
+                   dropout_site: str = "input", backend: str = "auto"):
+    """``y = x Wᵀ + b + s·((x D) Cᵀ) Uᵀ`` with dropout on the adapter's input or output.
+
+    ``core`` is None (identity), 1-D (diagonal) or 2-D (full); ``scale`` a float or a 0-d tensor.
+    ``dropout_p`` is the effective rate (pass 0 in eval mode)."""
+    if resolve_backend(backend, x) == "reference":
+        return reference.lowrank_linear(x, weight, bias, up, core, down, scale,
+                                        dropout_p=dropout_p, dropout_site=dropout_site)
+    from .fused import fused_lowrank_linear
+
+    return fused_lowrank_linear(x, weight, bias, up, core, down, scale,
+                                dropout_p=dropout_p, dropout_site=dropout_site)

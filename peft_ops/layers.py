@@ -1,0 +1,186 @@
+"""Swap-in modules: a frozen linear layer plus an adapter described by a :class:`~peft_ops.methods.Method`.
+
+``LoRALinear``, ``SymLoRALinear``, ``LoRAXSLinear`` and ``TLoRALinear`` only name their method; all
+behaviour lives in :class:`LowRankLinear`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from . import functional, reference
+from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method
+
+__all__ = ["LowRankLinear", "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear",
+           "LAYER_CLASSES", "is_conv1d", "is_adaptable"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D``: a linear layer whose weight is stored transposed (K×N)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _base_weight(layer: nn.Module) -> torch.Tensor:
+    """The logical N×K (out×in) weight of an ``nn.Linear`` or a ``Conv1D``, as a view."""
+    return layer.weight.T if is_conv1d(layer) else layer.weight
+
+
+class LowRankLinear(nn.Module):
+    """``y = base_layer(x) + s·((x D) Cᵀ) Uᵀ`` for the adapter method ``self.method``.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) to adapt; kept as ``.base_layer``
+            and frozen.
+        rank: r, from 1 to min(in_features, out_features).
+        alpha: the scale: ``s = alpha / rank`` for LoRA, SymLoRA and LoRA-XS (default ``alpha = rank``,
+            so s = 1); TLoRA's learnable α starts at ``alpha`` (default 1).
+        dropout: dropout rate on the adapter path (its input, or its output for TLoRA), in [0, 1).
+        seed: seeds every random draw of the adapter's initialisation (CPU generator).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`peft_ops.functional`).
+        **method_options: the method's own options (``Method.options``).
+    """
+
+    method: Method
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
+                 seed: int = 0, backend: str = "auto", **method_options):
+        super().__init__()
+        if not is_adaptable(base_layer):
+            raise TypeError(f"base_layer: expected a torch.nn.Linear or a transformers Conv1D, "
+                            f"got {type(base_layer).__name__}")
+        weight = _base_weight(base_layer)
+        n, k = weight.shape
+        name = self.method.name
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= min(n, k):
+            raise ValueError(f"{name}: rank={rank!r}; expected an integer from 1 to min(in_features, "
+                             f"out_features) = {min(n, k)} for this {n}×{k} weight")
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha)):
+            raise ValueError(f"{name}: alpha={alpha!r}; expected a finite number or None")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{name}: dropout={dropout!r}; expected a rate in [0, 1)")
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
+            raise ValueError(f"{name}: seed={seed!r}; expected an integer in [0, 2**63)")
+        functional.check_backend(backend)
+        options = self.method.resolve_options(method_options)
+        self.method.check_shape(n, k, int(rank), options)
+
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features, self.out_features, self.rank = k, n, int(rank)
+        self.alpha = float(self.method.default_alpha(self.rank) if alpha is None else alpha)
+        self.scaling = self.alpha / self.rank  # used by methods whose scale is fixed
+        self.dropout, self.seed, self.backend = float(dropout), int(seed), backend
+        self.options = options
+        self.merged = False
+
+        ctx = InitContext(n, k, self.rank, self.alpha, weight.detach(),
+                          torch.Generator().manual_seed(self.seed), options)
+        # adapter tensors are float32 (float64 for a float64 base) whatever the base's 16-bit dtype
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        for tensor_name, (value, trainable) in self.method.init(ctx).items():
+            value = value.to(device=weight.device, dtype=dtype)
+            if trainable:
+                self.register_parameter(tensor_name, nn.Parameter(value))
+            else:
+                self.register_buffer(tensor_name, value)
+        self.register_buffer("_original_weight", None, persistent=False)
+
+    # -- the base layer, as code that expects the wrapped layer sees it
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def factors(self):
+        """``(U, C, D, s)`` as views of this layer's tensors (gradients flow to them)."""
+        return self.method.factors(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1:] != (self.in_features,):
+            raise ValueError(f"input: shape {tuple(x.shape)}; expected a last dimension of "
+                             f"in_features={self.in_features}")
+        weight = _base_weight(self.base_layer)
+        if x.device != weight.device:
+            raise RuntimeError(f"input is on {x.device} but the layer's weights are on {weight.device}")
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"input dtype {x.dtype} differs from the base weight's {weight.dtype}; cast "
+                            f"one of them (or run under torch.autocast)")
+        if self.merged:
+            return self.base_layer(x)
+        up, core, down, scale = self.factors()
+        return functional.lowrank_linear(
+            x, weight, self.base_layer.bias, up, core, down, scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            dropout_site=self.method.dropout_site, backend=self.backend)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = s·U C Dᵀ`` as an N×K tensor, in float32 (float64 for a float64 base)."""
+        up, core, down, scale = self.factors()
+        return reference.delta_weight(up, core, down, scale,
+                                      torch.promote_types(self.base_layer.weight.dtype, torch.float32))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight (the sum computed in float32, then cast back). A copy of the
+        original weight is kept so :meth:`unmerge` restores it bit for bit. No-op if merged."""
+        if self.merged:
+            return
+        weight = self.base_layer.weight
+        delta = self.delta_weight()
+        self._original_weight = weight.detach().clone()
+        weight.copy_((weight.to(delta.dtype) + (delta.T if is_conv1d(self.base_layer) else delta)).to(weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight exactly as it was before :meth:`merge`. No-op if not merged."""
+        if not self.merged:
+            return
+        self.base_layer.weight.copy_(self._original_weight)
+        self._original_weight = None
+        self.merged = False
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters(recurse=False))
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method.name}, in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, backend={self.backend!r}"
+                + (", merged=True" if self.merged else ""))
+
+
+class LoRALinear(LowRankLinear):
+    """LoRA (PEFT conventions): ``ΔW = (α/r)·B A``; trains A (r×K) and B (N×r)."""
+    method = LORA
+
+
+class SymLoRALinear(LowRankLinear):
+    """SymLoRA: ``ΔW = (α/r)·Q diag(λ) Qᵀ``; trains Q and λ. Square weights, or the sliced form with
+    ``allow_non_square=True``."""
+    method = SYMLORA
+
+
+class LoRAXSLinear(LowRankLinear):
+    """LoRA-XS: ``ΔW = (α/r)·U_r R Σ_r V_rᵀ`` with the frozen top-r SVD of the base weight; trains R only.
+    Option ``svd="randomized"`` (default, seeded by ``svd_seed``) or ``"exact"``."""
+    method = LORAXS
+
+
+class TLoRALinear(LowRankLinear):
+    """TLoRA: ``Δy = α·x A B C`` with frozen seeded random A, C; trains B (r×r) and the scalar α."""
+    method = TLORA
+
+
+LAYER_CLASSES: dict[str, type[LowRankLinear]] = {
+    cls.method.name: cls for cls in (LoRALinear, SymLoRALinear, LoRAXSLinear, TLoRALinear)}

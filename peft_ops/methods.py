@@ -1,0 +1,205 @@
+"""Every adapter method as data over one formula.
+
+All methods are a rank-r update with the same three-factor shape (DESIGN.md §1)::
+
+    ΔW = s · U · C · Dᵀ       U: N×r (up)    C: r×r (core)    D: K×r (down)
+    y  = x Wᵀ + b + s · ((x D) Cᵀ) Uᵀ
+
+A :class:`Method` says which tensors a layer stores, how each is initialised, which of them train,
+and how the stored tensors map onto ``U``, ``C``, ``D`` and ``s`` (as views, so gradients reach the
+stored tensors through autograd; SymLoRA's tied ``U = D = Q`` needs nothing more). Layers, the
+reference path, the fused kernels and adapter files all work from these descriptions alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .svd import top_singular_triplets
+
+__all__ = ["Method", "InitContext", "METHODS", "get_method", "LORA", "SYMLORA", "LORAXS", "TLORA"]
+
+
+@dataclass(frozen=True)
+class InitContext:
+    """What a method's ``init`` may use. Random draws come from ``generator`` (CPU, seeded per layer),
+    so the same seed gives the same tensors on every device."""
+
+    out_features: int
+    in_features: int
+    rank: int
+    alpha: float
+    weight: torch.Tensor  # the frozen N×K weight (a detached view; only LoRA-XS reads it)
+    generator: torch.Generator
+    options: Mapping[str, Any]
+
+
+# A stored tensor: name -> (value on the CPU, trainable?); the layer casts it to its adapter dtype
+Tensors = dict[str, tuple[torch.Tensor, bool]]
+# (U, C, D, s): C is None (identity), 1-D (diagonal) or 2-D; s is a float or a 0-d tensor.
+Factors = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, "float | torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    core: str  # "identity" | "diagonal" | "full"
+    dropout_site: str  # "input" (on the adapter's input, PEFT convention) | "output" (TLoRA)
+    learnable_scale: bool  # False: s = alpha / rank (layer.scaling); True: a trained scalar, starts at alpha
+    default_alpha: Callable[[int], float]
+    init: Callable[[InitContext], Tensors]
+    factors: Callable[[Any], Factors]  # layer -> (U, C, D, s), views of its stored tensors
+    trainable_count: Callable[[int, int, int], int]  # (out_features, in_features, rank) -> count
+    options: Mapping[str, Any] = field(default_factory=dict)  # allowed method options and defaults
+    check_shape: Callable[[int, int, int, Mapping[str, Any]], None] = lambda n, k, r, opts: None
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            allowed = ", ".join(sorted(self.options)) or "none"
+            raise TypeError(f"{self.name}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                            f"options this method takes: {allowed}")
+        return {**self.options, **given}
+
+
+def _kaiming_uniform(shape, generator):
+    # torch's own fan-in rule for a 2-D tensor (fan_in = shape[1]), drawn from a seeded CPU generator
+    t = torch.empty(shape)
+    torch.nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+    return t
+
+
+def _kaiming_normal(shape, generator):
+    t = torch.empty(shape)
+    torch.nn.init.kaiming_normal_(t, a=math.sqrt(5), generator=generator)
+    return t
+
+
+# --- LoRA (Hu et al. 2021), PEFT conventions: A (r×K) kaiming-uniform, B (N×r) zero, s = α/r ---
+
+def _lora_init(c: InitContext) -> Tensors:
+    return {
+        "lora_A": (_kaiming_uniform((c.rank, c.in_features), c.generator), True),
+        "lora_B": (torch.zeros(c.out_features, c.rank), True),
+    }
+
+
+LORA = Method(
+    name="lora",
+    title="LoRA",
+    core="identity",
+    dropout_site="input",
+    learnable_scale=False,
+    default_alpha=float,
+    init=_lora_init,
+    factors=lambda m: (m.lora_B, None, m.lora_A.T, m.scaling),
+    trainable_count=lambda n, k, r: r * (n + k),
+)
+
+
+# --- SymLoRA (2504.03719): ΔW = s · Q diag(λ) Qᵀ, Q kaiming-uniform, λ = 0 ---
+
+def _symlora_check(n: int, k: int, r: int, opts: Mapping[str, Any]) -> None:
+    if n != k and not opts["allow_non_square"]:
+        raise ValueError(
+            f"symlora: the target weight is {n}×{k} (out_features×in_features), but SymLoRA's "
+            f"Q·diag(λ)·Qᵀ is defined for square weights. Pass allow_non_square=True for the sliced "
+            f"form U = Q[:out_features], D = Q[:in_features] (no longer symmetric).")
+
+
+def _symlora_init(c: InitContext) -> Tensors:
+    # Q is max(N, K)×r; starting from λ = 0 keeps ΔW = 0 while dλ ≠ 0 (Q = 0 would freeze training).
+    n = max(c.out_features, c.in_features)
+    return {
+        "symlora_Q": (_kaiming_uniform((n, c.rank), c.generator), True),
+        "symlora_lambda": (torch.zeros(c.rank), True),
+    }
+
+
+SYMLORA = Method(
+    name="symlora",
+    title="SymLoRA",
+    core="diagonal",
+    dropout_site="input",
+    learnable_scale=False,
+    default_alpha=float,
+    init=_symlora_init,
+    factors=lambda m: (m.symlora_Q[: m.out_features], m.symlora_lambda, m.symlora_Q[: m.in_features],
+                       m.scaling),
+    trainable_count=lambda n, k, r: r * max(n, k) + r,
+    options={"allow_non_square": False},
+    check_shape=_symlora_check,
+)
+
+
+# --- LoRA-XS (2405.17604): ΔW = s · U_r R Σ_r V_rᵀ, frozen top-r SVD factors, R ~ N(0, 1e-5) ---
+
+def _loraxs_init(c: InitContext) -> Tensors:
+    u, sigma, v = top_singular_triplets(c.weight, c.rank, exact=c.options["svd"] == "exact",
+                                        seed=c.options["svd_seed"])
+    return {
+        "loraxs_B": (u, False),  # U_r, N×r
+        "loraxs_A": (sigma[:, None] * v.T, False),  # Σ_r V_rᵀ, r×K: the input side absorbs Σ
+        "loraxs_R": (torch.randn(c.rank, c.rank, generator=c.generator) * 1e-5, True),
+    }
+
+
+def _loraxs_check(n: int, k: int, r: int, opts: Mapping[str, Any]) -> None:
+    if opts["svd"] not in ("randomized", "exact"):
+        raise ValueError(f"loraxs: option svd={opts['svd']!r}; expected 'randomized' or 'exact'")
+
+
+LORAXS = Method(
+    name="loraxs",
+    title="LoRA-XS",
+    core="full",
+    dropout_site="input",
+    learnable_scale=False,
+    default_alpha=float,
+    init=_loraxs_init,
+    factors=lambda m: (m.loraxs_B, m.loraxs_R, m.loraxs_A.T, m.scaling),
+    trainable_count=lambda n, k, r: r * r,
+    options={"svd": "randomized", "svd_seed": 0},
+    check_shape=_loraxs_check,
+)
+
+
+# --- TLoRA (2504.18735): Δy = α · x A B C with A (K×r), C (r×N) frozen random, B (r×r) = 0, α = 1 ---
+
+def _tlora_init(c: InitContext) -> Tensors:
+    a = _kaiming_normal((c.in_features, c.rank), c.generator)
+    cc = _kaiming_normal((c.rank, c.out_features), c.generator)
+    return {
+        "tlora_A": (a, False),
+        "tlora_B": (torch.zeros(c.rank, c.rank), True),
+        "tlora_C": (cc, False),
+        "tlora_alpha": (torch.tensor(float(c.alpha)), True),
+    }
+
+
+TLORA = Method(
+    name="tlora",
+    title="TLoRA",
+    core="full",
+    dropout_site="output",
+    learnable_scale=True,
+    default_alpha=lambda r: 1.0,
+    init=_tlora_init,
+    # Δy = α (x A) B C  =  s ((x D) Cᵀ) Uᵀ  with  D = A, core = Bᵀ, U = Cᵀ
+    factors=lambda m: (m.tlora_C.T, m.tlora_B.T, m.tlora_A, m.tlora_alpha),
+    trainable_count=lambda n, k, r: r * r + 1,
+)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (LORA, SYMLORA, LORAXS, TLORA)}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method={name!r} is not known; expected one of {', '.join(map(repr, METHODS))}") from None

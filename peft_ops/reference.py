@@ -1,0 +1,47 @@
+"""The plain-PyTorch reference of every method: the oracle the kernels are checked against, and the
+path used where the kernels don't run (the CPU, float64). Autograd provides its gradients.
+
+    y = x Wᵀ + b + s · ((drop(x) D) Cᵀ) Uᵀ          dropout on the adapter input (LoRA, SymLoRA, LoRA-XS)
+    y = x Wᵀ + b + drop(s · ((x D) Cᵀ) Uᵀ)          dropout on the adapter output (TLoRA)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lowrank_linear", "apply_core", "delta_weight"]
+
+
+def apply_core(t: torch.Tensor, core: torch.Tensor | None) -> torch.Tensor:
+    """``t Cᵀ`` for a full core, ``t ⊙ c`` for a diagonal one, ``t`` for the identity."""
+    if core is None:
+        return t
+    core = core.to(t.dtype)
+    return t * core if core.dim() == 1 else t @ core.T
+
+
+def _dropout(z: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is None:
+        return F.dropout(z, p, training=True)
+    return z * keep.to(z.dtype) / (1.0 - p)
+
+
+def lowrank_linear(x, weight, bias, up, core, down, scale, *, dropout_p: float = 0.0,
+                   dropout_site: str = "input", dropout_mask: torch.Tensor | None = None):
+    """Reference forward. Factors are cast to the input's dtype, as PEFT does; ``scale`` is a float or
+    a 0-d tensor. With ``dropout_p > 0``, ``dropout_mask`` (bool, True = kept, the shape of ``x`` for
+    input-side dropout or of the output for output-side dropout) reproduces a given mask."""
+    dtype = x.dtype
+    base = F.linear(x, weight, bias)
+    a = _dropout(x, dropout_p, dropout_mask) if dropout_p and dropout_site == "input" else x
+    h = apply_core(a @ down.to(dtype), core)
+    delta = (h * scale) @ up.to(dtype).T
+    if dropout_p and dropout_site == "output":
+        delta = _dropout(delta, dropout_p, dropout_mask)
+    return base + delta
+
+
+def delta_weight(up, core, down, scale, dtype=torch.float32) -> torch.Tensor:
+    """``ΔW = s · U C Dᵀ`` (N×K) in ``dtype``."""
+    mid = apply_core(up.to(dtype), None if core is None else core.to(dtype).T if core.dim() == 2 else core)
+    return (mid @ down.to(dtype).T) * (scale.to(dtype) if torch.is_tensor(scale) else scale)

@@ -1,0 +1,38 @@
+"""Top-r SVD of a frozen weight, deterministic for given weights (LoRA-XS's frozen factors).
+
+Computed on the CPU in float64 whatever the weight's device, so the same weights give the same
+factors everywhere and an adapter file can regenerate them instead of storing them. The default is
+a seeded randomised SVD (Halko, Martinsson & Tropp 2011, with power iterations); ``exact=True`` runs
+LAPACK's full thin SVD. Signs follow one convention: the largest-magnitude entry of each left
+singular vector is positive.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["top_singular_triplets"]
+
+_POWER_ITERATIONS = 4
+
+
+def top_singular_triplets(weight: torch.Tensor, rank: int, *, exact: bool = False, seed: int = 0):
+    """Return ``(u, sigma, v)`` in float64 on the CPU with ``weight ≈ u diag(sigma) vᵀ``:
+    ``u`` is N×rank, ``sigma`` rank (descending), ``v`` K×rank."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    n, k = w.shape
+    sketch = min(n, k, rank + max(10, rank // 2))
+    if exact or sketch >= min(n, k):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        omega = torch.randn(k, sketch, generator=g, dtype=torch.float64)
+        q = torch.linalg.qr(w @ omega).Q
+        for _ in range(_POWER_ITERATIONS):  # sharpen the spectrum; re-orthonormalise each half-step
+            q = torch.linalg.qr(w.T @ q).Q
+            q = torch.linalg.qr(w @ q).Q
+        ub, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)
+        u = q @ ub
+    u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    flip = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+    flip[flip == 0] = 1
+    return (u * flip).contiguous(), s.contiguous(), (v * flip).contiguous()
