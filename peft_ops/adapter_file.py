@@ -1,0 +1,236 @@
+"""Compact adapter files: safetensors holding only the trainable tensors, plus the metadata needed to
+rebuild the adapter and to refuse a file that doesn't belong to the model.
+
+Metadata (all strings, as safetensors requires):
+
+* ``format`` / ``format_version``: ``peft-ops-adapter`` / ``1``;
+* ``adapter``: JSON, one entry per module: method, rank, alpha, dropout, seed, options, shapes, the
+  adapter dtype, a fingerprint of the base weight, and for methods with frozen factors (LoRA-XS,
+  TLoRA) a signature of the factors that loading regenerates (column norms — LoRA-XS's singular
+  values — and projections on a fixed probe, sensitive to sign and subspace);
+* ``checksum``: SHA-256 over the ``adapter`` JSON and every tensor's bytes, so a damaged or edited file
+  is refused.
+
+Frozen factors are regenerated at load (seeded generator or the base weight's SVD) unless saved with
+``include_frozen=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .inject import _swap_in, adapter_layers, preserved_on_error
+from .layers import LAYER_CLASSES, LowRankLinear, _base_weight, is_adaptable, is_conv1d
+from .methods import get_method
+
+__all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo"]
+
+FORMAT, FORMAT_VERSION = "peft-ops-adapter", "1"
+_FINGERPRINT_SAMPLES = 16
+_FINGERPRINT_RTOL = 1e-2  # a bf16 copy of the same weights passes; another model's weights don't
+_SIGNATURE_RTOL = 1e-4
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that is damaged, or that does not belong to the model it is loaded into."""
+
+
+@dataclass(frozen=True)
+class AdapterFileInfo:
+    path: str
+    modules: int
+    trainable_parameters: int
+    tensor_bytes: int  # bytes of the tensors stored (the trainable ones, unless include_frozen)
+    file_bytes: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.modules} modules, {self.trainable_parameters} trainable parameters, "
+                f"{self.tensor_bytes} tensor bytes in a {self.file_bytes}-byte file")
+
+
+def _floats(t: torch.Tensor) -> list[float]:
+    return [float(f"{v:.7g}") for v in t.detach().double().cpu().tolist()]
+
+
+def _fingerprint(layer: nn.Module) -> list[float]:
+    """Values of the logical N×K base weight at fixed pseudo-random positions (device-independent)."""
+    w = _base_weight(layer)
+    idx = torch.randint(w.numel(), (_FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
+    k = w.shape[1]
+    return _floats(w.detach()[(idx // k).to(w.device), (idx % k).to(w.device)])
+
+
+def _probe(dim: int) -> torch.Tensor:
+    return torch.randn(dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64) / dim**0.5
+
+
+def _signature(layer: LowRankLinear) -> dict[str, list[float]]:
+    """Column norms and probe projections of U and D: what a regeneration must reproduce."""
+    up, _, down, _ = layer.factors()
+    sig = {}
+    for role, f in (("up", up), ("down", down)):
+        f = f.detach().double().cpu()
+        sig[role] = _floats(torch.cat([f.norm(dim=0), _probe(f.shape[0]) @ f]))
+    return sig
+
+
+def _frozen_names(layer: LowRankLinear) -> list[str]:
+    return [n for n, b in layer.named_buffers(recurse=False) if b is not None and n != "_original_weight"]
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _checksum(adapter_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(adapter_json.encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(str(tuple(tensors[name].shape)).encode() + str(tensors[name].dtype).encode())
+        h.update(_tensor_bytes(tensors[name]))
+    return h.hexdigest()
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
+    """Write the adapters of ``model`` to a safetensors file at ``path``.
+
+    Only trainable tensors are stored; frozen factors are regenerated at load unless
+    ``include_frozen=True``. Returns sizes: the file against the tensor bytes."""
+    from safetensors.torch import save_file
+
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    modules, tensors = {}, {}
+    for name, layer in layers:
+        stored = [n for n, _ in layer.named_parameters(recurse=False)]
+        frozen = _frozen_names(layer)
+        if include_frozen:
+            stored += frozen
+        for tensor_name in stored:
+            tensors[f"{name}.{tensor_name}"] = getattr(layer, tensor_name).detach().cpu().contiguous()
+        modules[name] = {
+            "method": layer.method.name, "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
+            "seed": layer.seed, "options": layer.options,
+            "in_features": layer.in_features, "out_features": layer.out_features,
+            "dtype": str(next(iter(layer.parameters(recurse=False))).dtype).removeprefix("torch."),
+            "base": {"type": "conv1d" if is_conv1d(layer.base_layer) else "linear",
+                     "bias": layer.base_layer.bias is not None, "fingerprint": _fingerprint(layer.base_layer)},
+            "tensors": stored,
+            **({"frozen_signature": _signature(layer)} if frozen else {}),
+        }
+    adapter_json = json.dumps({"modules": modules}, sort_keys=True)
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": adapter_json,
+                "checksum": _checksum(adapter_json, tensors)}
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    trainable = sum(p.numel() for _, layer in layers for p in layer.parameters(recurse=False))
+    return AdapterFileInfo(os.fspath(path), len(layers), trainable,
+                           sum(t.numel() * t.element_size() for t in tensors.values()), os.path.getsize(path))
+
+
+def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise AdapterFileError(f"{os.fspath(path)}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if metadata.get("format") != FORMAT:
+        raise AdapterFileError(f"{os.fspath(path)}: not a peft-ops adapter file (metadata format="
+                               f"{metadata.get('format')!r}, expected {FORMAT!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(f"{os.fspath(path)}: format_version={metadata.get('format_version')!r}; "
+                               f"this peft-ops reads version {FORMAT_VERSION}")
+    adapter_json = metadata.get("adapter", "")
+    if metadata.get("checksum") != _checksum(adapter_json, tensors):
+        raise AdapterFileError(f"{os.fspath(path)}: checksum mismatch: the file is damaged or was edited")
+    try:
+        return json.loads(adapter_json)["modules"], tensors
+    except (ValueError, KeyError, TypeError) as e:
+        raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is unreadable ({e})") from None
+
+
+def _close(a: list[float], b: list[float], rtol: float, scale: list[float] | None = None) -> bool:
+    if len(a) != len(b):
+        return False
+    ref = max(max(map(abs, a), default=0.0), 1e-12)
+    return all(abs(x - y) <= rtol * (ref if scale is None else max(s, 1e-12)) for x, y, s in
+               zip(a, b, scale or a))
+
+
+def _check_base(path, name: str, entry: dict, module: nn.Module | None) -> None:
+    where = f"{os.fspath(path)}: module {name!r}"
+    if module is None:
+        raise AdapterFileError(f"{where} is not in the model (this file is for another model)")
+    if isinstance(module, LowRankLinear):
+        raise AdapterFileError(f"{where} already has a {module.method.name} adapter; peft_ops.unload(model) first")
+    if not is_adaptable(module):
+        raise AdapterFileError(f"{where} is a {type(module).__name__}, not a linear layer")
+    shape = tuple(_base_weight(module).shape)
+    if shape != (entry["out_features"], entry["in_features"]):
+        raise AdapterFileError(f"{where}: the model's weight is {shape[0]}×{shape[1]}, the adapter was made for "
+                               f"{entry['out_features']}×{entry['in_features']} (another base model)")
+    if not _close(entry["base"]["fingerprint"], _fingerprint(module), _FINGERPRINT_RTOL):
+        raise AdapterFileError(f"{where}: the base weight differs from the one the adapter was saved with "
+                               f"(fingerprint mismatch: another base model, or modified weights)")
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> list[str]:
+    """Inject the adapters stored at ``path`` into ``model`` and load their weights; returns the module
+    names. Everything is checked first (file integrity, module names and shapes, base-weight
+    fingerprints, regenerated frozen factors); on any error the model is left untouched."""
+    entries, tensors = _read(path)
+    named = dict(model.named_modules())
+    layers: dict[str, LowRankLinear] = {}
+    with preserved_on_error(model):
+        for name, entry in entries.items():
+            try:
+                module = named.get(name) if name else None
+                _check_base(path, name, entry, module)
+                cls = LAYER_CLASSES[get_method(entry["method"]).name]
+                layer = cls(module, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"],
+                            seed=entry["seed"], backend=backend, **entry["options"])
+                dtype = getattr(torch, entry["dtype"])
+                for t in [*layer.parameters(recurse=False), *(getattr(layer, n) for n in _frozen_names(layer))]:
+                    t.data = t.data.to(dtype)
+                for tensor_name in entry["tensors"]:
+                    key = f"{name}.{tensor_name}"
+                    if key not in tensors:
+                        raise AdapterFileError(f"{os.fspath(path)}: tensor {key!r} is missing")
+                    target = getattr(layer, tensor_name, None)
+                    if not isinstance(target, torch.Tensor) or target.shape != tensors[key].shape:
+                        raise AdapterFileError(
+                            f"{os.fspath(path)}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
+                            f"{entry['method']} layer expects "
+                            f"{None if target is None else tuple(target.shape)}")
+                    target.data.copy_(tensors[key])
+                if "frozen_signature" in entry and not all(
+                        _close(entry["frozen_signature"][role], now, _SIGNATURE_RTOL,
+                               scale=entry["frozen_signature"][role][:layer.rank] * 2)
+                        for role, now in _signature(layer).items()):
+                    raise AdapterFileError(
+                        f"{os.fspath(path)}: module {name!r}: the regenerated frozen {entry['method']} factors "
+                        f"differ from the ones the adapter was trained with (the base weight or the generator "
+                        f"changed); save with include_frozen=True to carry them in the file")
+            except AdapterFileError:
+                raise
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise AdapterFileError(f"{os.fspath(path)}: module {name!r}: metadata is incomplete or "
+                                       f"inconsistent ({type(e).__name__}: {e})") from None
+            layers[name] = layer
+        extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]}
+        if extra:
+            raise AdapterFileError(f"{os.fspath(path)}: tensors {sorted(extra)} belong to no module in the metadata")
+        if not layers:
+            raise AdapterFileError(f"{os.fspath(path)}: the file holds no modules")
+    _swap_in(model, layers)
+    return list(layers)

@@ -1,0 +1,151 @@
+"""Put adapters into an existing model by module name, and take them out again."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from .layers import LAYER_CLASSES, LowRankLinear, is_adaptable
+from .methods import get_method
+
+__all__ = ["inject", "adapter_layers", "merge", "unmerge", "unload", "layer_seed", "preserved_on_error"]
+
+
+def layer_seed(seed: int, module_name: str) -> int:
+    """The seed of one layer: a stable hash of the model-level seed and the module's name, so layers
+    get independent random factors and the same name gets the same factors in every run."""
+    digest = hashlib.sha256(f"{seed}/{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LowRankLinear]]:
+    """``(name, layer)`` for every peft-ops layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LowRankLinear):
+            yield name, module
+
+
+def _visible_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, not descending into peft-ops layers (their ``base_layer`` is not a target)."""
+    adapted: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in adapted):
+            continue
+        if isinstance(module, LowRankLinear):
+            adapted.append(name)
+        if name:
+            yield name, module
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if head is not None else getattr(model, "lm_head", None)
+
+
+def _match(target_modules, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    modules = list(_visible_modules(model))
+    if isinstance(target_modules, str) and target_modules == "all-linear":
+        head = _output_head(model)
+        return [(n, m) for n, m in modules
+                if (is_adaptable(m) or isinstance(m, LowRankLinear)) and m is not head]
+    if isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {e}") from None
+        return [(n, m) for n, m in modules if pattern.fullmatch(n)]
+    if (not isinstance(target_modules, Sequence | set | frozenset) or not target_modules
+            or not all(isinstance(t, str) and t for t in target_modules)):
+        raise TypeError(f"target_modules={target_modules!r}; expected a non-empty list of module-name "
+                        f"suffixes, a regular expression string, or 'all-linear'")
+    return [(n, m) for n, m in modules if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
+@contextlib.contextmanager
+def preserved_on_error(model: nn.Module):
+    """Undo the ``requires_grad`` changes that building layers makes if anything below fails."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
+
+
+def _swap_in(model: nn.Module, layers: dict[str, LowRankLinear]) -> None:
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+    model.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        layer.requires_grad_(False)
+        for p in layer.parameters(recurse=False):
+            p.requires_grad_(True)
+
+
+def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: float | None = None,
+           dropout: float = 0.0, seed: int = 0, backend: str = "auto", **method_options) -> list[str]:
+    """Replace the linear layers of ``model`` named by ``target_modules`` with ``method`` adapters, in
+    place, and freeze everything but the adapters. Returns the replaced module names.
+
+    ``target_modules``: a list of name suffixes (``["q_proj", "v_proj"]``), a regular expression
+    matched against whole names, or ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the
+    output head). Every target is checked and every layer built before the model is changed; on any
+    error the model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
+    """
+    layer_cls = LAYER_CLASSES[get_method(method).name]
+    matched = _match(target_modules, model)
+    if not matched:
+        candidates = [n for n, m in _visible_modules(model) if is_adaptable(m)]
+        raise ValueError(f"target_modules={target_modules!r} matched no module; the linear layers of this "
+                         f"model are: {', '.join(candidates) or '(none)'}")
+    for name, module in matched:
+        if isinstance(module, LowRankLinear):
+            raise ValueError(f"module {name!r} already has a {module.method.name} adapter; "
+                             f"peft_ops.unload(model) first to replace it")
+        if not is_adaptable(module):
+            raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
+                            f"only nn.Linear and Conv1D layers can be adapted")
+    layers = {}
+    with preserved_on_error(model):
+        for name, module in matched:
+            try:
+                layers[name] = layer_cls(module, rank, alpha=alpha, dropout=dropout, seed=layer_seed(seed, name),
+                                         backend=backend, **method_options)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"module {name!r}: {e}") from None
+    _swap_in(model, layers)
+    return list(layers)
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every adapter of ``model`` into its base weight (see :meth:`LowRankLinear.merge`)."""
+    for _, layer in adapter_layers(model):
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, *, merge: bool = False) -> list[str]:
+    """Put the base layers back in place of the adapters. With ``merge=True`` the adapters are folded
+    into the base weights first (for serving without peft-ops); otherwise the original weights return.
+    Returns the names of the layers restored."""
+    names = []
+    for name, layer in list(adapter_layers(model)):
+        if merge:
+            layer.merge()
+            layer._original_weight = None
+        else:
+            layer.unmerge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+        names.append(name)
+    return names
