@@ -1,0 +1,190 @@
+"""Adapter files: compact, exact round trips, and refusal (model untouched) of files that don't fit."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import peft_ops
+from peft_ops import AdapterFileError
+from test_inject import _assert_unchanged, _snapshot
+from utils import TinyModel, method_options, randomize_adapters
+
+METHODS = list(peft_ops.METHODS)
+
+
+def _adapted(method, seed=1, **kw):
+    model = TinyModel(seed)
+    peft_ops.inject(model, method, 4, target_modules="all-linear", seed=5, **method_options(method), **kw)
+    randomize_adapters(model, 0.2)
+    return model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A LoRA-XS adapter file and the model it came from."""
+    model = _adapted("loraxs")
+    path = tmp_path / "adapter.safetensors"
+    peft_ops.save_adapter(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_round_trip_is_bit_exact(method, tmp_path):
+    model = _adapted(method)
+    x = torch.randn(4, 32)
+    expected = model(x)
+    path = tmp_path / "a.safetensors"
+    info = peft_ops.save_adapter(model, path)
+    fresh = TinyModel(1)
+    names = peft_ops.load_adapter(fresh, path)
+    assert names == sorted(n for n, _ in peft_ops.adapter_layers(model))
+    assert torch.equal(fresh(x), expected)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+    assert info.modules == 12 and info.file_bytes == path.stat().st_size
+    assert info.trainable_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method, stored", [
+    ("lora", {"lora_A", "lora_B"}), ("symlora", {"symlora_Q", "symlora_lambda"}),
+    ("loraxs", {"loraxs_R"}), ("tlora", {"tlora_B", "tlora_alpha"})])
+def test_file_holds_only_trainable_tensors(method, stored, tmp_path):
+    model = _adapted(method)
+    info = peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    with safe_open(tmp_path / "a.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert {k.rsplit(".", 1)[1] for k in keys} == stored
+    assert info.tensor_bytes == info.trainable_parameters * 4  # float32
+    if method in ("loraxs", "tlora"):  # r×r cores: the frozen factors are regenerated, not stored
+        assert info.tensor_bytes == 12 * (16 + (method == "tlora")) * 4
+
+
+@pytest.mark.parametrize("method", ["loraxs", "tlora"])
+def test_include_frozen(method, tmp_path):
+    model = _adapted(method)
+    x = torch.randn(4, 32)
+    info = peft_ops.save_adapter(model, tmp_path / "a.safetensors", include_frozen=True)
+    assert info.tensor_bytes > info.trainable_parameters * 4
+    fresh = TinyModel(1)
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors")
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_adapter_dtype_survives_the_round_trip(tmp_path):
+    model = _adapted("tlora").to(torch.bfloat16)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = TinyModel(1).to(torch.bfloat16)
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors")
+    assert fresh.blocks[0].q_proj.tlora_B.dtype == torch.bfloat16
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_refuses_another_base_model(saved):
+    _, path = saved
+    other = TinyModel(seed=2)  # same architecture, other weights
+    before = _snapshot(other)
+    with pytest.raises(AdapterFileError, match=r"base weight differs .*\(fingerprint mismatch"):
+        peft_ops.load_adapter(other, path)
+    _assert_unchanged(other, before)
+
+
+def test_refuses_another_shape(saved):
+    _, path = saved
+    other = TinyModel(seed=1, kv_dim=8)
+    before = _snapshot(other)
+    with pytest.raises(AdapterFileError, match=r"the model's weight is 8×32, the adapter was made for 16×32"):
+        peft_ops.load_adapter(other, path)
+    _assert_unchanged(other, before)
+
+
+def test_refuses_a_model_without_the_module(tmp_path):
+    model = _adapted("lora")
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    other = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    with pytest.raises(AdapterFileError, match=r"module 'blocks.0.k_proj' is not in the model"):
+        peft_ops.load_adapter(other, tmp_path / "a.safetensors")
+
+
+def test_refuses_an_already_adapted_model(saved):
+    _, path = saved
+    model = TinyModel(1)
+    peft_ops.inject(model, "lora", 2, target_modules=["q_proj"])
+    before = _snapshot(model)
+    with pytest.raises(AdapterFileError, match=r"already has a lora adapter; peft_ops.unload\(model\) first"):
+        peft_ops.load_adapter(model, path)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_data_byte", "garbage"])
+def test_refuses_a_damaged_file(saved, damage):
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 40]
+    elif damage == "flip_data_byte":
+        data[-3] ^= 0x55
+    else:
+        data = bytearray(b"not a safetensors file at all")
+    path.write_bytes(bytes(data))
+    model = TinyModel(1)
+    before = _snapshot(model)
+    with pytest.raises(AdapterFileError, match=r"not a readable safetensors file|checksum mismatch"):
+        peft_ops.load_adapter(model, path)
+    _assert_unchanged(model, before)
+
+
+def _rewrite(path, edit_metadata=None, edit_tensors=None):
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if edit_metadata:
+        edit_metadata(metadata)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_refuses_edited_metadata(saved):
+    _, path = saved
+
+    def more_rank(metadata):
+        adapter = json.loads(metadata["adapter"])
+        adapter["modules"]["blocks.0.q_proj"]["alpha"] = 99.0
+        metadata["adapter"] = json.dumps(adapter)
+
+    _rewrite(path, more_rank)
+    with pytest.raises(AdapterFileError, match=r"checksum mismatch: the file is damaged or was edited"):
+        peft_ops.load_adapter(TinyModel(1), path)
+
+
+def test_refuses_a_file_that_is_not_an_adapter(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(AdapterFileError, match=r"not a peft-ops adapter file"):
+        peft_ops.load_adapter(TinyModel(1), tmp_path / "x.safetensors")
+
+
+def test_refuses_regenerated_factors_that_differ(saved, monkeypatch):
+    """A change in how frozen factors are computed (here: flipped singular-vector signs) must not
+    pass silently."""
+    import peft_ops.methods as methods
+
+    _, path = saved
+    svd = methods.top_singular_triplets
+
+    def flipped(weight, rank, exact, seed):
+        u, s, v = svd(weight, rank, exact=exact, seed=seed)
+        return -u, s, -v
+
+    monkeypatch.setattr(methods, "top_singular_triplets", flipped)
+    model = TinyModel(1)
+    before = _snapshot(model)
+    with pytest.raises(AdapterFileError, match=r"regenerated frozen loraxs factors differ"):
+        peft_ops.load_adapter(model, path)
+    _assert_unchanged(model, before)
+
+
+def test_save_without_adapters_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"model has no peft-ops adapter layers to save"):
+        peft_ops.save_adapter(TinyModel(), tmp_path / "a.safetensors")

@@ -1,0 +1,148 @@
+"""inject / unload / merge over a model: matching, freezing, and nothing half-applied."""
+import pytest
+import torch
+from torch import nn
+
+import peft_ops
+from utils import Conv1D, TinyModel, randomize_adapters
+
+
+def _snapshot(model):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def _assert_unchanged(model, snapshot):
+    modules, params = snapshot
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    now = dict(model.named_parameters())
+    assert now.keys() == params.keys()
+    for name, (value, flag) in params.items():
+        assert torch.equal(now[name], value) and now[name].requires_grad == flag, name
+
+
+def test_inject_by_suffix_freezes_the_rest():
+    model = TinyModel()
+    names = peft_ops.inject(model, "loraxs", 4, target_modules=["q_proj", "v_proj"])
+    assert names == ["blocks.0.q_proj", "blocks.0.v_proj", "blocks.1.q_proj", "blocks.1.v_proj"]
+    assert all(isinstance(model.get_submodule(n), peft_ops.LoRAXSLinear) for n in names)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.loraxs_R" for n in names}
+
+
+def test_inject_by_regex_matches_whole_names():
+    model = TinyModel()
+    names = peft_ops.inject(model, "tlora", 4, target_modules=r"blocks\.1\.(q|k)_proj")
+    assert names == ["blocks.1.q_proj", "blocks.1.k_proj"]
+    assert peft_ops.inject(TinyModel(), "lora", 2, target_modules=r".*mlp\.[02]") == [
+        "blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"]
+    with pytest.raises(ValueError, match="matched no module"):  # a fragment of a name is not a match
+        peft_ops.inject(TinyModel(), "lora", 2, target_modules=r"mlp\.[02]")
+
+
+def test_all_linear_leaves_out_the_output_head():
+    model = TinyModel()
+    names = peft_ops.inject(model, "lora", 4, target_modules="all-linear")
+    assert len(names) == 12 and "lm_head" not in names
+    assert isinstance(model.lm_head, nn.Linear)
+
+
+def test_all_linear_includes_conv1d():
+    model = nn.Module()
+    model.c_attn, model.c_proj, model.lm_head = Conv1D(48, 16), Conv1D(16, 16), nn.Linear(16, 10)
+    assert peft_ops.inject(model, "lora", 4, target_modules="all-linear") == ["c_attn", "c_proj"]
+
+
+def test_each_layer_gets_its_own_seed():
+    model = TinyModel()
+    peft_ops.inject(model, "tlora", 4, target_modules=["q_proj"], seed=3)
+    a, b = model.blocks[0].q_proj, model.blocks[1].q_proj
+    assert a.seed == peft_ops.layer_seed(3, "blocks.0.q_proj") != b.seed
+    assert not torch.equal(a.tlora_A, b.tlora_A)
+    again = TinyModel()
+    peft_ops.inject(again, "tlora", 4, target_modules=["q_proj"], seed=3)
+    assert torch.equal(again.blocks[0].q_proj.tlora_A, a.tlora_A)
+
+
+def test_output_matches_the_base_model_at_init():
+    model, base = TinyModel(), TinyModel()
+    peft_ops.inject(model, "symlora", 4, target_modules=["q_proj", "o_proj"], allow_non_square=True)
+    x = torch.randn(3, 32)
+    assert torch.equal(model(x), base(x))
+
+
+def test_error_in_one_target_leaves_the_model_untouched():
+    model = TinyModel()
+    before = _snapshot(model)
+    # q_proj is square, k_proj is not: SymLoRA without the opt-in fails on the second target
+    with pytest.raises(ValueError, match=r"module 'blocks.0.k_proj': symlora: the target weight is 16×32"):
+        peft_ops.inject(model, "symlora", 4, target_modules=["q_proj", "k_proj"])
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"module 'blocks.0.k_proj': lora: rank=20"):
+        peft_ops.inject(model, "lora", 20, target_modules=["q_proj", "k_proj"])
+    _assert_unchanged(model, before)
+
+
+def test_nothing_matched_lists_the_candidates():
+    with pytest.raises(ValueError, match=r"matched no module; the linear layers of this model are: blocks.0.q_proj, "
+                                         r"blocks.0.k_proj, .*lm_head"):
+        peft_ops.inject(TinyModel(), "lora", 4, target_modules=["query"])
+
+
+def test_injecting_twice_is_refused():
+    model = TinyModel()
+    peft_ops.inject(model, "lora", 4, target_modules=["q_proj"])
+    before = _snapshot(model)
+    for targets in (["q_proj"], "all-linear"):
+        with pytest.raises(ValueError, match=r"module 'blocks.0.q_proj' already has a lora adapter"):
+            peft_ops.inject(model, "loraxs", 4, target_modules=targets)
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("targets, error, message", [
+    ([], TypeError, r"expected a non-empty list of module-name suffixes"),
+    ([3], TypeError, r"target_modules=\[3\]"),
+    (None, TypeError, r"target_modules=None"),
+    ("blocks.(", ValueError, r"not a valid regular expression"),
+    (["mlp"], TypeError, r"matched 'blocks.0.mlp', a Sequential; only nn.Linear and Conv1D layers can be adapted"),
+])
+def test_bad_targets(targets, error, message):
+    model = TinyModel()
+    before = _snapshot(model)
+    with pytest.raises(error, match=message):
+        peft_ops.inject(model, "lora", 4, target_modules=targets)
+    _assert_unchanged(model, before)
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(ValueError, match=r"method='xs' is not known"):
+        peft_ops.inject(TinyModel(), "xs", 4, target_modules=["q_proj"])
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'svd_mode'"):
+        peft_ops.inject(TinyModel(), "loraxs", 4, target_modules=["q_proj"], svd_mode="exact")
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_unload(merge):
+    model, base = TinyModel(), TinyModel()
+    peft_ops.inject(model, "lora", 4, target_modules="all-linear")
+    randomize_adapters(model, 0.1)
+    x = torch.randn(5, 32)
+    adapted = model(x)
+    peft_ops.unload(model, merge=merge)
+    assert not list(peft_ops.adapter_layers(model))
+    if merge:
+        assert torch.allclose(model(x), adapted, rtol=1e-4, atol=1e-5)
+    else:
+        assert torch.equal(model(x), base(x))
+
+
+def test_model_level_merge_and_unmerge():
+    model = TinyModel()
+    peft_ops.inject(model, "tlora", 4, target_modules="all-linear")
+    randomize_adapters(model, 0.1)
+    x = torch.randn(5, 32)
+    expected = model(x)
+    peft_ops.merge(model)
+    assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
+    peft_ops.unmerge(model)
+    assert torch.equal(model(x), expected)

@@ -1,0 +1,72 @@
+"""Shared test helpers: devices, tolerances (DESIGN.md §5), relative errors, random models."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+# ‖out − ref‖ / ‖ref‖ against a float64 reference. fp32: exact products in the interpreter, tf32 dots
+# on a GPU.
+TOLERANCE = {torch.float32: 1e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+DTYPES = list(TOLERANCE)
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values (an unwritten, NaN-poisoned element?)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def randomize_adapters(model: nn.Module, scale: float = 0.5) -> None:
+    """Give every trainable adapter tensor non-zero random values (initial values are often zero)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * scale)
+
+
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D, reproduced: a linear layer with its weight stored as in×out."""
+
+    def __init__(self, nf: int, nx: int):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * nx ** -0.5)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int = 32, kv_dim: int = 16):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, kv_dim)
+        self.v_proj, self.o_proj = nn.Linear(dim, kv_dim), nn.Linear(kv_dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        return x + self.mlp(self.o_proj(self.v_proj(x) * self.k_proj(x).sigmoid()) + self.q_proj(x))
+
+
+class TinyModel(nn.Module):
+    """Two blocks and an output head, with fixed random weights for a given seed."""
+
+    def __init__(self, seed: int = 1, dim: int = 32, kv_dim: int = 16, vocab: int = 24):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList([Block(dim, kv_dim), Block(dim, kv_dim)])
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.lm_head(x)
+
+
+def method_options(method: str) -> dict:
+    """Options that let a method adapt every layer of TinyModel (SymLoRA needs the sliced form)."""
+    return {"allow_non_square": True} if method == "symlora" else {}
