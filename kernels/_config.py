@@ -1,0 +1,34 @@
+"""What the kernels need to know about where they run."""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+# Triton decides interpreter or compiler when a kernel is decorated, so this is fixed at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def autotuned(kernel, configs, key):
+    """``kernel`` autotuned over ``configs`` on a GPU; None under the interpreter, where autotuning has
+    no driver to time with and the launchers pass one config instead."""
+    return None if INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 operands follow torch's matmul precision setting ("highest" means exact fp32 products)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def rank_block(rank: int) -> int:
+    """The rank padded for ``tl.dot`` (every dimension ≥ 16) and ``tl.arange`` (a power of two)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -1,0 +1,231 @@
+"""The fused low-rank linear: one tiled GEMM whose epilogue adds the rank-r term.
+
+    out = a Wᵀ + bias + scale · drop_out( t Eᵀ ),     t = drop_in(a) D        (t: M×r, float32)
+
+``a`` is M×K, ``W`` N×K, ``D`` K×r (the shrink factor), ``E`` N×r (the expand factor). Every method
+reaches this form by folding its core into the expand factor on the host: ``s·((x D) Cᵀ) Uᵀ`` equals
+``s·(x D)(U C)ᵀ``, and ``U C`` is an N×r product (N·r² FLOPs), so the kernel never holds an r×r core.
+The backward's ``dx = g W + s·(g U)(D Cᵀ)ᵀ`` is the same kernel with ``a = g``, ``W → Wᵀ``, ``D → U``,
+``E → D Cᵀ`` and the dropout side swapped.
+
+``t`` comes either from the GEMM's own K-loop (one more ``tl.dot`` on the ``a`` tile already loaded;
+no second read of ``a``, but repeated for every N-block: cheap when M is small) or from a separate
+shrink kernel run first (reads ``a`` once more; the GEMM then only loads ``t``). The launcher picks.
+The M×N output is written once; rank-r intermediates and all accumulation are float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import INTERPRET, autotuned, dot_precision, rank_block
+from .dropout import dropout_threshold, keep_mask
+
+__all__ = ["lowrank_linear", "shrink", "MAX_RANK"]
+
+MAX_RANK = 256
+_LOOP_SHRINK_MAX_M = 64  # heuristic until measured on a GPU: at most this many rows, shrink in the K-loop
+_LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R float32 registers
+
+# dropout placement (constexpr)
+NO_DROPOUT, DROP_INPUT, DROP_OUTPUT = 0, 1, 2
+
+
+@triton.jit
+def _lowrank_linear_kernel(
+        a_ptr, w_ptr, bias_ptr, down_ptr, expand_ptr, t_ptr, out_ptr,
+        M, N, K, R,
+        stride_am, stride_ak, stride_wn, stride_wk, stride_dk, stride_dr, stride_en, stride_er,
+        stride_tm, stride_om, stride_on,
+        scale, seed, drop_threshold, drop_scale,
+        M_BUCKET,  # autotune key only
+        HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    # grouped tile order: GROUP_M row-blocks sweep the columns together so W tiles are reused from L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_m, in_n, in_r = offs_m < M, offs_n < N, offs_r < R
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                    mask=in_k[:, None] & in_n[None, :], other=0.0)
+        if UPCAST:  # the interpreter multiplies bf16 dot operands wrongly (triton#11584)
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if SHRINK_IN_LOOP:
+            d = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr,
+                        mask=in_k[:, None] & in_r[None, :], other=0.0)
+            a_in = a
+            if DROPOUT == DROP_INPUT:
+                a_in = tl.where(keep_mask(seed, offs_m, offs_k, K, drop_threshold), a, 0.0)
+            if UPCAST:
+                t = tl.dot(a_in.to(tl.float32), d.to(tl.float32), t, input_precision=PRECISION)
+            else:
+                t = tl.dot(a_in, d.to(a.dtype), t, input_precision=PRECISION)
+
+    if SHRINK_IN_LOOP:
+        if DROPOUT == DROP_INPUT:
+            t = t * drop_scale
+        if STORE_T:
+            if pid_n == 0:  # every N-block computed the same t; the first one writes it
+                tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
+                         mask=in_m[:, None] & in_r[None, :])
+    else:
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
+                    mask=in_m[:, None] & in_r[None, :], other=0.0)
+
+    # epilogue: the rank-r term, one more dot (float32 operands), then bias, then the cast
+    e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
+                mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+    low_rank = tl.dot(t, e, input_precision=PRECISION) * scale
+    if DROPOUT == DROP_OUTPUT:
+        low_rank = tl.where(keep_mask(seed, offs_m, offs_n, N, drop_threshold), low_rank * drop_scale, 0.0)
+    acc += low_rank
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit
+def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
+                   stride_am, stride_ak, stride_dk, stride_dr, stride_tm,
+                   seed, drop_threshold, drop_scale,
+                   M_BUCKET,  # autotune key only
+                   DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """t = drop(a) D for one block of rows (float32, M×R)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_m, in_r = offs_m < M, offs_r < R
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+        if DROPOUT_INPUT:
+            a = tl.where(keep_mask(seed, offs_m, offs_k, K, drop_threshold), a, 0.0)
+        d = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr,
+                    mask=in_k[:, None] & in_r[None, :], other=0.0)
+        if UPCAST:
+            t = tl.dot(a.to(tl.float32), d.to(tl.float32), t, input_precision=PRECISION)
+        else:
+            t = tl.dot(a, d.to(a.dtype), t, input_precision=PRECISION)
+    if DROPOUT_INPUT:
+        t = t * drop_scale
+    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
+
+
+def _hopper_gemm_configs():
+    """Large tiles for M > 16; a decode family (BLOCK_M = 16, narrow N-blocks for more programs)."""
+    big = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
+           (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 4, 8)]
+    small = [(16, bn, bk, s, w) for bn in (32, 64, 128) for bk in (128, 256) for s in (3, 4, 5) for w in (4,)]
+    as_configs = lambda rows: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                                             num_stages=s, num_warps=w) for m, n, k, s, w in rows]
+    return as_configs(big), as_configs(small)
+
+
+def _hopper_shrink_configs():
+    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_stages=s, num_warps=w)
+            for m in (16, 32, 64) for k in (64, 128) for s, w in ((3, 4), (4, 4))]
+
+
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
+_gemm_large, _gemm_small = (autotuned(_lowrank_linear_kernel, cfgs, _GEMM_KEY) for cfgs in _hopper_gemm_configs())
+_shrink_tuned = autotuned(_shrink_kernel, _hopper_shrink_configs(), ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"])
+# one config under the interpreter (autotuning needs a GPU): big tiles keep the program count low
+_INTERPRETER_GEMM = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+_INTERPRETER_SHRINK = {"BLOCK_M": 32, "BLOCK_K": 64}
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 8192)
+
+
+def _check_rank(rank: int) -> None:
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank={rank}: the fused kernels take ranks from 1 to {MAX_RANK}; "
+                         f"use backend='reference' for larger ranks")
+
+
+def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r."""
+    m, k = a.shape
+    rank = down.shape[1]
+    _check_rank(rank)
+    t = torch.empty(m, rank, device=a.device, dtype=torch.float32)
+    if m == 0:
+        return t
+    args = (a, down, t, m, k, rank, a.stride(0), a.stride(1), down.stride(0), down.stride(1), t.stride(0),
+            seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
+    meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+                BLOCK_R=rank_block(rank))
+    if INTERPRET:
+        cfg = _INTERPRETER_SHRINK
+        _shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](*args, **meta, **cfg)
+    else:
+        _shrink_tuned[lambda c: (triton.cdiv(m, c["BLOCK_M"]),)](*args, **meta)
+    return t
+
+
+def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
+                   expand: torch.Tensor, scale: float = 1.0, *, dropout_p: float = 0.0, dropout_site: str = "input",
+                   seed: int = 0, store_t: bool = False, shrink_in_loop: bool | None = None):
+    """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``; returns ``(out, t)``.
+
+    ``a``: M×K, ``weight``: N×K, ``bias``: N or None, ``down``: K×r, ``expand``: N×r (any strides;
+    ``weight`` may be a transposed view). ``out`` has ``a``'s dtype. ``t = drop_in(a) D`` (M×r, float32)
+    is returned when ``store_t`` (else None). ``dropout_site`` is ``"input"`` (on ``a`` inside the
+    adapter path) or ``"output"`` (on the rank-r term). ``shrink_in_loop`` forces where ``t`` is
+    computed (None: the launcher decides by shape)."""
+    m, k = a.shape
+    n = weight.shape[0]
+    rank = down.shape[1]
+    _check_rank(rank)
+    out = torch.empty(m, n, device=a.device, dtype=a.dtype)
+    if m == 0:
+        return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)
+    block_r = rank_block(rank)
+    if shrink_in_loop is None:
+        shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
+    dropout = NO_DROPOUT if dropout_p == 0 else DROP_INPUT if dropout_site == "input" else DROP_OUTPUT
+    if shrink_in_loop:
+        t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
+    else:
+        t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT else 0.0, seed=seed)
+    args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, rank,
+            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
+            expand.stride(0), expand.stride(1), t.stride(0), out.stride(0), out.stride(1),
+            float(scale), seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
+    meta = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop, DROPOUT=dropout,
+                STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype), BLOCK_R=block_r)
+    if INTERPRET:
+        cfg = _INTERPRETER_GEMM
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _lowrank_linear_kernel[grid](*args, **meta, **cfg)
+    else:
+        kernel = _gemm_small if m <= 16 else _gemm_large
+        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+    return out, (t if store_t else None)
