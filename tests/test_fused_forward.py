@@ -1,0 +1,168 @@
+"""The fused forward against the float64 reference: every method, dtype and awkward shape, outputs
+NaN-poisoned before each launch (the ``poisoned`` fixture), dropout reproduced from the kernel's mask."""
+import copy
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+import peft_ops
+from peft_ops import kernels, reference
+from peft_ops.kernels.dropout import dropout_threshold, keep_mask
+from utils import DEVICE, DTYPES, TOLERANCE, method_options, randomize_adapters, rel_error
+
+METHODS = list(peft_ops.METHODS)
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def make_pair(method, n, k, rank, dtype, adapter_scale=0.5, **kw):
+    """A triton-backed layer with random adapter values and its float64 reference twin."""
+    base = nn.Linear(k, n).to(DEVICE, dtype)
+    layer = peft_ops.LAYER_CLASSES[method](base, rank, backend="triton", **method_options(method), **kw)
+    randomize_adapters(layer, adapter_scale)
+    ref = copy.deepcopy(layer).double()
+    ref.backend = "reference"
+    return layer, ref
+
+
+def check_forward(layer, ref, x):
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], layer.out_features)
+    if x.numel() == 0:
+        return
+    x64 = x.double()
+    expected = ref(x64)
+    base = ref.base_layer(x64)
+    # the adapter's share must be large enough that an error in it would show
+    assert (expected - base).norm() > 0.2 * base.norm()
+    assert rel_error(y, expected) < TOLERANCE[x.dtype]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 17, 300])
+def test_forward(method, dtype, m):
+    layer, ref = make_pair(method, 90, 70, 3, dtype)  # N, K: multiples of no block size
+    check_forward(layer, ref, torch.randn(m, 70, device=DEVICE, dtype=dtype))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_input(method):
+    layer, _ = make_pair(method, 90, 70, 3, torch.float32)
+    y = layer(torch.randn(0, 70, device=DEVICE))
+    assert y.shape == (0, 90)
+    assert layer(torch.randn(2, 0, 70, device=DEVICE)).shape == (2, 0, 90)
+
+
+@pytest.mark.parametrize("rank, n, k", [(1, 90, 70), (16, 90, 70), (64, 90, 70), (256, 300, 270)])
+@pytest.mark.parametrize("method", ["loraxs", "lora"])
+def test_ranks(method, rank, n, k):
+    # LoRA-XS at rank 1 only reaches W's top singular direction: a larger core keeps its share visible
+    layer, ref = make_pair(method, n, k, rank, torch.bfloat16, adapter_scale=3.0 if rank == 1 else 0.5)
+    check_forward(layer, ref, torch.randn(37, k, device=DEVICE, dtype=torch.bfloat16))
+
+
+def test_rank_beyond_the_kernels_is_a_clear_error():
+    layer, ref = make_pair("loraxs", 300, 270, 257, torch.float32)
+    x = torch.randn(4, 270, device=DEVICE)
+    with pytest.raises(ValueError, match=r"rank=257: the fused kernels take ranks from 1 to 256"):
+        layer(x)
+    ref(x.double())  # the reference has no such limit
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_leading_dims_and_transposed_view(method, dtype):
+    layer, ref = make_pair(method, 90, 70, 5, dtype)
+    check_forward(layer, ref, torch.randn(3, 7, 70, device=DEVICE, dtype=dtype))
+    transposed = torch.randn(70, 45, device=DEVICE, dtype=dtype).T  # strides (1, 45)
+    assert not transposed.is_contiguous()
+    check_forward(layer, ref, transposed)
+    check_forward(layer, ref, torch.randn(5, 70, 9, device=DEVICE, dtype=dtype).transpose(1, 2))
+
+
+# --- the kernel directly: both ways of computing t, dropout on either side ---
+
+def _kernel_inputs(m, n, k, rank, dtype):
+    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=DEVICE, dtype=dtype)
+    down, expand = torch.randn(k, rank, device=DEVICE) / k**0.5, torch.randn(n, rank, device=DEVICE)
+    return a, w, bias, down, expand
+
+
+@pytest.mark.parametrize("shrink_in_loop", [True, False], ids=["in-loop", "shrink-kernel"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("site", ["input", "output"])
+@pytest.mark.parametrize("m", [17, 130])
+def test_kernel_paths_and_dropout(shrink_in_loop, dtype, site, m):
+    n, k, rank, p, seed, scale = 90, 70, 6, 0.3, 1234, 0.75
+    a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, dtype)
+    out, t = kernels.lowrank_linear(a, w, bias, down, expand, scale, dropout_p=p, dropout_site=site, seed=seed,
+                                    store_t=True, shrink_in_loop=shrink_in_loop)
+    mask = kernels.dropout_mask(seed, m, k if site == "input" else n, p, DEVICE)
+    assert 0.6 < mask.float().mean().item() < 0.8  # the mask keeps about 1 - p
+    expected = reference.lowrank_linear(a.double(), w.double(), bias.double(), expand.double(), None, down.double(),
+                                        scale, dropout_p=p, dropout_site=site, dropout_mask=mask)
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+    a_in = a.double() * mask / (1 - p) if site == "input" else a.double()
+    assert rel_error(t, a_in @ down.double()) < TOLERANCE[dtype]
+    # without the mask the reference would disagree: the mask really is the kernel's
+    unmasked = reference.lowrank_linear(a.double(), w.double(), bias.double(), expand.double(), None,
+                                        down.double(), scale)
+    assert rel_error(out, unmasked) > 5 * TOLERANCE[dtype]
+
+
+def test_dropout_mask_depends_on_seed_and_position():
+    a = kernels.dropout_mask(1, 64, 96, 0.5, DEVICE)
+    assert torch.equal(a, kernels.dropout_mask(1, 64, 96, 0.5, DEVICE))
+    assert not torch.equal(a, kernels.dropout_mask(2, 64, 96, 0.5, DEVICE))
+    # element (i, j) depends on i * n_cols + j only: a wider mask's rows are not the narrow one's
+    wide = kernels.dropout_mask(1, 64, 97, 0.5, DEVICE)
+    assert torch.equal(wide.flatten()[: 96], a.flatten()[: 96])
+    assert abs(a.float().mean().item() - 0.5) < 0.05
+    assert kernels.dropout_mask(1, 64, 96, 0.0, DEVICE).all()
+
+
+@triton.jit
+def _row_mask_kernel(out_ptr, row, n_cols, seed, threshold, WIDTH: tl.constexpr):
+    """keep_mask for the first WIDTH columns of one row of an n_cols-wide tensor."""
+    rows = tl.full((1,), 0, tl.int64) + row
+    keep = keep_mask(seed, rows, tl.arange(0, WIDTH), n_cols, threshold)
+    tl.store(out_ptr + tl.arange(0, WIDTH)[None, :], keep.to(tl.int8))
+
+
+def _row_mask(seed, row, n_cols, width, p):
+    out = torch.empty(1, width, dtype=torch.int8, device=DEVICE)
+    _row_mask_kernel[(1,)](out, row, n_cols, seed, dropout_threshold(p), WIDTH=width)
+    return out[0].bool()
+
+
+def test_dropout_mask_past_two_to_the_32():
+    """Element offsets past 2³² use Philox's second counter word: they must not repeat those 2³² earlier
+    (a tensor with M·K > 2³² elements would otherwise reuse its mask)."""
+    cols = 2**20
+    far_row = 2**32 // cols  # offset of (far_row, j) is 2³² + j
+    near, far = _row_mask(5, 0, cols, 256, 0.5), _row_mask(5, far_row, cols, 256, 0.5)
+    assert torch.equal(near, kernels.dropout_mask(5, 1, 256, 0.5, DEVICE)[0])  # same helper as the kernels
+    assert not torch.equal(near, far)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_module_dropout_matches_reference_with_kernel_mask(method):
+    """Dropout through the module: the fused path with a fixed seed equals the reference fed the mask."""
+    from peft_ops.fused import fused_lowrank_linear
+
+    layer, ref = make_pair(method, 90, 70, 4, torch.float32)
+    x = torch.randn(33, 70, device=DEVICE)
+    up, core, down, scale = layer.factors()
+    site = layer.method.dropout_site
+    y = fused_lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
+                             dropout_p=0.4, dropout_site=site, seed=77)
+    mask = kernels.dropout_mask(77, 33, 70 if site == "input" else 90, 0.4, DEVICE)
+    u, c, d, s = ref.factors()
+    expected = reference.lowrank_linear(x.double(), ref.base_layer.weight, ref.base_layer.bias, u, c, d, s,
+                                        dropout_p=0.4, dropout_site=site, dropout_mask=mask)
+    assert rel_error(y, expected) < TOLERANCE[torch.float32]
