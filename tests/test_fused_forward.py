@@ -18,9 +18,11 @@ pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def make_pair(method, n, k, rank, dtype, adapter_scale=0.5, **kw):
-    """A triton-backed layer with random adapter values and its float64 reference twin."""
+    """A triton-backed layer with random adapter values and its float64 reference twin. alpha ≠ rank,
+    so the scale s = alpha / rank is not 1 and a missing factor of s shows."""
     base = nn.Linear(k, n).to(DEVICE, dtype)
-    layer = peft_ops.LAYER_CLASSES[method](base, rank, backend="triton", **method_options(method), **kw)
+    layer = peft_ops.LAYER_CLASSES[method](base, rank, alpha=1.5 * rank, backend="triton",
+                                           **method_options(method), **kw)
     randomize_adapters(layer, adapter_scale)
     ref = copy.deepcopy(layer).double()
     ref.backend = "reference"

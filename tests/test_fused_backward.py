@@ -1,0 +1,232 @@
+"""The fused backward against the float64 reference's autograd: every gradient of every method, with
+and without dropout, what is saved for backward, determinism, and skipped work."""
+import copy
+
+import pytest
+import torch
+
+import peft_ops
+from peft_ops import kernels, reference
+from peft_ops.fused import fused_lowrank_linear
+from test_fused_forward import make_pair
+from utils import DEVICE, DTYPES, TOLERANCE, TinyModel, method_options, rel_error
+
+METHODS = list(peft_ops.METHODS)
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def _trainable(layer):
+    return {n: p for n, p in layer.named_parameters() if p.requires_grad}
+
+
+def _backward(layer, x, grad):
+    """Gradients of ``(layer(x) * grad).sum()`` for x and every trainable tensor."""
+    x = x.detach().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    layer(x).backward(grad)
+    return {"x": x.grad, **{n: p.grad for n, p in _trainable(layer).items()}}
+
+
+def _check_grads(grads, expected, tol):
+    assert grads.keys() == expected.keys()
+    for name in grads:
+        assert grads[name] is not None, name
+        assert rel_error(grads[name], expected[name]) < tol, (name, rel_error(grads[name], expected[name]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [17, 300])
+def test_gradients(method, dtype, m):
+    layer, ref = make_pair(method, 90, 70, 3, dtype)
+    x = torch.randn(m, 70, device=DEVICE, dtype=dtype)
+    grad = torch.randn(m, 90, device=DEVICE, dtype=dtype)
+    _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m, x_grad", [(17, True), (300, True), (40, False)], ids=["17", "300", "no-dx"])
+def test_gradients_with_dropout(method, dtype, m, x_grad):
+    """The fused backward regenerates the forward's mask; the reference is fed that mask. Without dx,
+    v = drop(g) U comes from the shrink kernel instead of the dx GEMM."""
+    layer, ref = make_pair(method, 90, 70, 4, dtype)
+    site, p, seed = layer.method.dropout_site, 0.3, 4321
+    x = torch.randn(m, 70, device=DEVICE, dtype=dtype)
+    grad = torch.randn(m, 90, device=DEVICE, dtype=dtype)
+    mask = kernels.dropout_mask(seed, m, 70 if site == "input" else 90, p, DEVICE)
+
+    def run(lay, x, forward):
+        x = x.detach().requires_grad_(x_grad)
+        u, c, d, s = lay.factors()
+        w, b = lay.base_layer.weight, lay.base_layer.bias
+        forward(x, w, b, u, c, d, s).backward(grad.to(x.dtype))
+        return {**({"x": x.grad} if x_grad else {}), **{n: t.grad for n, t in _trainable(lay).items()}}
+
+    fused = run(layer, x, lambda *a: fused_lowrank_linear(*a, dropout_p=p, dropout_site=site, seed=seed))
+    expected = run(ref, x.double(), lambda *a: reference.lowrank_linear(
+        *a, dropout_p=p, dropout_site=site, dropout_mask=mask))
+    _check_grads(fused, expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradients_leading_dims_and_non_contiguous(method):
+    layer, ref = make_pair(method, 90, 70, 5, torch.float32)
+    for x in (torch.randn(2, 9, 70, device=DEVICE), torch.randn(70, 21, device=DEVICE).T,
+              torch.randn(3, 70, 7, device=DEVICE).transpose(1, 2)):
+        grad = torch.randn(*x.shape[:-1], 90, device=DEVICE).transpose(0, -1).contiguous().transpose(0, -1)
+        _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("rank", [1, 64, 256])
+def test_gradients_at_extreme_ranks(rank):
+    layer, ref = make_pair("loraxs", 300, 270, rank, torch.float32, adapter_scale=3.0 if rank == 1 else 0.5)
+    x = torch.randn(40, 270, device=DEVICE)
+    grad = torch.randn(40, 300, device=DEVICE)
+    _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[torch.float32])
+
+
+def _saved_activation_elements(layer, x):
+    """Elements of the tensors autograd saves during ``layer(x)``, leaving out parameters and buffers."""
+    owned = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in owned:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    return sum(t.numel() for t in saved), saved
+
+
+@pytest.mark.parametrize("method, rank", [("loraxs", 4), ("tlora", 4), ("loraxs", 16), ("tlora", 16)])
+def test_frozen_down_factor_saves_only_t(method, rank):
+    m, k = 300, 70
+    layer, _ = make_pair(method, 90, k, rank, torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    elements, saved = _saved_activation_elements(layer, x)
+    assert elements <= m * rank + rank * rank, [tuple(t.shape) for t in saved]
+    assert any(t.shape == (m, rank) for t in saved)  # t itself, not x (m × k)
+
+
+def test_trainable_down_factor_also_saves_x():
+    m, k, rank = 300, 70, 4
+    layer, _ = make_pair("lora", 90, k, rank, torch.bfloat16)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    elements, _ = _saved_activation_elements(layer, x)
+    assert elements == m * rank + m * k  # t, and x for dD
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_backward_is_bitwise_deterministic(method):
+    layer, _ = make_pair(method, 90, 70, 8, torch.bfloat16)
+    layer.dropout = 0.2
+    x = torch.randn(130, 70, device=DEVICE, dtype=torch.bfloat16)
+    grad = torch.randn(130, 90, device=DEVICE, dtype=torch.bfloat16)
+    first, second = [], []
+    for out in (first, second):
+        torch.manual_seed(11)  # the same dropout seed
+        out.append(_backward(layer, x, grad))
+    for name in first[0]:
+        assert torch.equal(first[0][name], second[0][name]), name
+
+
+def _count_launches(monkeypatch):
+    calls = {"lowrank_linear": 0, "shrink": 0, "rank_reduce": 0}
+    for name in calls:
+        original = getattr(kernels, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    return calls
+
+
+def test_no_dx_when_input_needs_no_grad(monkeypatch):
+    layer, ref = make_pair("loraxs", 90, 70, 4, torch.float32)
+    x = torch.randn(33, 70, device=DEVICE)
+    grad = torch.randn(33, 90, device=DEVICE)
+    calls = _count_launches(monkeypatch)
+    layer(x).backward(grad)  # x does not require grad
+    assert calls == {"lowrank_linear": 1, "shrink": 1, "rank_reduce": 1}  # forward GEMM, v, P = vᵀt
+    ref(x.double()).backward(grad.double())
+    assert rel_error(layer.loraxs_R.grad, ref.loraxs_R.grad) < TOLERANCE[torch.float32]
+
+
+def test_frozen_factor_gets_no_gradient_work(monkeypatch):
+    layer, ref = make_pair("lora", 90, 70, 4, torch.float32)
+    layer.lora_A.requires_grad_(False)
+    ref.lora_A.requires_grad_(False)
+    x = torch.randn(33, 70, device=DEVICE, requires_grad=True)
+    grad = torch.randn(33, 90, device=DEVICE)
+    calls = _count_launches(monkeypatch)
+    layer(x).backward(grad)
+    assert calls == {"lowrank_linear": 2, "shrink": 0, "rank_reduce": 1}  # forward, dx; dU only
+    assert layer.lora_A.grad is None
+    ref(x.detach().double()).backward(grad.double())
+    assert rel_error(layer.lora_B.grad, ref.lora_B.grad) < TOLERANCE[torch.float32]
+
+
+def test_gradients_accumulate():
+    layer, _ = make_pair("symlora", 90, 70, 4, torch.float32)
+    x = torch.randn(20, 70, device=DEVICE)
+    layer(x).sum().backward()
+    once = {n: p.grad.clone() for n, p in _trainable(layer).items()}
+    layer(x).sum().backward()
+    for name, p in _trainable(layer).items():
+        assert torch.allclose(p.grad, 2 * once[name], rtol=1e-6)
+
+
+def test_double_backward_is_refused():
+    layer, _ = make_pair("tlora", 90, 70, 4, torch.float32)
+    x = torch.randn(5, 70, device=DEVICE, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_trainable_base_weight_is_refused():
+    layer, _ = make_pair("lora", 90, 70, 4, torch.float32)
+    layer.base_layer.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"does not compute the base weight's gradient; freeze it"):
+        layer(torch.randn(3, 70, device=DEVICE))
+
+
+def test_trainable_bias_gets_its_gradient():
+    layer, ref = make_pair("tlora", 90, 70, 4, torch.float32)
+    layer.base_layer.bias.requires_grad_(True)
+    ref.base_layer.bias.requires_grad_(True)
+    x = torch.randn(25, 70, device=DEVICE)
+    grad = torch.randn(25, 90, device=DEVICE)
+    layer(x).backward(grad)
+    ref(x.double()).backward(grad.double())
+    assert rel_error(layer.base_layer.bias.grad, ref.base_layer.bias.grad) < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_matches_reference_backend(method):
+    """A few optimizer steps through the fused kernels follow the reference backend's loss curve."""
+    x = torch.randn(48, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+
+    def train(backend):
+        model = TinyModel(3).to(DEVICE)
+        peft_ops.inject(model, method, 4, target_modules=["q_proj", "o_proj"], backend=backend,
+                        **method_options(method))
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(5):
+            loss = (model(x) - 1.0).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    fused, expected = train("triton"), train("reference")
+    assert expected[-1] < expected[0]
+    for a, b in zip(fused, expected):
+        assert abs(a - b) <= 1e-4 * abs(b), (fused, expected)
