@@ -1,13 +1,14 @@
 """Triton kernels and their launchers (installed as ``peft_ops.kernels``).
 
 * :func:`lowrank_linear`: the fused GEMM ``a Wᵀ + bias + scale·drop((drop(a) D) Eᵀ)``, forward and dx;
+* :func:`linear`: the same GEMM without the adapter (to measure the GEMM alone);
 * :func:`shrink`: ``drop(a) D``, the rank-r projection on its own;
 * :func:`rank_reduce`: ``drop(A)ᵀ B`` over M, deterministic, for the adapter gradients;
 * :func:`dropout_mask`: the exact keep-mask the kernels use for a seed.
 """
 from ._config import INTERPRET
 from .dropout import dropout_mask
-from .lowrank_linear import MAX_RANK, lowrank_linear, shrink
+from .lowrank_linear import MAX_RANK, linear, lowrank_linear, shrink
 from .rank_reduce import rank_reduce
 
-__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "shrink", "rank_reduce", "dropout_mask"]
+__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask"]

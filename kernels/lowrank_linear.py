@@ -22,7 +22,7 @@ import triton.language as tl
 from ._config import INTERPRET, autotuned, dot_precision, rank_block
 from .dropout import dropout_threshold, keep_mask
 
-__all__ = ["lowrank_linear", "shrink", "MAX_RANK"]
+__all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK"]
 
 MAX_RANK = 256
 _LOOP_SHRINK_MAX_M = 64  # heuristic until measured on a GPU: at most this many rows, shrink in the K-loop
@@ -40,7 +40,8 @@ def _lowrank_linear_kernel(
         stride_tm, stride_om, stride_on,
         scale, seed, drop_threshold, drop_scale,
         M_BUCKET,  # autotune key only
-        HAS_BIAS: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr, DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
+        DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr):
@@ -72,7 +73,7 @@ def _lowrank_linear_kernel(
             acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
         else:
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if SHRINK_IN_LOOP:
+        if HAS_LOW_RANK and SHRINK_IN_LOOP:
             d = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr,
                         mask=in_k[:, None] & in_r[None, :], other=0.0)
             a_in = a
@@ -83,24 +84,24 @@ def _lowrank_linear_kernel(
             else:
                 t = tl.dot(a_in, d.to(a.dtype), t, input_precision=PRECISION)
 
-    if SHRINK_IN_LOOP:
-        if DROPOUT == DROP_INPUT:
-            t = t * drop_scale
-        if STORE_T:
-            if pid_n == 0:  # every N-block computed the same t; the first one writes it
-                tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
-                         mask=in_m[:, None] & in_r[None, :])
-    else:
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
-                    mask=in_m[:, None] & in_r[None, :], other=0.0)
-
-    # epilogue: the rank-r term, one more dot (float32 operands), then bias, then the cast
-    e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
-                mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
-    low_rank = tl.dot(t, e, input_precision=PRECISION) * scale
-    if DROPOUT == DROP_OUTPUT:
-        low_rank = tl.where(keep_mask(seed, offs_m, offs_n, N, drop_threshold), low_rank * drop_scale, 0.0)
-    acc += low_rank
+    if HAS_LOW_RANK:
+        if SHRINK_IN_LOOP:
+            if DROPOUT == DROP_INPUT:
+                t = t * drop_scale
+            if STORE_T:
+                if pid_n == 0:  # every N-block computed the same t; the first one writes it
+                    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
+                             mask=in_m[:, None] & in_r[None, :])
+        else:
+            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
+                        mask=in_m[:, None] & in_r[None, :], other=0.0)
+        # epilogue: the rank-r term as one more dot (float32 operands), then bias, then the cast
+        e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
+                    mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+        low_rank = tl.dot(t, e, input_precision=PRECISION) * scale
+        if DROPOUT == DROP_OUTPUT:
+            low_rank = tl.where(keep_mask(seed, offs_m, offs_n, N, drop_threshold), low_rank * drop_scale, 0.0)
+        acc += low_rank
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -152,7 +153,7 @@ def _hopper_shrink_configs():
             for m in (16, 32, 64) for k in (64, 128) for s, w in ((3, 4), (4, 4))]
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
 _gemm_large, _gemm_small = (autotuned(_lowrank_linear_kernel, cfgs, _GEMM_KEY) for cfgs in _hopper_gemm_configs())
 _shrink_tuned = autotuned(_shrink_kernel, _hopper_shrink_configs(), ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"])
 # one config under the interpreter (autotuning needs a GPU): big tiles keep the program count low
@@ -190,6 +191,26 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed:
     return t
 
 
+def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, *, has_low_rank, shrink_in_loop,
+                 dropout, store_t, block_r):
+    m, k = a.shape
+    n = weight.shape[0]
+    args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, down.shape[1],
+            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
+            expand.stride(0), expand.stride(1), t.stride(0), out.stride(0), out.stride(1),
+            float(scale), seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
+    meta = dict(HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
+                DROPOUT=dropout, STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
+                BLOCK_R=block_r)
+    if INTERPRET:
+        cfg = _INTERPRETER_GEMM
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _lowrank_linear_kernel[grid](*args, **meta, **cfg)
+    else:
+        kernel = _gemm_small if m <= 16 else _gemm_large
+        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+
+
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                    expand: torch.Tensor, scale: float = 1.0, *, dropout_p: float = 0.0, dropout_site: str = "input",
                    seed: int = 0, store_t: bool = False, shrink_in_loop: bool | None = None):
@@ -215,17 +236,16 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
     else:
         t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT else 0.0, seed=seed)
-    args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, rank,
-            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
-            expand.stride(0), expand.stride(1), t.stride(0), out.stride(0), out.stride(1),
-            float(scale), seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
-    meta = dict(HAS_BIAS=bias is not None, SHRINK_IN_LOOP=shrink_in_loop, DROPOUT=dropout,
-                STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype), BLOCK_R=block_r)
-    if INTERPRET:
-        cfg = _INTERPRETER_GEMM
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _lowrank_linear_kernel[grid](*args, **meta, **cfg)
-    else:
-        kernel = _gemm_small if m <= 16 else _gemm_large
-        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+    _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
+                 shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r)
     return out, (t if store_t else None)
+
+
+def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a Wᵀ + bias``: the same GEMM with the low-rank path compiled out (for measuring the GEMM alone)."""
+    m = a.shape[0]
+    out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
+    if m:
+        _launch_gemm(a, weight, bias, out, out, out, out, 1.0, 0, 0.0, has_low_rank=False, shrink_in_loop=False,
+                     dropout=NO_DROPOUT, store_t=False, block_r=16)
+    return out

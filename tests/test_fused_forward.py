@@ -168,3 +168,12 @@ def test_module_dropout_matches_reference_with_kernel_mask(method):
     expected = reference.lowrank_linear(x.double(), ref.base_layer.weight, ref.base_layer.bias, u, c, d, s,
                                         dropout_p=0.4, dropout_site=site, dropout_mask=mask)
     assert rel_error(y, expected) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 300])
+def test_plain_gemm_without_adapter(dtype, m):
+    a, w, bias, _, _ = _kernel_inputs(m, 90, 70, 1, dtype)
+    expected = torch.nn.functional.linear(a.double(), w.double(), bias.double())
+    assert rel_error(kernels.linear(a, w, bias), expected) < TOLERANCE[dtype]
+    assert rel_error(kernels.linear(a, w), expected - bias.double()) < TOLERANCE[dtype]
