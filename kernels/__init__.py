@@ -8,7 +8,7 @@
 """
 from ._config import INTERPRET
 from .dropout import dropout_mask
-from .lowrank_linear import MAX_RANK, linear, lowrank_linear, shrink
-from .rank_reduce import rank_reduce
+from .fused_linear import MAX_RANK, linear, lowrank_linear, shrink
+from .reductions import rank_reduce
 
 __all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask"]

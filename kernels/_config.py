@@ -10,10 +10,15 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+# PEFT_OPS_AUTOTUNE=0 makes the launchers use one heuristic config per kernel on a GPU too (the test
+# suite does this: it checks every config explicitly instead of autotuning each new shape).
+AUTOTUNE = not INTERPRET and os.environ.get("PEFT_OPS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def autotuned(kernel, configs, key):
-    """``kernel`` autotuned over ``configs`` on a GPU; None under the interpreter, where autotuning has
-    no driver to time with and the launchers pass one config instead."""
-    return None if INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
+    """``kernel`` autotuned over ``configs``, or None where the launchers pass one config instead:
+    under the interpreter (autotuning has no driver to time with) or with autotuning switched off."""
+    return triton.autotune(configs=configs, key=key)(kernel) if AUTOTUNE else None
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -22,7 +22,8 @@ import triton.language as tl
 from ._config import INTERPRET, autotuned, dot_precision, rank_block
 from .dropout import dropout_threshold, keep_mask
 
-__all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK"]
+__all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_CONFIGS", "DECODE_GEMM_CONFIGS",
+           "SHRINK_CONFIGS"]
 
 MAX_RANK = 256
 _LOOP_SHRINK_MAX_M = 64  # heuristic until measured on a GPU: at most this many rows, shrink in the K-loop
@@ -154,11 +155,22 @@ def _hopper_shrink_configs():
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
-_gemm_large, _gemm_small = (autotuned(_lowrank_linear_kernel, cfgs, _GEMM_KEY) for cfgs in _hopper_gemm_configs())
-_shrink_tuned = autotuned(_shrink_kernel, _hopper_shrink_configs(), ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"])
-# one config under the interpreter (autotuning needs a GPU): big tiles keep the program count low
-_INTERPRETER_GEMM = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
-_INTERPRETER_SHRINK = {"BLOCK_M": 32, "BLOCK_K": 64}
+GEMM_CONFIGS, DECODE_GEMM_CONFIGS = _hopper_gemm_configs()
+SHRINK_CONFIGS = _hopper_shrink_configs()
+_gemm_large = autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY)
+_gemm_small = autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY)
+_shrink_tuned = autotuned(_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"])
+# One config each where nothing is autotuned. Under the interpreter, big tiles keep the number of
+# (slow, Python-level) programs low; on a GPU, configs that fit Hopper's shared memory comfortably.
+if INTERPRET:
+    _DEFAULT_GEMM = _DEFAULT_DECODE_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})
+    _DEFAULT_SHRINK = triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})
+else:
+    _DEFAULT_GEMM = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                                  num_stages=3, num_warps=8)
+    _DEFAULT_DECODE_GEMM = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8},
+                                         num_stages=4, num_warps=4)
+    _DEFAULT_SHRINK = triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4)
 
 
 def _m_bucket(m: int) -> int:
@@ -171,8 +183,21 @@ def _check_rank(rank: int) -> None:
                          f"use backend='reference' for larger ranks")
 
 
-def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r."""
+def _run(kernel, tuned, grid, args, meta, config, default):
+    """Launch ``kernel`` with ``config`` when one is given, else autotuned (``tuned``) where autotuning
+    is on, else with the ``default`` config."""
+    if config is None and tuned is not None:
+        tuned[grid](*args, **meta)
+        return
+    config = config or default
+    kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages)
+
+
+def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0,
+           config: triton.Config | None = None) -> torch.Tensor:
+    """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r. ``config`` forces
+    one kernel configuration instead of autotuning."""
     m, k = a.shape
     rank = down.shape[1]
     _check_rank(rank)
@@ -183,16 +208,13 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed:
             seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
     meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=rank_block(rank))
-    if INTERPRET:
-        cfg = _INTERPRETER_SHRINK
-        _shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](*args, **meta, **cfg)
-    else:
-        _shrink_tuned[lambda c: (triton.cdiv(m, c["BLOCK_M"]),)](*args, **meta)
+    _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta, config,
+         _DEFAULT_SHRINK)
     return t
 
 
 def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, *, has_low_rank, shrink_in_loop,
-                 dropout, store_t, block_r):
+                 dropout, store_t, block_r, config):
     m, k = a.shape
     n = weight.shape[0]
     args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, down.shape[1],
@@ -202,25 +224,23 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     meta = dict(HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
                 DROPOUT=dropout, STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=block_r)
-    if INTERPRET:
-        cfg = _INTERPRETER_GEMM
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        _lowrank_linear_kernel[grid](*args, **meta, **cfg)
-    else:
-        kernel = _gemm_small if m <= 16 else _gemm_large
-        kernel[lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),)](*args, **meta)
+    decode = m <= 16
+    _run(_lowrank_linear_kernel, _gemm_small if decode else _gemm_large,
+         lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),), args, meta, config,
+         _DEFAULT_DECODE_GEMM if decode else _DEFAULT_GEMM)
 
 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                    expand: torch.Tensor, scale: float = 1.0, *, dropout_p: float = 0.0, dropout_site: str = "input",
-                   seed: int = 0, store_t: bool = False, shrink_in_loop: bool | None = None):
+                   seed: int = 0, store_t: bool = False, shrink_in_loop: bool | None = None,
+                   config: triton.Config | None = None):
     """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``; returns ``(out, t)``.
 
     ``a``: M×K, ``weight``: N×K, ``bias``: N or None, ``down``: K×r, ``expand``: N×r (any strides;
     ``weight`` may be a transposed view). ``out`` has ``a``'s dtype. ``t = drop_in(a) D`` (M×r, float32)
     is returned when ``store_t`` (else None). ``dropout_site`` is ``"input"`` (on ``a`` inside the
     adapter path) or ``"output"`` (on the rank-r term). ``shrink_in_loop`` forces where ``t`` is
-    computed (None: the launcher decides by shape)."""
+    computed (None: the launcher decides by shape); ``config`` forces the GEMM's configuration."""
     m, k = a.shape
     n = weight.shape[0]
     rank = down.shape[1]
@@ -237,15 +257,16 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     else:
         t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT else 0.0, seed=seed)
     _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
-                 shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r)
+                 shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r, config=config)
     return out, (t if store_t else None)
 
 
-def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+           config: triton.Config | None = None) -> torch.Tensor:
     """``a Wᵀ + bias``: the same GEMM with the low-rank path compiled out (for measuring the GEMM alone)."""
     m = a.shape[0]
     out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
     if m:
         _launch_gemm(a, weight, bias, out, out, out, out, 1.0, 0, 0.0, has_low_rank=False, shrink_in_loop=False,
-                     dropout=NO_DROPOUT, store_t=False, block_r=16)
+                     dropout=NO_DROPOUT, store_t=False, block_r=16, config=config)
     return out
