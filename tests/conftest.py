@@ -6,6 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, one config per kernel instead of autotuning every new shape (each config is checked on its
+# own in test_gpu_only.py); PEFT_OPS_AUTOTUNE=1 tests the autotuned launches instead.
+os.environ.setdefault("PEFT_OPS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

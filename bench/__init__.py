@@ -1,0 +1,1 @@
+"""peft-ops microbenchmarks: ``python -m bench --help``."""
