@@ -5,6 +5,7 @@ import os
 
 import torch
 import triton
+from torch.library import wrap_triton  # launches that torch.compile can trace inside a triton_op
 
 # Triton decides interpreter or compiler when a kernel is decorated, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -37,3 +38,13 @@ def multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def seed_arg(seed, dropout_p: float, unused: torch.Tensor) -> torch.Tensor:
+    """The dropout seed as the 0-d int64 device tensor the kernels read (no host sync, traceable by
+    torch.compile); without dropout the kernels never read it and ``unused`` stands in."""
+    if not dropout_p:
+        return unused
+    if seed is None:
+        raise ValueError(f"dropout_p={dropout_p} needs a seed (an int or a 0-d int64 tensor)")
+    return torch.as_tensor(seed, dtype=torch.int64).to(unused.device)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._config import seed_arg, wrap_triton
+
 __all__ = ["keep_mask", "dropout_mask", "dropout_threshold"]
 
 
@@ -30,20 +32,21 @@ def keep_mask(seed, rows, cols, n_cols, threshold):
 
 
 @triton.jit
-def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed, threshold,
+def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed_ptr, threshold,
                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    keep = keep_mask(seed, rows, cols, n_cols, threshold)
+    keep = keep_mask(tl.load(seed_ptr), rows, cols, n_cols, threshold)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=inside)
 
 
-def dropout_mask(seed: int, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
-    """The keep-mask (bool, ``n_rows × n_cols``) that the fused kernels use for ``seed`` and rate ``p``.
-    For tests and for reproducing a fused dropout with the reference path."""
+def dropout_mask(seed, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
+    """The keep-mask (bool, ``n_rows × n_cols``) that the fused kernels use for ``seed`` (an int or a
+    0-d tensor) and rate ``p``. For tests and for reproducing a fused dropout elsewhere."""
     out = torch.empty(n_rows, n_cols, dtype=torch.int8, device=device)
     if out.numel():
         grid = (triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64))
-        _dropout_mask_kernel[grid](out, n_rows, n_cols, seed, dropout_threshold(p), BLOCK_ROWS=32, BLOCK_COLS=64)
+        wrap_triton(_dropout_mask_kernel)[grid](out, n_rows, n_cols, seed_arg(seed, 1.0, out),
+                                                dropout_threshold(p), BLOCK_ROWS=32, BLOCK_COLS=64)
     return out.bool()

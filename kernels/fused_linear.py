@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, autotuned, dot_precision, rank_block
+from ._config import INTERPRET, autotuned, dot_precision, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_CONFIGS", "DECODE_GEMM_CONFIGS",
@@ -39,7 +39,7 @@ def _lowrank_linear_kernel(
         M, N, K, R,
         stride_am, stride_ak, stride_wn, stride_wk, stride_dk, stride_dr, stride_en, stride_er,
         stride_tm, stride_om, stride_on,
-        scale, seed, drop_threshold, drop_scale,
+        scale, seed_ptr, drop_threshold, drop_scale,
         M_BUCKET,  # autotune key only
         HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
         DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
@@ -61,6 +61,8 @@ def _lowrank_linear_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     in_m, in_n, in_r = offs_m < M, offs_n < N, offs_r < R
 
+    if DROPOUT != NO_DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -112,7 +114,7 @@ def _lowrank_linear_kernel(
 @triton.jit
 def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
                    stride_am, stride_ak, stride_dk, stride_dr, stride_tm,
-                   seed, drop_threshold, drop_scale,
+                   seed_ptr, drop_threshold, drop_scale,
                    M_BUCKET,  # autotune key only
                    DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -120,6 +122,8 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     in_m, in_r = offs_m < M, offs_r < R
+    if DROPOUT_INPUT:
+        seed = tl.load(seed_ptr)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -187,17 +191,17 @@ def _run(kernel, tuned, grid, args, meta, config, default):
     """Launch ``kernel`` with ``config`` when one is given, else autotuned (``tuned``) where autotuning
     is on, else with the ``default`` config."""
     if config is None and tuned is not None:
-        tuned[grid](*args, **meta)
+        wrap_triton(tuned)[grid](*args, **meta)
         return
     config = config or default
-    kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                num_stages=config.num_stages)
+    wrap_triton(kernel)[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                             num_stages=config.num_stages)
 
 
-def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0,
+def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=None,
            config: triton.Config | None = None) -> torch.Tensor:
-    """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r. ``config`` forces
-    one kernel configuration instead of autotuning."""
+    """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r. ``seed``: an int or
+    a 0-d int64 tensor (read on the device). ``config`` forces one kernel configuration."""
     m, k = a.shape
     rank = down.shape[1]
     _check_rank(rank)
@@ -205,7 +209,7 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed:
     if m == 0:
         return t
     args = (a, down, t, m, k, rank, a.stride(0), a.stride(1), down.stride(0), down.stride(1), t.stride(0),
-            seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
+            seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
     meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=rank_block(rank))
     _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta, config,
@@ -220,7 +224,8 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, down.shape[1],
             a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
             expand.stride(0), expand.stride(1), t.stride(0), out.stride(0), out.stride(1),
-            float(scale), seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
+            float(scale), seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+            _m_bucket(m))
     meta = dict(HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
                 DROPOUT=dropout, STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=block_r)
@@ -232,7 +237,7 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                    expand: torch.Tensor, scale: float = 1.0, *, dropout_p: float = 0.0, dropout_site: str = "input",
-                   seed: int = 0, store_t: bool = False, shrink_in_loop: bool | None = None,
+                   seed=None, store_t: bool = False, shrink_in_loop: bool | None = None,
                    config: triton.Config | None = None):
     """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``; returns ``(out, t)``.
 
@@ -267,6 +272,6 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     m = a.shape[0]
     out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
     if m:
-        _launch_gemm(a, weight, bias, out, out, out, out, 1.0, 0, 0.0, has_low_rank=False, shrink_in_loop=False,
+        _launch_gemm(a, weight, bias, out, out, out, out, 1.0, None, 0.0, has_low_rank=False, shrink_in_loop=False,
                      dropout=NO_DROPOUT, store_t=False, block_r=16, config=config)
     return out

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, dot_precision, multiprocessors, rank_block
+from ._config import INTERPRET, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["rank_reduce"]
@@ -22,7 +22,7 @@ _BLOCK_M, _BLOCK_P = (32, 32) if INTERPRET else (64, 64)
 @triton.jit
 def _rank_reduce_kernel(a_ptr, b_ptr, partial_ptr, M, P, R, rows_per_chunk,
                         stride_am, stride_ap, stride_bm, stride_br,
-                        seed, drop_threshold, drop_scale,
+                        seed_ptr, drop_threshold, drop_scale,
                         DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr):
     tiles_r = tl.cdiv(R, BLOCK_R)
@@ -33,6 +33,8 @@ def _rank_reduce_kernel(a_ptr, b_ptr, partial_ptr, M, P, R, rows_per_chunk,
     offs_r = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_p, in_r = offs_p < P, offs_r < R
     start = chunk.to(tl.int64) * rows_per_chunk
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
     for m0 in range(0, rows_per_chunk, BLOCK_M):
         offs_m = start + m0 + tl.arange(0, BLOCK_M)
@@ -50,7 +52,7 @@ def _rank_reduce_kernel(a_ptr, b_ptr, partial_ptr, M, P, R, rows_per_chunk,
     tl.store(out, acc, mask=in_p[:, None] & in_r[None, :])
 
 
-def rank_reduce(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+def rank_reduce(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, seed=None) -> torch.Tensor:
     """``drop(a)ᵀ b`` in float32 (P×R), for ``a``: M×P, ``b``: M×R, summed deterministically.
     ``dropout_p`` applies the fused kernels' dropout mask (for ``seed``) to ``a``."""
     m, p = a.shape
@@ -64,9 +66,9 @@ def rank_reduce(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, see
     rows_per_chunk = triton.cdiv(triton.cdiv(m, chunks), _BLOCK_M) * _BLOCK_M
     chunks = triton.cdiv(m, rows_per_chunk)
     partial = torch.empty(chunks, p, r, device=a.device, dtype=torch.float32)
-    _rank_reduce_kernel[(tiles, chunks)](
+    wrap_triton(_rank_reduce_kernel)[(tiles, chunks)](
         a, b, partial, m, p, r, rows_per_chunk, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        seed, dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         DROPOUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(torch.float32),
         BLOCK_M=_BLOCK_M, BLOCK_P=_BLOCK_P, BLOCK_R=block_r)
     return partial.sum(0) if chunks > 1 else partial[0]

@@ -1,15 +1,16 @@
 """One entry point for the low-rank linear, dispatched by backend.
 
-``"triton"`` runs the fused kernels (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set
-before the kernels were imported); ``"reference"`` runs the plain-PyTorch path; ``"auto"`` picks triton
-for CUDA tensors and the reference elsewhere. A backend that can't run where it is asked raises; it
-never falls back silently.
+``"triton"`` runs the fused Triton kernels (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
+was set before the kernels were imported); ``"reference"`` runs the same algorithm in plain PyTorch
+(any device and dtype); ``"auto"`` picks triton for CUDA tensors and the reference elsewhere. A backend
+that can't run where it is asked raises; it never falls back silently. (The independent oracle that
+both are tested against is :func:`peft_ops.reference.lowrank_linear`, plain autograd.)
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import ops
 
 __all__ = ["BACKENDS", "lowrank_linear", "resolve_backend", "check_backend"]
 
@@ -54,11 +55,7 @@ def lowrank_linear(x, weight, bias, up, core, down, scale, *, dropout_p: float =
     """``y = x Wᵀ + b + s·((x D) Cᵀ) Uᵀ`` with dropout on the adapter's input or output.
 
     ``core`` is None (identity), 1-D (diagonal) or 2-D (full); ``scale`` a float or a 0-d tensor.
-    ``dropout_p`` is the effective rate (pass 0 in eval mode)."""
-    if resolve_backend(backend, x) == "reference":
-        return reference.lowrank_linear(x, weight, bias, up, core, down, scale,
-                                        dropout_p=dropout_p, dropout_site=dropout_site)
-    from .fused import fused_lowrank_linear
-
-    return fused_lowrank_linear(x, weight, bias, up, core, down, scale,
-                                dropout_p=dropout_p, dropout_site=dropout_site)
+    ``dropout_p`` is the effective rate (pass 0 in eval mode). Both backends run the custom op
+    ``peft_ops::lowrank_linear`` (see :mod:`peft_ops.ops`): Triton kernels, or their PyTorch twins."""
+    return ops.lowrank_linear(x, weight, bias, up, core, down, scale, dropout_p=dropout_p,
+                              dropout_site=dropout_site, use_kernels=resolve_backend(backend, x) == "triton")

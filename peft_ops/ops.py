@@ -1,0 +1,161 @@
+"""The custom operators every layer runs: ``peft_ops::lowrank_linear`` and its backward.
+
+Both are ``torch.library.triton_op``s, so ``torch.compile(model, fullgraph=True)`` traces straight
+through them: on a GPU Inductor sees the Triton kernels themselves; on the CPU (and for
+``backend="reference"``) the same algorithm runs over :mod:`peft_ops.reference_kernels`, the kernels'
+contracts in plain PyTorch. DESIGN.md §1 gives every formula.
+
+Forward: ``y = x Wᵀ + b + s·drop((drop(x) D)(U C)ᵀ)``: the core folds into the expand factor ``E = U C``
+(N×r) first, then one fused GEMM does the rest. Backward, with ``v = drop(g) U`` and ``t = drop(x) D``
+(saved, M×r):
+
+* ``dx = g W + s·drop(v (D Cᵀ)ᵀ)``: the same fused GEMM with the roles swapped, ``v`` from its shrink;
+* ``P = vᵀ t`` (r×r): ``dC = s·P`` (``s·diag P`` for a diagonal core), ``ds = ⟨P, C⟩``;
+* ``dU = s·(drop(g)ᵀ t) Cᵀ`` and ``dD = s·(drop(x)ᵀ v) C``, where those factors train.
+
+Reductions over M are chunked and summed in a fixed order, so gradients are bitwise reproducible.
+Saved activations: ``t``, plus ``x`` only when ``D`` trains (LoRA, SymLoRA). Dropout masks are
+regenerated from a seed held in a device tensor, never stored.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from . import reference_kernels
+
+__all__ = ["lowrank_linear"]
+
+
+def _implementation(use_kernels: bool):
+    if use_kernels:
+        from peft_ops import kernels
+
+        return kernels
+    return reference_kernels
+
+
+def _fold(factor: Tensor, core: Optional[Tensor], scale) -> Tensor:
+    """``factor · core`` (an N×r or K×r product), times ``scale`` when the scale is a tensor."""
+    if core is not None:
+        factor = factor * core if core.dim() == 1 else factor @ core
+    return factor * scale if isinstance(scale, Tensor) else factor
+
+
+def _core_transpose(core: Optional[Tensor]) -> Optional[Tensor]:
+    return core.T if core is not None and core.dim() == 2 else core
+
+
+@triton_op("peft_ops::lowrank_linear", mutates_args=())
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor], down: Tensor,
+             scale: Optional[Tensor], scale_value: float, seed: Optional[Tensor], dropout_p: float,
+             dropout_site: str, use_kernels: bool, store_t: bool) -> tuple[Tensor, Tensor]:
+    """(y, t) for a 2-D x; t is empty unless ``store_t``."""
+    y, t = _implementation(use_kernels).lowrank_linear(
+        x, weight, bias, down, _fold(up, core, scale), scale_value, dropout_p=dropout_p, dropout_site=dropout_site,
+        seed=seed, store_t=store_t)
+    return y, t if t is not None else x.new_empty(0, dtype=torch.float32)
+
+
+@triton_op("peft_ops::lowrank_linear_backward", mutates_args=())
+def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tensor, up: Tensor, core: Optional[Tensor],
+              down: Tensor, scale: Optional[Tensor], scale_value: float, seed: Optional[Tensor], dropout_p: float,
+              dropout_site: str, use_kernels: bool, needs: list[bool]) -> list[Tensor]:
+    """[dx, d_bias, d_up, d_core, d_down, d_scale]; entries not asked for in ``needs`` are empty."""
+    impl = _implementation(use_kernels)
+    need_x, need_bias, need_up, need_core, need_down, need_scale = needs
+    s = scale if scale is not None else scale_value
+    p_in = dropout_p if dropout_site == "input" else 0.0  # dropout on x, the adapter's input
+    p_out = dropout_p - p_in  # dropout on the adapter's output: on g in the backward
+    need_v = need_core or need_scale or need_down
+    # an op's outputs may not alias each other: each gradient not asked for is its own empty tensor
+    dx, d_bias, d_up, d_core, d_down, d_scale = (g.new_empty(0) for _ in range(6))
+
+    v = None
+    if need_x:  # one fused GEMM: dx = g W + s·drop(v (D Cᵀ)ᵀ), with v = drop(g) U from its shrink
+        dx, v = impl.lowrank_linear(g, weight.T, None, up, _fold(down, _core_transpose(core), scale),
+                                    1.0 if scale is not None else scale_value, dropout_p=dropout_p,
+                                    dropout_site="output" if dropout_site == "input" else "input", seed=seed,
+                                    store_t=need_v)
+    elif need_v:
+        v = impl.shrink(g, up, dropout_p=p_out, seed=seed)
+    if need_core or need_scale:
+        pvt = impl.rank_reduce(v, t)  # P = vᵀ t, r×r
+        if need_core:
+            d_core = (s * (pvt if core.dim() == 2 else pvt.diagonal())).to(core.dtype)
+        if need_scale:
+            d_scale = (pvt.trace() if core is None else
+                       (pvt * core).sum() if core.dim() == 2 else (pvt.diagonal() * core).sum())
+            d_scale = d_scale.to(scale.dtype).reshape(scale.shape)
+    if need_up:
+        d_up = (s * _fold(impl.rank_reduce(g, t, dropout_p=p_out, seed=seed), _core_transpose(core), None)).to(up.dtype)
+    if need_down:
+        d_down = (s * _fold(impl.rank_reduce(x, v, dropout_p=p_in, seed=seed), core, None)).to(down.dtype)
+    if need_bias:
+        d_bias = g.sum(0, dtype=torch.float32).to(g.dtype)
+    return [dx, d_bias, d_up, d_core, d_down, d_scale]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, up, core, down, scale, scale_value, seed, dropout_p, dropout_site, use_kernels, store_t = inputs
+    t = output[1]
+    ctx.mark_non_differentiable(t)
+    ctx.save_for_backward(t if store_t else None, x if down.requires_grad else None, weight, up, core, down,
+                          scale, seed)
+    ctx.scale_value, ctx.dropout_p, ctx.dropout_site, ctx.use_kernels = scale_value, dropout_p, dropout_site, use_kernels
+
+
+def _differentiate(ctx, grad_y, grad_t):
+    t, x, weight, up, core, down, scale, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    needs = [need[0], need[2], need[3], need[4], need[5], need[6]]  # x, bias, up, core, down, scale
+    grads = torch.ops.peft_ops.lowrank_linear_backward(
+        grad_y, t, x, weight, up, core, down, scale, ctx.scale_value, seed, ctx.dropout_p, ctx.dropout_site,
+        ctx.use_kernels, needs)
+    dx, d_bias, d_up, d_core, d_down, d_scale = (grad if wanted else None for grad, wanted in zip(grads, needs))
+    return dx, None, d_bias, d_up, d_core, d_down, d_scale, None, None, None, None, None, None
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError("peft_ops layers do not support double backward: their gradients are computed by "
+                       "fused kernels that are not themselves differentiated (create_graph=True)")
+
+
+torch.library.register_autograd("peft_ops::lowrank_linear", _differentiate, setup_context=_setup_context)
+torch.library.register_autograd("peft_ops::lowrank_linear_backward", _refuse_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
+def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor],
+                   down: Tensor, scale, *, dropout_p: float = 0.0, dropout_site: str = "input",
+                   use_kernels: bool = True, seed=None) -> Tensor:
+    """``y = x Wᵀ + b + s·((x D) Cᵀ) Uᵀ`` through the custom op, for x of any leading dimensions.
+
+    Differentiable in ``x``, ``bias``, ``up``, ``core``, ``down`` and a tensor ``scale``; the base weight is
+    frozen (asking for its gradient is an error). ``use_kernels`` picks the Triton kernels or their
+    PyTorch twins. ``seed`` fixes the dropout mask (default: drawn on x's device from torch's generator,
+    so ``torch.manual_seed`` reproduces it); ``peft_ops.kernels.dropout_mask`` returns it."""
+    if use_kernels and x.device.type == "cpu" and torch.compiler.is_compiling():
+        raise RuntimeError("backend='triton' on the CPU runs the Triton interpreter, which torch.compile "
+                           "cannot trace; compile with backend='reference' (or 'auto') on the CPU")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("peft_ops layers do not compute the base weight's gradient; freeze it "
+                           "(weight.requires_grad_(False), as peft_ops.inject does)")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    if x.dtype != weight.dtype:
+        raise TypeError(f"input dtype {x.dtype} differs from the weight's {weight.dtype}")
+    scale_tensor = scale if isinstance(scale, Tensor) else None
+    if dropout_p:
+        seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
+                else torch.as_tensor(seed, dtype=torch.int64).to(x.device))
+    else:
+        seed = None
+    store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
+    y, _ = torch.ops.peft_ops.lowrank_linear(
+        x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
+        1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, use_kernels, store_t)
+    return y.reshape(*x.shape[:-1], weight.shape[0])

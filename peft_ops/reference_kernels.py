@@ -1,0 +1,76 @@
+"""The fused kernels' contracts implemented with PyTorch ops: what runs behind the custom op on the
+CPU (and for ``backend="reference"`` on any device). Same signatures as :mod:`peft_ops.kernels`, same
+float32 intermediates, and the same dropout masks bit for bit: Triton's Philox 4x32-10 written with
+int64 tensor arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["keep_mask", "dropout_mask", "lowrank_linear", "shrink", "rank_reduce"]
+
+_LOW32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor):
+    """High and low 32 bits of ``a · b`` for a 32-bit constant and int64 tensors holding uint32 values,
+    without overflowing int64 (b is split into 16-bit halves)."""
+    p_hi, p_lo = a * (b >> 16), a * (b & 0xFFFF)  # each < 2⁴⁸
+    return (p_hi + (p_lo >> 16)) >> 16, (((p_hi & 0xFFFF) << 16) + p_lo) & _LOW32
+
+
+def keep_mask(seed, offsets: torch.Tensor, p: float) -> torch.Tensor:
+    """The kernels' ``keep_mask``: Philox on counter ``(offset mod 2³², offset >> 32, 0, 0)`` with key
+    ``seed``; kept where the first word, shifted right once, is at least ``round(p · 2³¹)``."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=offsets.device)
+    c0, c1 = offsets & _LOW32, offsets >> 32
+    c2 = c3 = torch.zeros_like(offsets)
+    k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _KEY_A) & _LOW32, (k1 + _KEY_B) & _LOW32
+    return (c0 >> 1) >= int(round(p * 2**31))
+
+
+def dropout_mask(seed, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
+    offsets = torch.arange(n_rows * n_cols, device=device, dtype=torch.int64).view(n_rows, n_cols)
+    return keep_mask(seed, offsets, p)
+
+
+def _dropped(a: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """``a`` with the kernels' dropout applied (float32 or wider), ``a`` upcast if p = 0."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    if not p:
+        return a.to(acc)
+    keep = dropout_mask(seed, a.shape[0], a.shape[1], p, a.device)
+    return torch.where(keep, a.to(acc) / (1.0 - p), 0.0)
+
+
+def shrink(a, down, *, dropout_p: float = 0.0, seed=None, config=None) -> torch.Tensor:
+    """``t = drop(a) D`` in float32 (float64 for float64 inputs)."""
+    t = _dropped(a, dropout_p, seed)
+    return t @ down.to(t.dtype)
+
+
+def lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout_p: float = 0.0,
+                   dropout_site: str = "input", seed=None, store_t: bool = False, shrink_in_loop=None,
+                   config=None):
+    """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``, returns ``(out, t or None)``."""
+    t = shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
+    low_rank = (t @ expand.to(t.dtype).T) * scale
+    if dropout_p and dropout_site == "output":
+        low_rank = torch.where(dropout_mask(seed, *low_rank.shape, dropout_p, a.device),
+                               low_rank / (1.0 - dropout_p), 0.0)
+    out = (F.linear(a, weight, bias).to(t.dtype) + low_rank).to(a.dtype)
+    return out, (t if store_t else None)
+
+
+def rank_reduce(a, b, *, dropout_p: float = 0.0, seed=None) -> torch.Tensor:
+    """``drop(a)ᵀ b`` in float32 (float64 for float64 inputs)."""
+    a = _dropped(a, dropout_p, seed)
+    return a.T @ b.to(a.dtype)
