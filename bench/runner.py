@@ -58,6 +58,20 @@ def _rel_error(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+class EagerReference(nn.Module):
+    """The method as its authors run it: a chain of small PyTorch ops beside the frozen matmul, under
+    autograd (``peft_ops.reference.lowrank_linear`` over the layer's factors)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        up, core, down, scale = self.layer.factors()
+        return reference.lowrank_linear(x, self.layer.base_layer.weight, self.layer.base_layer.bias, up, core, down,
+                                        scale)
+
+
 @dataclass
 class Case:
     """One adapter method on one projection at one rank: the layers every provider runs, built once."""
@@ -81,8 +95,7 @@ class Case:
                     p.copy_(torch.randn_like(p) * 0.1)
         self.fused = self.layer
         self.fused.backend = "triton"
-        self.eager = copy.deepcopy(self.layer)
-        self.eager.backend = "reference"
+        self.eager = EagerReference(copy.deepcopy(self.layer))
         self.weight = base.weight
 
     def trainable(self, module):
