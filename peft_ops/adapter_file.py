@@ -53,13 +53,18 @@ class AdapterFileInfo:
                 f"{self.tensor_bytes} tensor bytes in a {self.file_bytes}-byte file")
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2/DTensor shard (a collective: every rank must call), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _floats(t: torch.Tensor) -> list[float]:
     return [float(f"{v:.7g}") for v in t.detach().double().cpu().tolist()]
 
 
 def _fingerprint(layer: nn.Module) -> list[float]:
     """Values of the logical N×K base weight at fixed pseudo-random positions (device-independent)."""
-    w = _base_weight(layer)
+    w = _full(_base_weight(layer))
     idx = torch.randint(w.numel(), (_FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
     k = w.shape[1]
     return _floats(w.detach()[(idx // k).to(w.device), (idx % k).to(w.device)])
@@ -74,7 +79,7 @@ def _signature(layer: LowRankLinear) -> dict[str, list[float]]:
     up, _, down, _ = layer.factors()
     sig = {}
     for role, f in (("up", up), ("down", down)):
-        f = f.detach().double().cpu()
+        f = _full(f).detach().double().cpu()
         sig[role] = _floats(torch.cat([f.norm(dim=0), _probe(f.shape[0]) @ f]))
     return sig
 
@@ -100,7 +105,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     """Write the adapters of ``model`` to a safetensors file at ``path``.
 
     Only trainable tensors are stored; frozen factors are regenerated at load unless
-    ``include_frozen=True``. Returns sizes: the file against the tensor bytes."""
+    ``include_frozen=True``. Returns sizes: the file against the tensor bytes. On a model sharded with
+    FSDP2, call it on every rank (it gathers the shards); give rank 0 the real path."""
     from safetensors.torch import save_file
 
     layers = list(adapter_layers(model))
@@ -113,7 +119,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
         if include_frozen:
             stored += frozen
         for tensor_name in stored:
-            tensors[f"{name}.{tensor_name}"] = getattr(layer, tensor_name).detach().cpu().contiguous()
+            tensors[f"{name}.{tensor_name}"] = _full(getattr(layer, tensor_name)).detach().cpu().contiguous()
         modules[name] = {
             "method": layer.method.name, "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
             "seed": layer.seed, "options": layer.options,

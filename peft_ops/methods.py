@@ -177,7 +177,8 @@ def _tlora_init(c: InitContext) -> Tensors:
         "tlora_A": (a, False),
         "tlora_B": (torch.zeros(c.rank, c.rank), True),
         "tlora_C": (cc, False),
-        "tlora_alpha": (torch.tensor(float(c.alpha)), True),
+        # a 1-element vector, not a 0-d tensor: FSDP2's fully_shard refuses scalar parameters
+        "tlora_alpha": (torch.tensor([float(c.alpha)]), True),
     }
 
 
