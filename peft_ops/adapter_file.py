@@ -173,70 +173,103 @@ def _close(a: list[float], b: list[float], rtol: float, scale: list[float] | Non
                zip(a, b, scale or a))
 
 
-def _check_base(path, name: str, entry: dict, module: nn.Module | None) -> None:
+def _base_for(path, name: str, entry: dict, module: nn.Module | None) -> nn.Module:
+    """The base linear layer the entry applies to, checked: ``module`` itself, or the base of an adapter
+    layer of the same method and rank (whose weights the file then replaces)."""
     where = f"{os.fspath(path)}: module {name!r}"
     if module is None:
         raise AdapterFileError(f"{where} is not in the model (this file is for another model)")
+    base = module
     if isinstance(module, LowRankLinear):
-        raise AdapterFileError(f"{where} already has a {module.method.name} adapter; peft_ops.unload(model) first")
-    if not is_adaptable(module):
+        if (module.method.name, module.rank) != (entry["method"], entry["rank"]):
+            raise AdapterFileError(f"{where}: the file holds a {entry['method']} adapter of rank {entry['rank']}, the "
+                                   f"model has a {module.method.name} adapter of rank {module.rank} there")
+        if module.merged:
+            raise AdapterFileError(f"{where}: the model's adapter is merged; unmerge it before loading")
+        base = module.base_layer
+    elif not is_adaptable(module):
         raise AdapterFileError(f"{where} is a {type(module).__name__}, not a linear layer")
-    shape = tuple(_base_weight(module).shape)
+    shape = tuple(_base_weight(base).shape)
     if shape != (entry["out_features"], entry["in_features"]):
         raise AdapterFileError(f"{where}: the model's weight is {shape[0]}×{shape[1]}, the adapter was made for "
                                f"{entry['out_features']}×{entry['in_features']} (another base model)")
-    if not _close(entry["base"]["fingerprint"], _fingerprint(module), _FINGERPRINT_RTOL):
+    if not _close(entry["base"]["fingerprint"], _fingerprint(base), _FINGERPRINT_RTOL):
         raise AdapterFileError(f"{where}: the base weight differs from the one the adapter was saved with "
                                f"(fingerprint mismatch: another base model, or modified weights)")
+    return base
+
+
+def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend: str) -> LowRankLinear:
+    """A layer holding the entry's adapter: regenerated frozen factors (checked against the file's
+    signature) and the file's tensors."""
+    cls = LAYER_CLASSES[get_method(entry["method"]).name]
+    layer = cls(base, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"], seed=entry["seed"],
+                backend=backend, **entry["options"])
+    dtype = getattr(torch, entry["dtype"])
+    for t in [*layer.parameters(recurse=False), *(getattr(layer, n) for n in _frozen_names(layer))]:
+        t.data = t.data.to(dtype)
+    for tensor_name in entry["tensors"]:
+        key = f"{name}.{tensor_name}"
+        if key not in tensors:
+            raise AdapterFileError(f"{os.fspath(path)}: tensor {key!r} is missing")
+        target = getattr(layer, tensor_name, None)
+        if not isinstance(target, torch.Tensor) or target.shape != tensors[key].shape:
+            raise AdapterFileError(
+                f"{os.fspath(path)}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the {entry['method']} "
+                f"layer expects {None if target is None else tuple(target.shape)}")
+        target.data.copy_(tensors[key])
+    saved = entry.get("frozen_signature")
+    if saved and not all(_close(saved[role], now, _SIGNATURE_RTOL, scale=saved[role][:layer.rank] * 2)
+                         for role, now in _signature(layer).items()):
+        raise AdapterFileError(
+            f"{os.fspath(path)}: module {name!r}: the regenerated frozen {entry['method']} factors differ from the "
+            f"ones the adapter was trained with (the base weight or the generator changed); save with "
+            f"include_frozen=True to carry them in the file")
+    return layer
+
+
+@torch.no_grad()
+def _load_into(existing: LowRankLinear, built: LowRankLinear) -> None:
+    """Give an existing adapter layer the built one's values, keeping its tensors (and so any optimizer
+    that holds them)."""
+    for tensor_name, value in [*built.named_parameters(recurse=False), *built.named_buffers(recurse=False)]:
+        if value is not None:
+            getattr(existing, tensor_name).copy_(value)
+    existing.alpha, existing.scaling, existing.dropout, existing.seed, existing.options = (
+        built.alpha, built.scaling, built.dropout, built.seed, built.options)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> list[str]:
-    """Inject the adapters stored at ``path`` into ``model`` and load their weights; returns the module
-    names. Everything is checked first (file integrity, module names and shapes, base-weight
-    fingerprints, regenerated frozen factors); on any error the model is left untouched."""
+    """Load the adapters stored at ``path`` into ``model``; returns the module names.
+
+    A module that is a plain linear layer gets a new adapter layer; one that already has an adapter
+    of the same method and rank (after ``inject``, say) gets the file's values in place. Everything is
+    checked first — file integrity, module names and shapes, base-weight fingerprints, regenerated
+    frozen factors, and that the model has no adapter the file lacks — and on any error the model is
+    left untouched."""
     entries, tensors = _read(path)
     named = dict(model.named_modules())
-    layers: dict[str, LowRankLinear] = {}
+    existing = dict(adapter_layers(model))
+    built: dict[str, LowRankLinear] = {}
     with preserved_on_error(model):
+        lacking = sorted(set(existing) - set(entries))
+        if lacking:
+            raise AdapterFileError(f"{os.fspath(path)}: the model has adapters on {lacking}, which the file lacks")
         for name, entry in entries.items():
             try:
-                module = named.get(name) if name else None
-                _check_base(path, name, entry, module)
-                cls = LAYER_CLASSES[get_method(entry["method"]).name]
-                layer = cls(module, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"],
-                            seed=entry["seed"], backend=backend, **entry["options"])
-                dtype = getattr(torch, entry["dtype"])
-                for t in [*layer.parameters(recurse=False), *(getattr(layer, n) for n in _frozen_names(layer))]:
-                    t.data = t.data.to(dtype)
-                for tensor_name in entry["tensors"]:
-                    key = f"{name}.{tensor_name}"
-                    if key not in tensors:
-                        raise AdapterFileError(f"{os.fspath(path)}: tensor {key!r} is missing")
-                    target = getattr(layer, tensor_name, None)
-                    if not isinstance(target, torch.Tensor) or target.shape != tensors[key].shape:
-                        raise AdapterFileError(
-                            f"{os.fspath(path)}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the "
-                            f"{entry['method']} layer expects "
-                            f"{None if target is None else tuple(target.shape)}")
-                    target.data.copy_(tensors[key])
-                if "frozen_signature" in entry and not all(
-                        _close(entry["frozen_signature"][role], now, _SIGNATURE_RTOL,
-                               scale=entry["frozen_signature"][role][:layer.rank] * 2)
-                        for role, now in _signature(layer).items()):
-                    raise AdapterFileError(
-                        f"{os.fspath(path)}: module {name!r}: the regenerated frozen {entry['method']} factors "
-                        f"differ from the ones the adapter was trained with (the base weight or the generator "
-                        f"changed); save with include_frozen=True to carry them in the file")
+                base = _base_for(path, name, entry, named.get(name) if name else None)
+                built[name] = _build(path, name, entry, base, tensors, backend)
             except AdapterFileError:
                 raise
             except (KeyError, TypeError, AttributeError, ValueError) as e:
                 raise AdapterFileError(f"{os.fspath(path)}: module {name!r}: metadata is incomplete or "
                                        f"inconsistent ({type(e).__name__}: {e})") from None
-            layers[name] = layer
         extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]}
         if extra:
             raise AdapterFileError(f"{os.fspath(path)}: tensors {sorted(extra)} belong to no module in the metadata")
-        if not layers:
+        if not built:
             raise AdapterFileError(f"{os.fspath(path)}: the file holds no modules")
-    _swap_in(model, layers)
-    return list(layers)
+    for name in built.keys() & existing.keys():
+        _load_into(existing[name], built.pop(name))
+    _swap_in(model, built)
+    return list(entries)

@@ -108,14 +108,47 @@ def test_refuses_a_model_without_the_module(tmp_path):
         peft_ops.load_adapter(other, tmp_path / "a.safetensors")
 
 
-def test_refuses_an_already_adapted_model(saved):
+@pytest.mark.parametrize("method, rank, message", [
+    ("lora", 4, r"module 'blocks.0.k_proj': the file holds a loraxs adapter of rank 4, the model has a lora "
+                r"adapter of rank 4 there"),
+    ("loraxs", 2, r"the file holds a loraxs adapter of rank 4, the model has a loraxs adapter of rank 2"),
+])
+def test_refuses_another_method_or_rank(saved, method, rank, message):
     _, path = saved
     model = TinyModel(1)
-    peft_ops.inject(model, "lora", 2, target_modules=["q_proj"])
+    peft_ops.inject(model, method, rank, target_modules="all-linear")
     before = _snapshot(model)
-    with pytest.raises(AdapterFileError, match=r"already has a lora adapter; peft_ops.unload\(model\) first"):
+    with pytest.raises(AdapterFileError, match=message):
         peft_ops.load_adapter(model, path)
     _assert_unchanged(model, before)
+
+
+def test_refuses_a_model_with_adapters_the_file_lacks(tmp_path):
+    model = TinyModel(1)
+    peft_ops.inject(model, "tlora", 4, target_modules=["q_proj"])
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    other = TinyModel(1)
+    peft_ops.inject(other, "tlora", 4, target_modules=["q_proj", "v_proj"])
+    before = _snapshot(other)
+    with pytest.raises(AdapterFileError, match=r"the model has adapters on \['blocks.0.v_proj', 'blocks.1.v_proj'\], "
+                                               r"which the file lacks"):
+        peft_ops.load_adapter(other, tmp_path / "a.safetensors")
+    _assert_unchanged(other, before)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_load_into_injected_adapters_in_place(method, tmp_path):
+    """inject, then load: the file's values go into the existing tensors, which an optimizer may hold."""
+    trained = _adapted(method)
+    x = torch.randn(4, 32)
+    expected = trained(x)
+    peft_ops.save_adapter(trained, tmp_path / "a.safetensors")
+    model = TinyModel(1)
+    peft_ops.inject(model, method, 4, target_modules="all-linear", seed=123, alpha=1.0, **method_options(method))
+    params = [p for p in model.parameters() if p.requires_grad]
+    peft_ops.load_adapter(model, tmp_path / "a.safetensors")
+    assert [p for p in model.parameters() if p.requires_grad] == params  # the same tensor objects
+    assert torch.equal(model(x), expected)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip_data_byte", "garbage"])
@@ -183,8 +216,3 @@ def test_refuses_regenerated_factors_that_differ(saved, monkeypatch):
     with pytest.raises(AdapterFileError, match=r"regenerated frozen loraxs factors differ"):
         peft_ops.load_adapter(model, path)
     _assert_unchanged(model, before)
-
-
-def test_save_without_adapters_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match=r"model has no peft-ops adapter layers to save"):
-        peft_ops.save_adapter(TinyModel(), tmp_path / "a.safetensors")
