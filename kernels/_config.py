@@ -7,6 +7,9 @@ import torch
 import triton
 from torch.library import wrap_triton  # launches that torch.compile can trace inside a triton_op
 
+__all__ = ["INTERPRET", "AUTOTUNE", "autotuned", "dot_precision", "rank_block", "multiprocessors", "seed_arg",
+           "wrap_triton"]
+
 # Triton decides interpreter or compiler when a kernel is decorated, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 

@@ -145,17 +145,3 @@ def test_randomized_svd_is_deterministic_and_seeded():
     b = top_singular_triplets(w.clone(), 16)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], top_singular_triplets(w, 16, seed=1)[0])  # the sketch is seeded
-
-
-def test_unknown_method_option_is_refused():
-    with pytest.raises(TypeError, match=r"loraxs: unknown option\(s\) 'rnak'.*svd, svd_seed"):
-        peft_ops.LoRAXSLinear(_base(), 4, rnak=3)
-    with pytest.raises(TypeError, match=r"lora: unknown option\(s\) 'svd'; options this method takes: none"):
-        peft_ops.LoRALinear(_base(), 4, svd="exact")
-    with pytest.raises(ValueError, match=r"svd='fast'; expected 'randomized' or 'exact'"):
-        peft_ops.LoRAXSLinear(_base(), 4, svd="fast")
-
-
-def test_unknown_method_name():
-    with pytest.raises(ValueError, match=r"method='dora' is not known; expected one of 'lora', 'symlora'"):
-        peft_ops.get_method("dora")

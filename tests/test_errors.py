@@ -1,0 +1,112 @@
+"""Every bad input, one row each: the error names the argument, what it got and what it expected, and
+nothing is changed (the model's modules, values and requires_grad flags are as before).
+Adapter files that don't fit are in test_adapter_file.py."""
+import pytest
+import torch
+from torch import nn
+
+import peft_ops
+from test_inject import _assert_unchanged, _snapshot
+from utils import TinyModel
+
+
+def _linear(n=48, k=40, dtype=torch.float32):
+    return nn.Linear(k, n, dtype=dtype)
+
+
+def _adapted_q(model):
+    peft_ops.inject(model, "lora", 4, target_modules=["q_proj"])
+    return model
+
+
+# (id, setup(model) -> model or None, action(model), exception, message)
+CASES = [
+    # constructor arguments
+    ("rank-zero", None, lambda m: peft_ops.LoRALinear(_linear(), 0), ValueError,
+     r"lora: rank=0; expected an integer from 1 to min\(in_features, out_features\) = 40 for this 48×40 weight"),
+    ("rank-negative", None, lambda m: peft_ops.TLoRALinear(_linear(), -2), ValueError, r"tlora: rank=-2; expected an integer"),
+    ("rank-float", None, lambda m: peft_ops.LoRAXSLinear(_linear(), 2.5), ValueError, r"loraxs: rank=2.5; expected an integer"),
+    ("rank-bool", None, lambda m: peft_ops.LoRALinear(_linear(), True), ValueError, r"rank=True; expected an integer"),
+    ("rank-above-weight", None, lambda m: peft_ops.LoRALinear(_linear(), 41), ValueError,
+     r"rank=41; expected an integer from 1 to min\(in_features, out_features\) = 40"),
+    ("alpha-nan", None, lambda m: peft_ops.LoRALinear(_linear(), 4, alpha=float("nan")), ValueError,
+     r"alpha=nan; expected a finite number or None"),
+    ("alpha-string", None, lambda m: peft_ops.LoRALinear(_linear(), 4, alpha="16"), ValueError, r"alpha='16'; expected"),
+    ("dropout-one", None, lambda m: peft_ops.LoRALinear(_linear(), 4, dropout=1.0), ValueError,
+     r"dropout=1.0; expected a rate in \[0, 1\)"),
+    ("dropout-negative", None, lambda m: peft_ops.LoRALinear(_linear(), 4, dropout=-0.1), ValueError, r"dropout=-0.1; expected"),
+    ("seed-negative", None, lambda m: peft_ops.LoRALinear(_linear(), 4, seed=-1), ValueError,
+     r"seed=-1; expected an integer in \[0, 2\*\*63\)"),
+    ("backend-unknown", None, lambda m: peft_ops.LoRALinear(_linear(), 4, backend="cuda"), ValueError,
+     r"backend='cuda' is not known; expected one of 'auto', 'triton', 'reference'"),
+    ("base-not-linear", None, lambda m: peft_ops.LoRAXSLinear(nn.Conv2d(3, 3, 1), 1), TypeError,
+     r"base_layer: expected a torch.nn.Linear or a transformers Conv1D, got Conv2d"),
+    ("symlora-non-square", None, lambda m: peft_ops.SymLoRALinear(_linear(), 4), ValueError,
+     r"symlora: the target weight is 48×40 \(out_features×in_features\), but SymLoRA's Q·diag\(λ\)·Qᵀ is defined "
+     r"for square weights. Pass allow_non_square=True"),
+    ("option-unknown", None, lambda m: peft_ops.LoRAXSLinear(_linear(), 4, rnak=3), TypeError,
+     r"loraxs: unknown option\(s\) 'rnak'; options this method takes: svd, svd_seed"),
+    ("option-for-another-method", None, lambda m: peft_ops.LoRALinear(_linear(), 4, svd="exact"), TypeError,
+     r"lora: unknown option\(s\) 'svd'; options this method takes: none"),
+    ("option-value", None, lambda m: peft_ops.LoRAXSLinear(_linear(), 4, svd="fast"), ValueError,
+     r"loraxs: option svd='fast'; expected 'randomized' or 'exact'"),
+    ("method-unknown", None, lambda m: peft_ops.get_method("dora"), ValueError,
+     r"method='dora' is not known; expected one of 'lora', 'symlora', 'loraxs', 'tlora'"),
+    # inputs
+    ("input-last-dim", None, lambda m: peft_ops.TLoRALinear(_linear(), 4)(torch.randn(3, 41)), ValueError,
+     r"input: shape \(3, 41\); expected a last dimension of in_features=40"),
+    ("input-dtype", None, lambda m: peft_ops.TLoRALinear(_linear(), 4)(torch.randn(3, 40, dtype=torch.float64)), TypeError,
+     r"input dtype torch.float64 differs from the base weight's torch.float32; cast one of them"),
+    ("input-device", None, lambda m: peft_ops.TLoRALinear(_linear(), 4)(torch.randn(3, 40, device="meta")), RuntimeError,
+     r"input is on meta but the layer's weights are on cpu"),
+    ("triton-float64", None,
+     lambda m: peft_ops.LoRALinear(_linear(dtype=torch.float64), 2, backend="triton")(torch.randn(2, 40, dtype=torch.float64)),
+     TypeError, r"backend='triton': input dtype is torch.float64; the fused kernels take float32, float16 or bfloat16"),
+    ("triton-rank-limit", None,
+     lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton")(torch.randn(2, 270)), ValueError,
+     r"rank=257: the fused kernels take ranks from 1 to 256; use backend='reference'"),
+    ("trainable-base-weight", None, lambda m: _forward_with_trainable_base(), RuntimeError,
+     r"do not compute the base weight's gradient; freeze it"),
+    # inject
+    ("inject-method-unknown", None, lambda m: peft_ops.inject(m, "xs", 4, target_modules=["q_proj"]), ValueError,
+     r"method='xs' is not known"),
+    ("inject-option-unknown", None, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"], svd_mode="exact"),
+     TypeError, r"loraxs: unknown option\(s\) 'svd_mode'"),
+    ("inject-nothing-matched", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["query"]), ValueError,
+     r"target_modules=\['query'\] matched no module; the linear layers of this model are: blocks.0.q_proj, .*lm_head"),
+    ("inject-twice", _adapted_q, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj' already has a lora adapter; peft_ops.unload\(model\) first"),
+    ("inject-twice-all-linear", _adapted_q, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules="all-linear"),
+     ValueError, r"module 'blocks.0.q_proj' already has a lora adapter"),
+    ("inject-targets-empty", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules=[]), TypeError,
+     r"target_modules=\[\]; expected a non-empty list of module-name suffixes, a regular expression string, or 'all-linear'"),
+    ("inject-targets-none", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules=None), TypeError, r"target_modules=None; expected"),
+    ("inject-targets-not-str", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules=[3]), TypeError, r"target_modules=\[3\]; expected"),
+    ("inject-bad-regex", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules="blocks.("), ValueError,
+     r"target_modules='blocks.\(' is not a valid regular expression"),
+    ("inject-non-linear", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["mlp"]), TypeError,
+     r"matched 'blocks.0.mlp', a Sequential; only nn.Linear and Conv1D layers can be adapted"),
+    ("inject-rank-too-big-midway", None, lambda m: peft_ops.inject(m, "lora", 20, target_modules=["q_proj", "k_proj"]),
+     ValueError, r"module 'blocks.0.k_proj': lora: rank=20; expected an integer from 1 to .* = 16"),
+    ("inject-symlora-non-square-midway", None, lambda m: peft_ops.inject(m, "symlora", 4, target_modules=["q_proj", "k_proj"]),
+     ValueError, r"module 'blocks.0.k_proj': symlora: the target weight is 16×32"),
+    ("save-without-adapters", None, lambda m: peft_ops.save_adapter(m, "/nonexistent/a.safetensors"), ValueError,
+     r"model has no peft-ops adapter layers to save"),
+]
+
+
+def _forward_with_trainable_base():
+    layer = peft_ops.LoRALinear(_linear(), 4)
+    layer.base_layer.weight.requires_grad_(True)
+    return layer(torch.randn(2, 40))
+
+
+@pytest.mark.parametrize("setup, action, error, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(setup, action, error, message):
+    model = TinyModel(1)
+    if setup:
+        setup(model)
+    before = _snapshot(model)
+    with pytest.raises(error, match=message):
+        action(model)
+    _assert_unchanged(model, before)
