@@ -66,7 +66,10 @@ def lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout
     if dropout_p and dropout_site == "output":
         low_rank = torch.where(dropout_mask(seed, *low_rank.shape, dropout_p, a.device),
                                low_rank / (1.0 - dropout_p), 0.0)
-    out = (F.linear(a, weight, bias).to(t.dtype) + low_rank).to(a.dtype)
+    # like the kernels: accumulate in float32 and round once (a float16 base rounded on its own could
+    # overflow where the full sum does not)
+    acc = t.dtype
+    out = (F.linear(a.to(acc), weight.to(acc), None if bias is None else bias.to(acc)) + low_rank).to(a.dtype)
     return out, (t if store_t else None)
 
 

@@ -1,0 +1,64 @@
+"""Non-finite numbers: NaN and Inf in the input propagate as in the reference (never a crash), and
+float16 outputs that overflow do what the exact result rounded to float16 does."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import peft_ops
+from utils import DEVICE, method_options, randomize_adapters
+
+BACKENDS = ["reference", "triton"]
+# the interpreter's numpy warns when it computes with the NaN and Inf these tests feed it on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+
+def _layer(method, backend, dtype=torch.float32, n=48, k=40):
+    layer = peft_ops.LAYER_CLASSES[method](nn.Linear(k, n).to(DEVICE, dtype), 4, alpha=6.0, backend=backend,
+                                           **method_options(method))
+    randomize_adapters(layer, 0.3)
+    return layer
+
+
+def _exact(layer, x):
+    ref = copy.deepcopy(layer).double()
+    ref.backend = "reference"
+    return ref(x.double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", list(peft_ops.METHODS))
+def test_nan_and_inf_propagate_like_the_reference(backend, method):
+    layer = _layer(method, backend)
+    x = torch.randn(9, 40, device=DEVICE)
+    x[2, 5] = float("nan")
+    x[4, 7] = float("inf")
+    x[6, 1] = -float("inf")
+    x.requires_grad_()
+    y = layer(x)
+    expected = _exact(layer, x.detach())
+    assert torch.equal(torch.isfinite(y), torch.isfinite(expected))
+    assert not torch.isfinite(y[[2, 4, 6]]).any() and torch.isfinite(y[[0, 1, 3, 5, 7, 8]]).all()
+    finite = torch.isfinite(expected)
+    assert torch.allclose(y[finite].double(), expected[finite], rtol=1e-4, atol=1e-4)
+    y.sum().backward()  # gradients of the rows that stayed finite are untouched by the others
+    assert torch.isfinite(x.grad[[0, 1, 3, 5, 7, 8]]).all() or method == "lora"  # LoRA's dD mixes every row
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ["loraxs", "tlora"])
+def test_float16_overflow_matches_the_exact_result(backend, method):
+    layer = _layer(method, backend, torch.float16)
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(10)
+    x = torch.randn(16, 40, device=DEVICE, dtype=torch.float16) * 0.05
+    x[8:] = 6e4 * torch.sign(torch.randn(8, 40, device=DEVICE))  # finite inputs whose outputs exceed 65504
+    y = layer(x)
+    exact = _exact(layer, x)
+    overflow, fits = exact.abs() > 65520, exact.abs() < 6e4  # between the two, rounding decides
+    assert overflow.sum() > 100 and fits[:8].all()
+    assert torch.isinf(y[overflow]).all()
+    assert torch.equal(torch.sign(y[overflow]).double(), torch.sign(exact[overflow]))
+    assert torch.isfinite(y[fits]).all()
+    assert torch.allclose(y[:8].double(), exact[:8], rtol=5e-3, atol=5e-3)

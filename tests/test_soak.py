@@ -1,0 +1,56 @@
+"""Training for many steps leaks nothing: no growth in live tensors (CPU, short) or in allocated GPU
+memory (a few thousand steps, GPU only)."""
+import gc
+
+import pytest
+import torch
+
+import peft_ops
+from utils import DEVICE, ON_GPU, TinyModel
+
+
+def _training_loop(backend, dropout):
+    model = TinyModel(2).to(DEVICE)
+    for targets, method in ((["q_proj"], "lora"), (["k_proj"], "tlora"), (["v_proj"], "loraxs"),
+                            (["o_proj"], "symlora")):
+        peft_ops.inject(model, method, 4, target_modules=targets, dropout=dropout, backend=backend,
+                        **({"allow_non_square": True} if method == "symlora" else {}))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(64, 32, device=DEVICE)
+
+    def step():
+        loss = model(x).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _live_tensors():
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+
+@pytest.mark.parametrize("backend, steps", [("reference", 100), ("triton", 6)])
+def test_no_tensors_leak(backend, steps):
+    step = _training_loop(backend, dropout=0.1)
+    for _ in range(3):  # optimizer state appears on the first step
+        step()
+    before = _live_tensors()
+    for _ in range(steps):
+        step()
+    assert _live_tensors() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_memory_is_flat_over_thousands_of_steps():
+    step = _training_loop("triton", dropout=0.1)
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    for _ in range(3000):
+        step()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
