@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 for stage in $STAGES; do
   case $stage in
-    tests) timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -ra -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    tests) timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -ra -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m bench --quick --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -30 ;;
     sweep) timeout "${SWEEP_TIMEOUT:-540}" python3 -m bench --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
     *) echo "unknown stage $stage" ;;
