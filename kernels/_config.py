@@ -19,10 +19,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 AUTOTUNE = not INTERPRET and os.environ.get("PEFT_OPS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def autotuned(kernel, configs, key):
-    """``kernel`` autotuned over ``configs``, or None where the launchers pass one config instead:
-    under the interpreter (autotuning has no driver to time with) or with autotuning switched off."""
-    return triton.autotune(configs=configs, key=key)(kernel) if AUTOTUNE else None
+def autotuned(kernel, configs, key, prune):
+    """``kernel`` autotuned over the ``configs`` that ``prune(configs, named_args, **meta)`` keeps, or
+    None where the launchers pass one config instead: under the interpreter (autotuning has no driver
+    to time with) or with autotuning switched off."""
+    if not AUTOTUNE:
+        return None
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -23,14 +23,14 @@ from ._config import INTERPRET, autotuned, dot_precision, rank_block, seed_arg, 
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_CONFIGS", "DECODE_GEMM_CONFIGS",
-           "SHRINK_CONFIGS"]
+           "SHRINK_CONFIGS", "SHARED_MEMORY", "shared_memory_bytes", "fitting_configs"]
 
 MAX_RANK = 256
 _LOOP_SHRINK_MAX_M = 64  # heuristic until measured on a GPU: at most this many rows, shrink in the K-loop
 _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R float32 registers
 
-# dropout placement (constexpr)
-NO_DROPOUT, DROP_INPUT, DROP_OUTPUT = 0, 1, 2
+# where dropout applies; tl.constexpr because compiled kernels may only read constexpr globals
+NO_DROPOUT, DROP_INPUT, DROP_OUTPUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -143,38 +143,78 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
 
 
-def _hopper_gemm_configs():
-    """Large tiles for M > 16; a decode family (BLOCK_M = 16, narrow N-blocks for more programs)."""
-    big = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
-           (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 256, 32, 4, 8)]
-    small = [(16, bn, bk, s, w) for bn in (32, 64, 128) for bk in (128, 256) for s in (3, 4, 5) for w in (4,)]
-    as_configs = lambda rows: [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                                             num_stages=s, num_warps=w) for m, n, k, s, w in rows]
-    return as_configs(big), as_configs(small)
+def _configs(rows, names):
+    return [triton.Config(dict(zip(names, row[:-2])), num_stages=row[-2], num_warps=row[-1]) for row in rows]
 
 
-def _hopper_shrink_configs():
-    return [triton.Config({"BLOCK_M": m, "BLOCK_K": k}, num_stages=s, num_warps=w)
-            for m in (16, 32, 64) for k in (64, 128) for s, w in ((3, 4), (4, 4))]
+_GEMM_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
+# Hopper autotune candidates (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps); the decode family has
+# BLOCK_M = 16 and narrow N-blocks, for more programs reading W when M ≤ 16. Pruned per launch to the
+# ones whose shared memory fits (see shared_memory_bytes).
+GEMM_CONFIGS = _configs([(128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8),
+                         (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
+                         (64, 64, 64, 8, 4, 4), (128, 256, 32, 8, 4, 8), (64, 64, 32, 8, 3, 4)], _GEMM_NAMES)
+DECODE_GEMM_CONFIGS = _configs([(16, n, k, 8, s, 4) for n in (32, 64, 128) for k in (64, 128, 256) for s in (3, 4)],
+                               _GEMM_NAMES)
+SHRINK_CONFIGS = _configs([(m, k, s, 4) for m in (16, 32, 64) for k in (32, 64, 128) for s in (3, 4)],
+                          ("BLOCK_M", "BLOCK_K"))
+SHARED_MEMORY = 227 * 1024  # bytes of shared memory a Hopper block may use
+
+
+def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_size: int) -> int:
+    """An upper bound on a config's shared memory. ``kind``: "shrink", "gemm" (t from the shrink kernel),
+    "gemm_in_loop" (t computed in the K-loop) or "plain" (no adapter). Each pipeline stage holds its
+    input tiles (and the float32 D tile when t is computed alongside); the epilogue's t and E tiles
+    are float32."""
+    c = config.kwargs
+    bm, bk = c["BLOCK_M"], c["BLOCK_K"]
+    if kind == "shrink":
+        return config.num_stages * (bm * bk * element_size + bk * block_r * 4)
+    bn = c["BLOCK_N"]
+    stage = (bm + bn) * bk * element_size + (bk * block_r * 4 if kind == "gemm_in_loop" else 0)
+    return config.num_stages * stage + (0 if kind == "plain" else (bm + bn) * block_r * 4)
+
+
+def fitting_configs(configs, kind: str, block_r: int, element_size: int) -> list:
+    return [c for c in configs if shared_memory_bytes(c, kind, block_r, element_size) <= SHARED_MEMORY]
+
+
+def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
+    return "plain" if not has_low_rank else "gemm_in_loop" if shrink_in_loop else "gemm"
+
+
+def _prune_gemm(configs, named_args, **meta):
+    kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
+    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size())
+
+
+def _prune_shrink(configs, named_args, **meta):
+    return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size())
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
-GEMM_CONFIGS, DECODE_GEMM_CONFIGS = _hopper_gemm_configs()
-SHRINK_CONFIGS = _hopper_shrink_configs()
-_gemm_large = autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY)
-_gemm_small = autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY)
-_shrink_tuned = autotuned(_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"])
-# One config each where nothing is autotuned. Under the interpreter, big tiles keep the number of
-# (slow, Python-level) programs low; on a GPU, configs that fit Hopper's shared memory comfortably.
+_gemm_large = autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY, _prune_gemm)
+_gemm_small = autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm)
+_shrink_tuned = autotuned(_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"], _prune_shrink)
+
+# Where nothing is autotuned: the first config of each list that fits. Under the interpreter, big tiles
+# keep the number of (slow, Python-level) programs low and nothing limits shared memory.
 if INTERPRET:
-    _DEFAULT_GEMM = _DEFAULT_DECODE_GEMM = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4})
-    _DEFAULT_SHRINK = triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})
+    _PREFERRED_GEMM = _PREFERRED_DECODE_GEMM = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64,
+                                                               "GROUP_M": 4})]
+    _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})]
 else:
-    _DEFAULT_GEMM = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8},
-                                  num_stages=3, num_warps=8)
-    _DEFAULT_DECODE_GEMM = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8},
-                                         num_stages=4, num_warps=4)
-    _DEFAULT_SHRINK = triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4)
+    _PREFERRED_GEMM = _configs([(128, 128, 64, 8, 3, 8), (64, 128, 64, 8, 3, 4), (64, 64, 32, 8, 3, 4)], _GEMM_NAMES)
+    _PREFERRED_DECODE_GEMM = _configs([(16, 64, 128, 8, 4, 4), (16, 64, 64, 8, 3, 4), (16, 32, 64, 8, 3, 4)],
+                                      _GEMM_NAMES)
+    _PREFERRED_SHRINK = _configs([(32, 128, 3, 4), (32, 64, 3, 4), (16, 32, 3, 4)], ("BLOCK_M", "BLOCK_K"))
+
+
+def default_config(preferred, kind: str, block_r: int, element_size: int) -> triton.Config:
+    """The first preferred config whose shared memory fits (the interpreter's has no limit)."""
+    if INTERPRET:
+        return preferred[0]
+    return fitting_configs(preferred, kind, block_r, element_size)[0]
 
 
 def _m_bucket(m: int) -> int:
@@ -189,11 +229,11 @@ def _check_rank(rank: int) -> None:
 
 def _run(kernel, tuned, grid, args, meta, config, default):
     """Launch ``kernel`` with ``config`` when one is given, else autotuned (``tuned``) where autotuning
-    is on, else with the ``default`` config."""
+    is on, else with ``default()``."""
     if config is None and tuned is not None:
         wrap_triton(tuned)[grid](*args, **meta)
         return
-    config = config or default
+    config = config or default()
     wrap_triton(kernel)[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
 
@@ -213,7 +253,7 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=
     meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=rank_block(rank))
     _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta, config,
-         _DEFAULT_SHRINK)
+         lambda: default_config(_PREFERRED_SHRINK, "shrink", meta["BLOCK_R"], a.element_size()))
     return t
 
 
@@ -230,9 +270,11 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
                 DROPOUT=dropout, STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=block_r)
     decode = m <= 16
+    kind = _gemm_kind(has_low_rank, shrink_in_loop)
     _run(_lowrank_linear_kernel, _gemm_small if decode else _gemm_large,
          lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),), args, meta, config,
-         _DEFAULT_DECODE_GEMM if decode else _DEFAULT_GEMM)
+         lambda: default_config(_PREFERRED_DECODE_GEMM if decode else _PREFERRED_GEMM, kind, block_r,
+                                a.element_size()))
 
 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
@@ -256,11 +298,11 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     block_r = rank_block(rank)
     if shrink_in_loop is None:
         shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
-    dropout = NO_DROPOUT if dropout_p == 0 else DROP_INPUT if dropout_site == "input" else DROP_OUTPUT
+    dropout = (NO_DROPOUT if dropout_p == 0 else DROP_INPUT if dropout_site == "input" else DROP_OUTPUT).value
     if shrink_in_loop:
         t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
     else:
-        t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT else 0.0, seed=seed)
+        t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT.value else 0.0, seed=seed)
     _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
                  shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r, config=config)
     return out, (t if store_t else None)
@@ -273,5 +315,5 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
     if m:
         _launch_gemm(a, weight, bias, out, out, out, out, 1.0, None, 0.0, has_low_rank=False, shrink_in_loop=False,
-                     dropout=NO_DROPOUT, store_t=False, block_r=16, config=config)
+                     dropout=NO_DROPOUT.value, store_t=False, block_r=16, config=config)
     return out

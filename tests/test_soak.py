@@ -31,15 +31,17 @@ def _live_tensors():
     return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
 
 
-@pytest.mark.parametrize("backend, steps", [("reference", 100), ("triton", 6)])
+@pytest.mark.parametrize("backend, steps", [("reference", 60), ("triton", 6)])
 def test_no_tensors_leak(backend, steps):
+    """Live tensors after two equal windows of steps: a leak of even one tensor a step grows the count
+    by ``steps`` in each window; tensors other tests left to the collector do not recur."""
     step = _training_loop(backend, dropout=0.1)
-    for _ in range(3):  # optimizer state appears on the first step
-        step()
-    before = _live_tensors()
-    for _ in range(steps):
-        step()
-    assert _live_tensors() == before
+    counts = []
+    for _ in range(3):  # the first window also creates the optimizer state
+        for _ in range(steps):
+            step()
+        counts.append(_live_tensors())
+    assert counts[2] - counts[1] < steps // 2, counts
 
 
 @pytest.mark.gpu

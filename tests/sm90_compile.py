@@ -1,0 +1,134 @@
+"""Compile kernel variants ahead of time for a Hopper GPU (sm_90) on a machine without one.
+
+Triton's own compiler (frontend, MLIR passes, LLVM, ptxas) runs on the CPU given an explicit target,
+so what the interpreter forgives — non-constexpr globals, dot shapes, type mismatches, shared memory
+beyond the chip's 227 KiB per block — fails here as it would on the GPU. It cannot catch what only
+running shows (wrong results, illegal accesses, register spills); the GPU session does that.
+
+Run by tests/test_sm90_compile.py in a subprocess without TRITON_INTERPRET:
+``python tests/sm90_compile.py paths|configs GROUP GROUPS`` prints a JSON line per variant of the group.
+"""
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from peft_ops.kernels import dropout, fused_linear, reductions  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes a Hopper block may use
+TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=None):
+    """Signature of ``kernel``: data pointers of ``dtype`` unless ``pointers`` says otherwise, float
+    scalars for scale/drop_scale, i32 integers (i64 for the names in ``large``); pointers 16-byte
+    aligned, as torch allocates. ``estimate``: our bound on its shared memory, to check."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs or name in config.kwargs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, "*" + TYPE[dtype])
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("scale", "drop_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i64" if name in large else "i32"
+    return dict(kernel=kernel.__name__, config=dict(config.kwargs), warps=config.num_warps, stages=config.num_stages,
+                dtype=dtype, constexprs=constexprs, signature=sig, attrs={str(k[0]): v for k, v in attrs.items()},
+                estimate=estimate)
+
+
+def variants(which: str):
+    """``which``: "paths" (every code path in float32 and bfloat16 and two in float16, with the configs
+    the launchers pick without autotuning) or "configs" (every autotune config that survives pruning)."""
+    fl = fused_linear
+    gemm, shrink, reduce = fl._lowrank_linear_kernel, fl._shrink_kernel, reductions._rank_reduce_kernel
+    fp32 = {"down_ptr": "*fp32", "expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}
+    base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, DROPOUT=0, STORE_T=True, UPCAST=False,
+                PRECISION="tf32", BLOCK_R=16)
+
+    def gemm_variant(config, dtype, **flags):
+        c = dict(base, **flags)
+        kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
+        size = 4 if dtype == "float32" else 2
+        return _variant(gemm, config, dtype, fp32, c, estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size))
+
+    def shrink_variant(config, dtype, block_r, drop):
+        size = 4 if dtype == "float32" else 2
+        return _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION="tf32",
+                                                          BLOCK_R=block_r),
+                        estimate=fl.shared_memory_bytes(config, "shrink", block_r, size))
+
+    out = []
+    if which == "configs":
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm_in_loop", 64, 2):
+            out.append(gemm_variant(config, "bfloat16", SHRINK_IN_LOOP=True, DROPOUT=1, BLOCK_R=64))
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 2):
+            out.append(gemm_variant(config, "bfloat16", DROPOUT=2, BLOCK_R=256))
+        for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2):
+            out.append(gemm_variant(config, "bfloat16", SHRINK_IN_LOOP=True, BLOCK_R=64))
+        for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2):
+            out.append(shrink_variant(config, "bfloat16", 256, True))
+        return out
+    for dtype in TYPE:
+        size = 4 if dtype == "float32" else 2
+        precision = "ieee" if dtype == "float32" else "tf32"
+        for in_loop in (False, True):
+            for drop in (0, 1, 2):
+                if dtype == "float16" and drop != (2 if in_loop else 1):
+                    continue  # fp16 compiles as bf16 does: two of its paths suffice
+                preferred = fl._PREFERRED_DECODE_GEMM if in_loop else fl._PREFERRED_GEMM
+                kind = fl._gemm_kind(True, in_loop)
+                out.append(gemm_variant(fl.default_config(preferred, kind, 16, size), dtype, SHRINK_IN_LOOP=in_loop,
+                                        DROPOUT=drop, HAS_BIAS=drop != 1, PRECISION=precision))
+        if dtype == "float16":
+            continue
+        out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "plain", 16, size), dtype, HAS_LOW_RANK=False,
+                                STORE_T=False, PRECISION=precision))
+        for drop in (False, True):
+            out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size), dtype, 64, drop))
+            out.append(_variant(reduce, triton.Config({}), dtype, {"b_ptr": "*fp32", "partial_ptr": "*fp32",
+                                                                   "seed_ptr": "*i64"},
+                                dict(DROPOUT=drop, UPCAST=False, PRECISION="tf32", BLOCK_M=64, BLOCK_P=64,
+                                     BLOCK_R=64)))
+    # int64 sizes, as for tensors past 2³¹ elements; the largest rank without autotuning; dropout masks
+    out.append(gemm_variant(fl._PREFERRED_GEMM[0], "bfloat16", DROPOUT=2))
+    out[-1]["signature"].update({n: "i64" for n in ("M", "stride_am", "stride_tm", "stride_om")})
+    out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 256, 2), "bfloat16", BLOCK_R=256))
+    out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4), "float32", 256, False))
+    out.append(_variant(dropout._dropout_mask_kernel, triton.Config({}), "float32",
+                        {"out_ptr": "*i8", "seed_ptr": "*i64"}, dict(BLOCK_ROWS=32, BLOCK_COLS=64)))
+    return out
+
+
+KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
+                                   reductions._rank_reduce_kernel, dropout._dropout_mask_kernel)}
+
+
+def compile_variant(v) -> dict:
+    kernel = KERNELS[v["kernel"]]
+    source = ASTSource(kernel, v["signature"], constexprs={**v["constexprs"], **v["config"]},
+                       attrs={(int(k),): a for k, a in v["attrs"].items()})
+    try:
+        compiled = triton.compile(source, target=TARGET, options=dict(num_warps=v["warps"], num_stages=v["stages"]))
+    except Exception as e:  # report every failure, not just the first
+        return {"error": f"{type(e).__name__}: {e}"[:3000]}
+    return {"shared": compiled.metadata.shared, "estimate": v["estimate"]}
+
+
+def main(which: str, group: int, groups: int) -> None:
+    for index, v in enumerate(variants(which)):
+        if index % groups == group:
+            label = f"{v['kernel']} {v['dtype']} {v['config']} w{v['warps']}s{v['stages']} {v['constexprs']}"
+            print(json.dumps({"label": label, **compile_variant(v)}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
