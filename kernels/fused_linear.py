@@ -34,6 +34,33 @@ NO_DROPOUT, DROP_INPUT, DROP_OUTPUT = tl.constexpr(0), tl.constexpr(1), tl.const
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, in_rows, in_cols):
+    """A [rows × cols] tile, zero outside the tensor."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=in_rows[:, None] & in_cols[None, :], other=0.0)
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` in float32, ``b`` cast to ``a``'s dtype for a native-rate dot. Under the interpreter
+    the operands go up to float32: it multiplies bf16 dot operands wrongly (triton#11584)."""
+    if UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _shrink_step(t, a, down_ptr, offs_m, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed, drop_threshold,
+                 DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One K-step of ``t += drop(a) D`` for the ``a`` tile at rows ``offs_m``, columns ``offs_k``."""
+    if DROPOUT_INPUT:
+        a = tl.where(keep_mask(seed, offs_m, offs_k, K, drop_threshold), a, 0.0)
+    return _mma(a, _load_tile(down_ptr, offs_k, offs_r, stride_dk, stride_dr, in_k, in_r), t, UPCAST, PRECISION)
+
+
+@triton.jit
 def _lowrank_linear_kernel(
         a_ptr, w_ptr, bias_ptr, down_ptr, expand_ptr, t_ptr, out_ptr,
         M, N, K, R,
@@ -61,6 +88,7 @@ def _lowrank_linear_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     in_m, in_n, in_r = offs_m < M, offs_n < N, offs_r < R
 
+    seed = 0
     if DROPOUT != NO_DROPOUT:
         seed = tl.load(seed_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -68,24 +96,11 @@ def _lowrank_linear_kernel(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                    mask=in_k[:, None] & in_n[None, :], other=0.0)
-        if UPCAST:  # the interpreter multiplies bf16 dot operands wrongly (triton#11584)
-            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        if HAS_LOW_RANK and SHRINK_IN_LOOP:
-            d = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr,
-                        mask=in_k[:, None] & in_r[None, :], other=0.0)
-            a_in = a
-            if DROPOUT == DROP_INPUT:
-                a_in = tl.where(keep_mask(seed, offs_m, offs_k, K, drop_threshold), a, 0.0)
-            if UPCAST:
-                t = tl.dot(a_in.to(tl.float32), d.to(tl.float32), t, input_precision=PRECISION)
-            else:
-                t = tl.dot(a_in, d.to(a.dtype), t, input_precision=PRECISION)
+        a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
+        acc = _mma(a, _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, in_k, in_n), acc, UPCAST, PRECISION)
+        if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
+            t = _shrink_step(t, a, down_ptr, offs_m, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
+                             drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
 
     if HAS_LOW_RANK:
         if SHRINK_IN_LOOP:
@@ -122,22 +137,16 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     in_m, in_r = offs_m < M, offs_r < R
+    seed = 0
     if DROPOUT_INPUT:
         seed = tl.load(seed_ptr)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         in_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)
-        if DROPOUT_INPUT:
-            a = tl.where(keep_mask(seed, offs_m, offs_k, K, drop_threshold), a, 0.0)
-        d = tl.load(down_ptr + offs_k[:, None] * stride_dk + offs_r[None, :] * stride_dr,
-                    mask=in_k[:, None] & in_r[None, :], other=0.0)
-        if UPCAST:
-            t = tl.dot(a.to(tl.float32), d.to(tl.float32), t, input_precision=PRECISION)
-        else:
-            t = tl.dot(a, d.to(a.dtype), t, input_precision=PRECISION)
+        a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
+        t = _shrink_step(t, a, down_ptr, offs_m, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
+                         drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
     if DROPOUT_INPUT:
         t = t * drop_scale
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
