@@ -177,3 +177,16 @@ def test_plain_gemm_without_adapter(dtype, m):
     expected = torch.nn.functional.linear(a.double(), w.double(), bias.double())
     assert rel_error(kernels.linear(a, w, bias), expected) < TOLERANCE[dtype]
     assert rel_error(kernels.linear(a, w), expected - bias.double()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("seed, rows, cols, p", [(0, 5, 7, 0.5), (123, 64, 96, 0.3), (2**31 - 2, 33, 129, 0.9)])
+def test_kernel_masks_equal_the_pytorch_twin(seed, rows, cols, p):
+    """The Triton kernels and reference_kernels draw the same Philox masks (so both backends drop the
+    same elements, on any Triton version the kernels compile with)."""
+    from peft_ops import reference_kernels
+
+    assert torch.equal(kernels.dropout_mask(seed, rows, cols, p, DEVICE),
+                       reference_kernels.dropout_mask(seed, rows, cols, p, DEVICE))
+    far = 2**32 // 2**20 + 3  # a row whose offsets pass 2³²
+    offsets = torch.arange(256, device=DEVICE, dtype=torch.int64) + far * 2**20
+    assert torch.equal(_row_mask(seed, far, 2**20, 256, p), reference_kernels.keep_mask(seed, offsets, p))

@@ -87,3 +87,41 @@ def test_every_shrink_config_compiles_and_is_right(config):
     x = torch.randn(300, 777, device=DEV, dtype=torch.bfloat16)
     down = torch.randn(777, 64, device=DEV)
     assert rel_error(kernels.shrink(x, down, config=config), x.float() @ down) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("method", ["loraxs", "tlora"])
+def test_frozen_factors_are_the_same_on_cpu_and_gpu(method):
+    """Regenerated frozen factors don't depend on the device (drawn and decomposed on the CPU)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(300, 200)
+    on_cpu = peft_ops.LAYER_CLASSES[method](base, 8, seed=4)
+    on_gpu = peft_ops.LAYER_CLASSES[method](base.to(DEV), 8, seed=4)
+    for name, buffer in on_cpu.named_buffers():
+        if not name.startswith("base_layer"):
+            assert torch.equal(buffer, dict(on_gpu.named_buffers())[name].cpu()), name
+
+
+def test_fsdp2_on_the_gpu(tmp_path):
+    """fully_shard on one GPU (nccl) gives the unsharded model's gradients."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from test_distributed import _batch, _grads_and_frozen, _model
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        x, y = (t.to(DEV) for t in _batch())
+        plain = _model().to(DEV)
+        (plain(x) - y).square().mean().backward()
+        expected, _ = _grads_and_frozen(plain)
+        sharded = _model().to(DEV)
+        for block in sharded.blocks:
+            fully_shard(block, mesh=init_device_mesh("cuda", (1,)))
+        fully_shard(sharded)
+        (sharded(x) - y).square().mean().backward()
+        for name, p in sharded.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(p.grad.full_tensor(), expected[name], rtol=1e-4, atol=1e-6), name
+    finally:
+        dist.destroy_process_group()
