@@ -1,9 +1,10 @@
 """Dropout masks regenerated from a seed and the element index, never stored.
 
-Element ``(row, col)`` of a row-major ``n_cols``-wide tensor is kept when the Philox draw for counter
-``row * n_cols + col`` (as two 32-bit words, so indices past 2³² stay distinct on every Triton
-version) is at least ``threshold = round(p · 2³¹)``. The forward, the backward and
-:func:`dropout_mask` all call :func:`keep_mask`, so they agree bit for bit.
+Element ``(row, col)`` of an ``n_cols``-wide tensor is kept when draw ``col mod 4`` of Philox 4x32-10
+at counter ``row · ⌈n_cols / 4⌉ + col // 4`` (as two 32-bit words, so indices past 2³² stay distinct),
+shifted right once, is at least ``threshold = round(p · 2³¹)``. One Philox call gives four elements
+of a row. The forward, the backward, :func:`dropout_mask` and the PyTorch twin
+(``peft_ops.reference_kernels``) all follow this, so they agree bit for bit.
 """
 from __future__ import annotations
 
@@ -21,22 +22,26 @@ def dropout_threshold(p: float) -> int:
 
 
 @triton.jit
-def keep_mask(seed, rows, cols, n_cols, threshold):
-    """Boolean ``[len(rows), len(cols)]`` block: True where the element survives dropout."""
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols.to(tl.int64)[None, :]
-    lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
-    hi = (offsets >> 32).to(tl.uint32)
+def keep_mask(seed, rows, col_start, n_cols, threshold, WIDTH: tl.constexpr):
+    """Boolean ``[len(rows), WIDTH]`` block for columns ``col_start ... col_start + WIDTH - 1`` (``col_start``
+    a multiple of 4): True where the element survives dropout."""
+    groups = (n_cols + 3) // 4
+    counters = rows.to(tl.int64)[:, None] * groups + (col_start // 4 + tl.arange(0, WIDTH // 4)).to(tl.int64)[None, :]
+    lo = (counters & 0xFFFFFFFF).to(tl.uint32)
+    hi = (counters >> 32).to(tl.uint32)
     zero = lo * 0
-    draw, _, _, _ = tl.philox(seed, lo, hi, zero, zero)
-    return (draw >> 1).to(tl.int32) >= threshold
+    r0, r1, r2, r3 = tl.philox(seed, lo, hi, zero, zero)
+    draws = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))  # column 4j + i ← r_i[j]
+    return (draws >> 1).to(tl.int32) >= threshold
 
 
 @triton.jit
 def _dropout_mask_kernel(out_ptr, n_rows, n_cols, seed_ptr, threshold,
                          BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
-    keep = keep_mask(tl.load(seed_ptr), rows, cols, n_cols, threshold)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_COLS
+    cols = col_start + tl.arange(0, BLOCK_COLS)
+    keep = keep_mask(tl.load(seed_ptr), rows, col_start, n_cols, threshold, BLOCK_COLS)
     inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(out_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.int8), mask=inside)
 

@@ -52,19 +52,19 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _shrink_step(t, a, down_ptr, offs_m, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed, drop_threshold,
+def _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed, drop_threshold,
                  DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One K-step of ``t += drop(a) D`` for the ``a`` tile at rows ``offs_m``, columns ``offs_k``."""
+    """One K-step of ``t += drop(a) D`` for the ``a`` tile at rows ``offs_m``, columns ``offs_k`` (from ``k0``)."""
     if DROPOUT_INPUT:
-        a = tl.where(keep_mask(seed, offs_m, offs_k, K, drop_threshold), a, 0.0)
+        a = tl.where(keep_mask(seed, offs_m, k0, K, drop_threshold, a.shape[1]), a, 0.0)
     return _mma(a, _load_tile(down_ptr, offs_k, offs_r, stride_dk, stride_dr, in_k, in_r), t, UPCAST, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _lowrank_linear_kernel(
         a_ptr, w_ptr, bias_ptr, down_ptr, expand_ptr, t_ptr, out_ptr,
         M, N, K, R,
-        stride_am, stride_ak, stride_wn, stride_wk, stride_dk, stride_dr, stride_en, stride_er,
+        stride_am, stride_ak, stride_wn, stride_wk, stride_b, stride_dk, stride_dr, stride_en, stride_er,
         stride_tm, stride_om, stride_on,
         scale, seed_ptr, drop_threshold, drop_scale,
         M_BUCKET,  # autotune key only
@@ -94,12 +94,12 @@ def _lowrank_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K-stride may be large (column-major a)
         in_k = offs_k < K
         a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
         acc = _mma(a, _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, in_k, in_n), acc, UPCAST, PRECISION)
         if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
-            t = _shrink_step(t, a, down_ptr, offs_m, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
+            t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
                              drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
 
     if HAS_LOW_RANK:
@@ -114,19 +114,20 @@ def _lowrank_linear_kernel(
             t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
                         mask=in_m[:, None] & in_r[None, :], other=0.0)
         # epilogue: the rank-r term as one more dot (float32 operands), then bias, then the cast
-        e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
-                    mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
-        low_rank = tl.dot(t, e, input_precision=PRECISION) * scale
+        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
         if DROPOUT == DROP_OUTPUT:
-            low_rank = tl.where(keep_mask(seed, offs_m, offs_n, N, drop_threshold), low_rank * drop_scale, 0.0)
-        acc += low_rank
+            low_rank = tl.dot(t, e, input_precision=PRECISION) * (scale * drop_scale)
+            keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, drop_threshold, BLOCK_N)
+            acc += tl.where(keep, low_rank, 0.0)
+        else:  # straight into acc: a second output-sized float32 tile would spill registers
+            acc = tl.dot(t * scale, e, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_b, mask=in_n, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
                    stride_am, stride_ak, stride_dk, stride_dr, stride_tm,
                    seed_ptr, drop_threshold, drop_scale,
@@ -142,10 +143,10 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
         seed = tl.load(seed_ptr)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         in_k = offs_k < K
         a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
-        t = _shrink_step(t, a, down_ptr, offs_m, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
+        t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
                          drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
     if DROPOUT_INPUT:
         t = t * drop_scale
@@ -173,15 +174,21 @@ SHARED_MEMORY = 227 * 1024  # bytes of shared memory a Hopper block may use
 def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_size: int) -> int:
     """An upper bound on a config's shared memory. ``kind``: "shrink", "gemm" (t from the shrink kernel),
     "gemm_in_loop" (t computed in the K-loop) or "plain" (no adapter). Each pipeline stage holds its
-    input tiles (and the float32 D tile when t is computed alongside); the epilogue's t and E tiles
-    are float32."""
+    input tiles (D too when t is computed alongside, in a's dtype), plus one more a tile for the
+    dropout-masked copy; the epilogue's float32 t and E tiles reuse the pipeline's memory once the
+    K-loop is done. tests/test_sm90_compile.py checks the bound
+    against the compiler's own numbers."""
     c = config.kwargs
     bm, bk = c["BLOCK_M"], c["BLOCK_K"]
+    masked_a = bm * bk * element_size  # a tile rewritten by the dropout mask is staged again for the dot
     if kind == "shrink":
-        return config.num_stages * (bm * bk * element_size + bk * block_r * 4)
+        return config.num_stages * (bm + block_r) * bk * element_size + masked_a
     bn = c["BLOCK_N"]
-    stage = (bm + bn) * bk * element_size + (bk * block_r * 4 if kind == "gemm_in_loop" else 0)
-    return config.num_stages * stage + (0 if kind == "plain" else (bm + bn) * block_r * 4)
+    if kind == "gemm_in_loop":
+        pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size + masked_a
+    else:
+        pipeline = config.num_stages * (bm + bn) * bk * element_size
+    return max(pipeline, 0 if kind == "plain" else (bm + bn) * block_r * 4)
 
 
 def fitting_configs(configs, kind: str, block_r: int, element_size: int) -> list:
@@ -257,6 +264,7 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=
     t = torch.empty(m, rank, device=a.device, dtype=torch.float32)
     if m == 0:
         return t
+    down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
     args = (a, down, t, m, k, rank, a.stride(0), a.stride(1), down.stride(0), down.stride(1), t.stride(0),
             seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
     meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
@@ -271,8 +279,9 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     m, k = a.shape
     n = weight.shape[0]
     args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, down.shape[1],
-            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), down.stride(0), down.stride(1),
-            expand.stride(0), expand.stride(1), t.stride(0), out.stride(0), out.stride(1),
+            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
+            down.stride(0), down.stride(1), expand.stride(0), expand.stride(1), t.stride(0), out.stride(0),
+            out.stride(1),
             float(scale), seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
             _m_bucket(m))
     meta = dict(HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
@@ -305,6 +314,7 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if m == 0:
         return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)
     block_r = rank_block(rank)
+    down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
     if shrink_in_loop is None:
         shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
     dropout = (NO_DROPOUT if dropout_p == 0 else DROP_INPUT if dropout_site == "input" else DROP_OUTPUT).value

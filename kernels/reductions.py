@@ -42,7 +42,7 @@ def _rank_reduce_kernel(a_ptr, b_ptr, partial_ptr, M, P, R, rows_per_chunk,
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_p[None, :] * stride_ap,
                     mask=in_m[:, None] & in_p[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
-            a = tl.where(keep_mask(seed, offs_m, offs_p, P, drop_threshold), a, 0.0)
+            a = tl.where(keep_mask(seed, offs_m, pid_p * BLOCK_P, P, drop_threshold, BLOCK_P), a, 0.0)
         b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_r[None, :] * stride_br,
                     mask=in_m[:, None] & in_r[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)

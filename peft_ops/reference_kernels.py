@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["keep_mask", "dropout_mask", "lowrank_linear", "shrink", "rank_reduce"]
+__all__ = ["dropout_mask", "lowrank_linear", "shrink", "rank_reduce"]
 
 _LOW32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -22,24 +22,33 @@ def _mul_hi_lo(a: int, b: torch.Tensor):
     return (p_hi + (p_lo >> 16)) >> 16, (((p_hi & 0xFFFF) << 16) + p_lo) & _LOW32
 
 
-def keep_mask(seed, offsets: torch.Tensor, p: float) -> torch.Tensor:
-    """The kernels' ``keep_mask``: Philox on counter ``(offset mod 2³², offset >> 32, 0, 0)`` with key
-    ``seed``; kept where the first word, shifted right once, is at least ``round(p · 2³¹)``."""
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=offsets.device)
-    c0, c1 = offsets & _LOW32, offsets >> 32
-    c2 = c3 = torch.zeros_like(offsets)
+def _philox(seed, counters: torch.Tensor):
+    """Philox 4x32-10 on counters ``(counter mod 2³², counter >> 32, 0, 0)`` with key ``seed``: 4 words."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=counters.device)
+    c0, c1 = counters & _LOW32, counters >> 32
+    c2 = c3 = torch.zeros_like(counters)
     k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _LOW32, (k1 + _KEY_B) & _LOW32
-    return (c0 >> 1) >= int(round(p * 2**31))
+    return c0, c1, c2, c3
 
 
-def dropout_mask(seed, n_rows: int, n_cols: int, p: float, device) -> torch.Tensor:
-    offsets = torch.arange(n_rows * n_cols, device=device, dtype=torch.int64).view(n_rows, n_cols)
-    return keep_mask(seed, offsets, p)
+def dropout_mask(seed, n_rows: int, n_cols: int, p: float, device, first_row: int = 0) -> torch.Tensor:
+    """The kernels' keep-mask (bool) for rows ``first_row ... first_row + n_rows - 1`` of an
+    ``n_cols``-wide tensor: draw ``col mod 4`` of Philox at counter ``row · ⌈n_cols / 4⌉ + col // 4``,
+    shifted right once, at least ``round(p · 2³¹)``. Built a block of rows at a time to bound memory."""
+    groups = (n_cols + 3) // 4
+    threshold = int(round(p * 2**31))
+    blocks = []
+    for start in range(first_row, first_row + n_rows, max(1, 2**22 // max(groups, 1))):
+        rows = torch.arange(start, min(start + max(1, 2**22 // max(groups, 1)), first_row + n_rows), device=device)
+        counters = rows[:, None] * groups + torch.arange(groups, device=device)[None, :]
+        draws = torch.stack(_philox(seed, counters), dim=-1).reshape(len(rows), 4 * groups)[:, :n_cols]
+        blocks.append((draws >> 1) >= threshold)
+    return torch.cat(blocks) if blocks else torch.zeros(0, n_cols, dtype=torch.bool, device=device)
 
 
 def _dropped(a: torch.Tensor, p: float, seed) -> torch.Tensor:

@@ -25,11 +25,14 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # bytes a Hopper block may use
 TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=None):
+def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=None, unit=(), aligned=()):
     """Signature of ``kernel``: data pointers of ``dtype`` unless ``pointers`` says otherwise, float
     scalars for scale/drop_scale, i32 integers (i64 for the names in ``large``); pointers 16-byte
-    aligned, as torch allocates. ``estimate``: our bound on its shared memory, to check."""
+    aligned, as torch allocates. Like a real launch, the integers named in ``unit`` are specialised to
+    the constant 1 and those in ``aligned`` marked divisible by 16. ``estimate``: our bound on its
+    shared memory, to check."""
     sig, attrs = {}, {}
+    constexprs = {**constexprs, **{name: 1 for name in unit}}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs or name in config.kwargs:
             sig[name] = "constexpr"
@@ -40,6 +43,8 @@ def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=Non
             sig[name] = "fp32"
         else:
             sig[name] = "i64" if name in large else "i32"
+            if name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return dict(kernel=kernel.__name__, config=dict(config.kwargs), warps=config.num_warps, stages=config.num_stages,
                 dtype=dtype, constexprs=constexprs, signature=sig, attrs={str(k[0]): v for k, v in attrs.items()},
                 estimate=estimate)
@@ -50,15 +55,23 @@ def variants(which: str):
     the launchers pick without autotuning) or "configs" (every autotune config that survives pruning)."""
     fl = fused_linear
     gemm, shrink, reduce = fl._lowrank_linear_kernel, fl._shrink_kernel, reductions._rank_reduce_kernel
-    fp32 = {"down_ptr": "*fp32", "expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}
+    fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
     base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, DROPOUT=0, STORE_T=True, UPCAST=False,
                 PRECISION="tf32", BLOCK_R=16)
 
-    def gemm_variant(config, dtype, **flags):
+    def gemm_variant(config, dtype, layout=None, **flags):
+        """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
+        "backward" (contiguous g; W transposed)."""
         c = dict(base, **flags)
         kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
         size = 4 if dtype == "float32" else 2
-        return _variant(gemm, config, dtype, fp32, c, estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size))
+        unit, aligned = {None: ((), ()),
+                         "forward": (("stride_ak", "stride_wk", "stride_dk", "stride_er", "stride_on", "stride_b"),
+                                     ("K", "N", "stride_am", "stride_wn", "stride_dr", "stride_om")),
+                         "backward": (("stride_ak", "stride_wn", "stride_dr", "stride_er", "stride_on"),
+                                      ("K", "N", "stride_am", "stride_wk", "stride_dk", "stride_om"))}[layout]
+        return _variant(gemm, config, dtype, fp32, c, unit=unit, aligned=aligned,
+                        estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size))
 
     def shrink_variant(config, dtype, block_r, drop):
         size = 4 if dtype == "float32" else 2
@@ -69,11 +82,13 @@ def variants(which: str):
     out = []
     if which == "configs":
         for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm_in_loop", 64, 2):
-            out.append(gemm_variant(config, "bfloat16", SHRINK_IN_LOOP=True, DROPOUT=1, BLOCK_R=64))
+            out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, DROPOUT=1, BLOCK_R=64))
         for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 2):
-            out.append(gemm_variant(config, "bfloat16", DROPOUT=2, BLOCK_R=256))
+            out.append(gemm_variant(config, "bfloat16", "forward", DROPOUT=2, BLOCK_R=256))
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 16, 2):
+            out.append(gemm_variant(config, "bfloat16", "backward", BLOCK_R=16))
         for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2):
-            out.append(gemm_variant(config, "bfloat16", SHRINK_IN_LOOP=True, BLOCK_R=64))
+            out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, BLOCK_R=64))
         for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2):
             out.append(shrink_variant(config, "bfloat16", 256, True))
         return out
@@ -88,6 +103,9 @@ def variants(which: str):
                 kind = fl._gemm_kind(True, in_loop)
                 out.append(gemm_variant(fl.default_config(preferred, kind, 16, size), dtype, SHRINK_IN_LOOP=in_loop,
                                         DROPOUT=drop, HAS_BIAS=drop != 1, PRECISION=precision))
+        for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
+            out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, size), dtype, layout,
+                                    DROPOUT=1 if layout == "forward" else 2, PRECISION=precision))
         if dtype == "float16":
             continue
         out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "plain", 16, size), dtype, HAS_LOW_RANK=False,

@@ -1,7 +1,5 @@
 """The fused forward against the float64 reference: every method, dtype and awkward shape, outputs
 NaN-poisoned before each launch (the ``poisoned`` fixture), dropout reproduced from the kernel's mask."""
-import copy
-
 import pytest
 import torch
 import triton
@@ -9,24 +7,22 @@ import triton.language as tl
 from torch import nn
 
 import peft_ops
-from peft_ops import kernels, reference
+from peft_ops import kernels, reference, reference_kernels
 from peft_ops.kernels.dropout import dropout_threshold, keep_mask
-from utils import DEVICE, DTYPES, TOLERANCE, method_options, randomize_adapters, rel_error
+from utils import DEVICE, DTYPES, TOLERANCE, method_options, oracle_twin, randomize_adapters, rel_error
 
 METHODS = list(peft_ops.METHODS)
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def make_pair(method, n, k, rank, dtype, adapter_scale=0.5, **kw):
-    """A triton-backed layer with random adapter values and its float64 reference twin. alpha ≠ rank,
+    """A triton-backed layer with random adapter values and its float64 oracle twin. alpha ≠ rank,
     so the scale s = alpha / rank is not 1 and a missing factor of s shows."""
     base = nn.Linear(k, n).to(DEVICE, dtype)
     layer = peft_ops.LAYER_CLASSES[method](base, rank, alpha=1.5 * rank, backend="triton",
                                            **method_options(method), **kw)
     randomize_adapters(layer, adapter_scale)
-    ref = copy.deepcopy(layer).double()
-    ref.backend = "reference"
-    return layer, ref
+    return layer, oracle_twin(layer)
 
 
 def check_forward(layer, ref, x):
@@ -66,12 +62,19 @@ def test_ranks(method, rank, n, k):
     check_forward(layer, ref, torch.randn(37, k, device=DEVICE, dtype=torch.bfloat16))
 
 
-def test_rank_beyond_the_kernels_is_a_clear_error():
-    layer, ref = make_pair("loraxs", 300, 270, 257, torch.float32)
-    x = torch.randn(4, 270, device=DEVICE)
-    with pytest.raises(ValueError, match=r"rank=257: the fused kernels take ranks from 1 to 256"):
-        layer(x)
-    ref(x.double())  # the reference has no such limit
+def test_rank_beyond_the_kernels_runs_on_the_reference():
+    """Ranks above the kernels' 256: backend='triton' is refused (test_errors.py), 'auto' runs the reference."""
+    layer = peft_ops.LoRAXSLinear(nn.Linear(270, 300).to(DEVICE), 257, alpha=257.0 * 3)
+    randomize_adapters(layer, 1.0)
+    assert peft_ops.functional.resolve_backend("auto", torch.randn(1, 270, device=DEVICE), 257) == "reference"
+    check_forward(layer, oracle_twin(layer), torch.randn(4, 270, device=DEVICE))
+
+
+def test_auto_backend_picks_the_kernels_on_cuda_only():
+    resolve = peft_ops.functional.resolve_backend
+    assert resolve("auto", torch.randn(2, 8)) == "reference"
+    assert resolve("auto", torch.randn(2, 8, dtype=torch.float64, device=DEVICE)) == "reference"
+    assert resolve("auto", torch.randn(2, 8, device=DEVICE)) == ("triton" if DEVICE.type == "cuda" else "reference")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -132,7 +135,7 @@ def test_dropout_mask_depends_on_seed_and_position():
 def _row_mask_kernel(out_ptr, row, n_cols, seed, threshold, WIDTH: tl.constexpr):
     """keep_mask for the first WIDTH columns of one row of an n_cols-wide tensor."""
     rows = tl.full((1,), 0, tl.int64) + row
-    keep = keep_mask(seed, rows, tl.arange(0, WIDTH), n_cols, threshold)
+    keep = keep_mask(seed, rows, 0, n_cols, threshold, WIDTH)
     tl.store(out_ptr + tl.arange(0, WIDTH)[None, :], keep.to(tl.int8))
 
 
@@ -143,12 +146,13 @@ def _row_mask(seed, row, n_cols, width, p):
 
 
 def test_dropout_mask_past_two_to_the_32():
-    """Element offsets past 2³² use Philox's second counter word: they must not repeat those 2³² earlier
-    (a tensor with M·K > 2³² elements would otherwise reuse its mask)."""
+    """Philox counters past 2³² use the second counter word: they must not repeat those 2³² earlier
+    (a tensor with more than 2³⁴ elements would otherwise reuse its mask)."""
     cols = 2**20
-    far_row = 2**32 // cols  # offset of (far_row, j) is 2³² + j
+    far_row = 2**34 // cols  # counters of (far_row, j) are 2³² + j // 4
     near, far = _row_mask(5, 0, cols, 256, 0.5), _row_mask(5, far_row, cols, 256, 0.5)
-    assert torch.equal(near, kernels.dropout_mask(5, 1, 256, 0.5, DEVICE)[0])  # same helper as the kernels
+    # the kernels' own masks equal the twin's (test_kernel_masks_equal_the_pytorch_twin), which is cheap here
+    assert torch.equal(near, reference_kernels.dropout_mask(5, 1, cols, 0.5, DEVICE)[0, :256])
     assert not torch.equal(near, far)
 
 
@@ -183,10 +187,8 @@ def test_plain_gemm_without_adapter(dtype, m):
 def test_kernel_masks_equal_the_pytorch_twin(seed, rows, cols, p):
     """The Triton kernels and reference_kernels draw the same Philox masks (so both backends drop the
     same elements, on any Triton version the kernels compile with)."""
-    from peft_ops import reference_kernels
-
     assert torch.equal(kernels.dropout_mask(seed, rows, cols, p, DEVICE),
                        reference_kernels.dropout_mask(seed, rows, cols, p, DEVICE))
-    far = 2**32 // 2**20 + 3  # a row whose offsets pass 2³²
-    offsets = torch.arange(256, device=DEVICE, dtype=torch.int64) + far * 2**20
-    assert torch.equal(_row_mask(seed, far, 2**20, 256, p), reference_kernels.keep_mask(seed, offsets, p))
+    far = 2**34 // 2**20 + 3  # a row whose Philox counters pass 2³²
+    assert torch.equal(_row_mask(seed, far, 2**20, 256, p),
+                       reference_kernels.dropout_mask(seed, 1, 2**20, p, DEVICE, first_row=far)[0, :256])
