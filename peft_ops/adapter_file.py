@@ -62,9 +62,19 @@ def _floats(t: torch.Tensor) -> list[float]:
     return [float(f"{v:.7g}") for v in t.detach().double().cpu().tolist()]
 
 
-def _fingerprint(layer: nn.Module) -> list[float]:
+def _unmerged_base_weight(module: nn.Module) -> torch.Tensor:
+    """The logical N×K weight of a base layer, or of an adapter layer's base as it was before merging."""
+    if isinstance(module, LowRankLinear):
+        if module.merged:
+            original = module._original_weight
+            return original.T if is_conv1d(module.base_layer) else original
+        module = module.base_layer
+    return _base_weight(module)
+
+
+def _fingerprint(module: nn.Module) -> list[float]:
     """Values of the logical N×K base weight at fixed pseudo-random positions (device-independent)."""
-    w = _full(_base_weight(layer))
+    w = _full(_unmerged_base_weight(module))
     idx = torch.randint(w.numel(), (_FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
     k = w.shape[1]
     return _floats(w.detach()[(idx // k).to(w.device), (idx % k).to(w.device)])
@@ -82,10 +92,6 @@ def _signature(layer: LowRankLinear) -> dict[str, list[float]]:
         f = _full(f).detach().double().cpu()
         sig[role] = _floats(torch.cat([f.norm(dim=0), _probe(f.shape[0]) @ f]))
     return sig
-
-
-def _frozen_names(layer: LowRankLinear) -> list[str]:
-    return [n for n, b in layer.named_buffers(recurse=False) if b is not None and n != "_original_weight"]
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -115,7 +121,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     modules, tensors = {}, {}
     for name, layer in layers:
         stored = [n for n, _ in layer.named_parameters(recurse=False)]
-        frozen = _frozen_names(layer)
+        frozen = list(layer.method.frozen)
         if include_frozen:
             stored += frozen
         for tensor_name in stored:
@@ -125,8 +131,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
             "seed": layer.seed, "options": layer.options,
             "in_features": layer.in_features, "out_features": layer.out_features,
             "dtype": str(next(iter(layer.parameters(recurse=False))).dtype).removeprefix("torch."),
-            "base": {"type": "conv1d" if is_conv1d(layer.base_layer) else "linear",
-                     "bias": layer.base_layer.bias is not None, "fingerprint": _fingerprint(layer.base_layer)},
+            "base": {"bias": layer.base_layer.bias is not None, "fingerprint": _fingerprint(layer)},
             "tensors": stored,
             **({"frozen_signature": _signature(layer)} if frozen else {}),
         }
@@ -160,9 +165,12 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if metadata.get("checksum") != _checksum(adapter_json, tensors):
         raise AdapterFileError(f"{os.fspath(path)}: checksum mismatch: the file is damaged or was edited")
     try:
-        return json.loads(adapter_json)["modules"], tensors
+        modules = json.loads(adapter_json)["modules"]
     except (ValueError, KeyError, TypeError) as e:
         raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is unreadable ({e})") from None
+    if not isinstance(modules, dict) or not all(isinstance(e, dict) for e in modules.values()):
+        raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is malformed (modules must map names to entries)")
+    return modules, tensors
 
 
 def _close(a: list[float], b: list[float], rtol: float, scale: list[float] | None = None) -> bool:
@@ -193,38 +201,55 @@ def _base_for(path, name: str, entry: dict, module: nn.Module | None) -> nn.Modu
     if shape != (entry["out_features"], entry["in_features"]):
         raise AdapterFileError(f"{where}: the model's weight is {shape[0]}×{shape[1]}, the adapter was made for "
                                f"{entry['out_features']}×{entry['in_features']} (another base model)")
-    if not _close(entry["base"]["fingerprint"], _fingerprint(base), _FINGERPRINT_RTOL):
+    if entry["base"]["bias"] != (base.bias is not None):
+        raise AdapterFileError(f"{where}: the adapter was made for a layer {'with' if entry['base']['bias'] else 'without'}"
+                               f" a bias; the model's layer {'has' if base.bias is not None else 'has none'}")
+    if not _close(entry["base"]["fingerprint"], _fingerprint(module), _FINGERPRINT_RTOL):
         raise AdapterFileError(f"{where}: the base weight differs from the one the adapter was saved with "
                                f"(fingerprint mismatch: another base model, or modified weights)")
     return base
 
 
+_ADAPTER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                   "float64": torch.float64}
+
+
 def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend: str) -> LowRankLinear:
-    """A layer holding the entry's adapter: regenerated frozen factors (checked against the file's
-    signature) and the file's tensors."""
-    cls = LAYER_CLASSES[get_method(entry["method"]).name]
-    layer = cls(base, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"], seed=entry["seed"],
-                backend=backend, **entry["options"])
-    dtype = getattr(torch, entry["dtype"])
-    for t in [*layer.parameters(recurse=False), *(getattr(layer, n) for n in _frozen_names(layer))]:
+    """A layer holding the entry's adapter: its frozen factors from the file or regenerated (and then
+    checked against the file's signature), its trainable tensors from the file."""
+    where = f"{os.fspath(path)}: module {name!r}"
+    dtype = _ADAPTER_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise AdapterFileError(f"{where}: dtype {entry['dtype']!r}; expected one of {', '.join(_ADAPTER_DTYPES)}")
+    missing = [t for t in entry["tensors"] if f"{name}.{t}" not in tensors]
+    if missing:
+        raise AdapterFileError(f"{where}: tensors {missing} are missing from the file")
+    method = get_method(entry["method"])
+    stored_frozen = {t: tensors[f"{name}.{t}"] for t in entry["tensors"] if t in method.frozen}
+    layer = LAYER_CLASSES[method.name](base, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"],
+                                       seed=entry["seed"], backend=backend, frozen_factors=stored_frozen or None,
+                                       **entry["options"])
+    trainable = {n for n, _ in layer.named_parameters(recurse=False)}
+    if set(entry["tensors"]) not in (trainable, trainable | set(method.frozen)):
+        raise AdapterFileError(f"{where}: the file lists tensors {sorted(entry['tensors'])}; a {method.name} "
+                               f"layer has {sorted(trainable)} (and frozen {sorted(method.frozen)})")
+    for t in [*layer.parameters(recurse=False), *(getattr(layer, n) for n in method.frozen)]:
         t.data = t.data.to(dtype)
     for tensor_name in entry["tensors"]:
-        key = f"{name}.{tensor_name}"
-        if key not in tensors:
-            raise AdapterFileError(f"{os.fspath(path)}: tensor {key!r} is missing")
-        target = getattr(layer, tensor_name, None)
-        if not isinstance(target, torch.Tensor) or target.shape != tensors[key].shape:
-            raise AdapterFileError(
-                f"{os.fspath(path)}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the {entry['method']} "
-                f"layer expects {None if target is None else tuple(target.shape)}")
-        target.data.copy_(tensors[key])
+        value, target = tensors[f"{name}.{tensor_name}"], getattr(layer, tensor_name)
+        if target.shape != value.shape:
+            raise AdapterFileError(f"{where}: tensor {tensor_name!r} has shape {tuple(value.shape)}, the "
+                                   f"{entry['method']} layer expects {tuple(target.shape)}")
+        target.data.copy_(value)
     saved = entry.get("frozen_signature")
+    # the tolerance of each signature value scales with its column's norm: [norms, norms] line up with
+    # the signature's [column norms, probe projections]
     if saved and not all(_close(saved[role], now, _SIGNATURE_RTOL, scale=saved[role][:layer.rank] * 2)
                          for role, now in _signature(layer).items()):
         raise AdapterFileError(
-            f"{os.fspath(path)}: module {name!r}: the regenerated frozen {entry['method']} factors differ from the "
-            f"ones the adapter was trained with (the base weight or the generator changed); save with "
-            f"include_frozen=True to carry them in the file")
+            f"{where}: the regenerated frozen {entry['method']} factors differ from the ones the adapter was "
+            f"trained with (the base weight or the generator changed); save with include_frozen=True to carry "
+            f"them in the file")
     return layer
 
 
@@ -242,8 +267,10 @@ def _load_into(existing: LowRankLinear, built: LowRankLinear) -> None:
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> list[str]:
     """Load the adapters stored at ``path`` into ``model``; returns the module names.
 
-    A module that is a plain linear layer gets a new adapter layer; one that already has an adapter
-    of the same method and rank (after ``inject``, say) gets the file's values in place. Everything is
+    A module that is a plain linear layer gets a new adapter layer (with ``backend``), and the model is
+    frozen around the adapters as ``inject`` does; one that already has an adapter of the same method
+    and rank (after ``inject``, say) gets the file's values in place, its backend and every
+    ``requires_grad`` flag left as they were. Everything is
     checked first — file integrity, module names and shapes, base-weight fingerprints, regenerated
     frozen factors, and that the model has no adapter the file lacks — and on any error the model is
     left untouched."""
@@ -271,5 +298,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "a
             raise AdapterFileError(f"{os.fspath(path)}: the file holds no modules")
     for name in built.keys() & existing.keys():
         _load_into(existing[name], built.pop(name))
-    _swap_in(model, built)
+    if built:  # new adapter layers: freeze the model around them, as inject does
+        _swap_in(model, built)
     return list(entries)

@@ -31,10 +31,15 @@ def triton_interpreting() -> bool:
     return kernels.INTERPRET
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that will run for input ``x``; raises if ``backend`` can't run there."""
+def resolve_backend(backend: str, x: torch.Tensor, rank: int = 1) -> str:
+    """The backend that will run for input ``x`` and adapter ``rank``; raises if ``backend`` can't run
+    there. "auto" takes the kernels for CUDA tensors of the dtypes and ranks they support."""
     if check_backend(backend) == "auto":
-        return "triton" if x.is_cuda and x.dtype in _TRITON_DTYPES else "reference"
+        if not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+            return "reference"
+        from peft_ops.kernels import MAX_RANK
+
+        return "triton" if rank <= MAX_RANK else "reference"
     if backend == "triton":
         if x.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton': input dtype is {x.dtype}; the fused kernels take float32, "
@@ -58,4 +63,5 @@ def lowrank_linear(x, weight, bias, up, core, down, scale, *, dropout_p: float =
     ``dropout_p`` is the effective rate (pass 0 in eval mode). Both backends run the custom op
     ``peft_ops::lowrank_linear`` (see :mod:`peft_ops.ops`): Triton kernels, or their PyTorch twins."""
     return ops.lowrank_linear(x, weight, bias, up, core, down, scale, dropout_p=dropout_p,
-                              dropout_site=dropout_site, use_kernels=resolve_backend(backend, x) == "triton")
+                              dropout_site=dropout_site,
+                              use_kernels=resolve_backend(backend, x, down.shape[-1]) == "triton")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -44,13 +45,15 @@ class LowRankLinear(nn.Module):
         dropout: dropout rate on the adapter path (its input, or its output for TLoRA), in [0, 1).
         seed: seeds every random draw of the adapter's initialisation (CPU generator).
         backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`peft_ops.functional`).
+        frozen_factors: values for the method's frozen tensors (LoRA-XS's SVD factors, TLoRA's random
+            matrices), to use instead of regenerating them — as an adapter file saved with them does.
         **method_options: the method's own options (``Method.options``).
     """
 
     method: Method
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-                 seed: int = 0, backend: str = "auto", **method_options):
+                 seed: int = 0, backend: str = "auto", *, frozen_factors=None, **method_options):
         super().__init__()
         if not is_adaptable(base_layer):
             raise TypeError(f"base_layer: expected a torch.nn.Linear or a transformers Conv1D, "
@@ -69,10 +72,16 @@ class LowRankLinear(nn.Module):
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
             raise ValueError(f"{name}: seed={seed!r}; expected an integer in [0, 2**63)")
         functional.check_backend(backend)
+        if backend == "triton":
+            from peft_ops.kernels import MAX_RANK
+
+            if rank > MAX_RANK:
+                raise ValueError(f"{name}: rank={rank} with backend='triton'; the fused kernels take ranks up to "
+                                 f"{MAX_RANK} (backend='auto' or 'reference' runs any rank)")
         options = self.method.resolve_options(method_options)
         self.method.check_shape(n, k, int(rank), options)
 
-        self.base_layer = base_layer.requires_grad_(False)
+        self.base_layer = base_layer
         self.in_features, self.out_features, self.rank = k, n, int(rank)
         self.alpha = float(self.method.default_alpha(self.rank) if alpha is None else alpha)
         self.scaling = self.alpha / self.rank  # used by methods whose scale is fixed
@@ -81,16 +90,31 @@ class LowRankLinear(nn.Module):
         self.merged = False
 
         ctx = InitContext(n, k, self.rank, self.alpha, weight.detach(),
-                          torch.Generator().manual_seed(self.seed), options)
+                          torch.Generator().manual_seed(self.seed), options, frozen_factors)
+        try:
+            tensors = self.method.init(ctx)
+        except KeyError as e:
+            raise ValueError(f"{name}: frozen_factors lacks {e}") from None
+        assert sorted(t for t, (_, trainable) in tensors.items() if not trainable) == sorted(self.method.frozen)
+        if frozen_factors is not None and sorted(frozen_factors) != sorted(self.method.frozen):
+            raise ValueError(f"{name}: frozen_factors has {sorted(frozen_factors)}; the method's frozen tensors are "
+                             f"{sorted(self.method.frozen)}")
         # adapter tensors are float32 (float64 for a float64 base) whatever the base's 16-bit dtype
         dtype = torch.promote_types(weight.dtype, torch.float32)
-        for tensor_name, (value, trainable) in self.method.init(ctx).items():
+        for tensor_name, (value, trainable) in tensors.items():
             value = value.to(device=weight.device, dtype=dtype)
             if trainable:
                 self.register_parameter(tensor_name, nn.Parameter(value))
             else:
                 self.register_buffer(tensor_name, value)
+        up, _, down, _ = self.factors()
+        if up.shape != (n, self.rank) or down.shape != (k, self.rank):
+            raise ValueError(f"{name}: frozen_factors give factors of shapes {tuple(up.shape)} and "
+                             f"{tuple(down.shape)}; expected {(n, self.rank)} and {(k, self.rank)}")
         self.register_buffer("_original_weight", None, persistent=False)
+        self.register_state_dict_post_hook(_unmerged_state_dict)
+        self._warned_merged_training = False
+        base_layer.requires_grad_(False)  # last: a failure above leaves the base layer as it was
 
     # -- the base layer, as code that expects the wrapped layer sees it
     @property
@@ -116,6 +140,10 @@ class LowRankLinear(nn.Module):
             raise TypeError(f"input dtype {x.dtype} differs from the base weight's {weight.dtype}; cast "
                             f"one of them (or run under torch.autocast)")
         if self.merged:
+            if self.training and torch.is_grad_enabled() and not self._warned_merged_training:
+                warnings.warn(f"{self.method.name} layer is merged: its adapter gets no gradient in this forward; "
+                              f"unmerge() it before training", stacklevel=2)
+                self._warned_merged_training = True
             return self.base_layer(x)
         up, core, down, scale = self.factors()
         return functional.lowrank_linear(
@@ -158,6 +186,13 @@ class LowRankLinear(nn.Module):
         return (f"method={self.method.name}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, backend={self.backend!r}"
                 + (", merged=True" if self.merged else ""))
+
+
+def _unmerged_state_dict(layer: LowRankLinear, state_dict, prefix, local_metadata) -> None:
+    """A merged layer's state_dict holds the original base weight: loaded into an unmerged layer (or a
+    fresh model with the adapter injected), it must not apply ΔW twice."""
+    if layer.merged:
+        state_dict[prefix + "base_layer.weight"] = layer._original_weight.detach()
 
 
 class LoRALinear(LowRankLinear):

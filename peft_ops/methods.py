@@ -35,6 +35,7 @@ class InitContext:
     weight: torch.Tensor  # the frozen N×K weight (a detached view; only LoRA-XS reads it)
     generator: torch.Generator
     options: Mapping[str, Any]
+    frozen: Mapping[str, torch.Tensor] | None = None  # given frozen tensors (from a file): don't regenerate
 
 
 # A stored tensor: name -> (value on the CPU, trainable?); the layer casts it to its adapter dtype
@@ -46,14 +47,13 @@ Factors = tuple[torch.Tensor, "torch.Tensor | None", torch.Tensor, "float | torc
 @dataclass(frozen=True)
 class Method:
     name: str
-    title: str
     core: str  # "identity" | "diagonal" | "full"
     dropout_site: str  # "input" (on the adapter's input, PEFT convention) | "output" (TLoRA)
-    learnable_scale: bool  # False: s = alpha / rank (layer.scaling); True: a trained scalar, starts at alpha
-    default_alpha: Callable[[int], float]
+    default_alpha: Callable[[int], float]  # s = alpha / rank, or a learnable scale's starting value
     init: Callable[[InitContext], Tensors]
     factors: Callable[[Any], Factors]  # layer -> (U, C, D, s), views of its stored tensors
     trainable_count: Callable[[int, int, int], int]  # (out_features, in_features, rank) -> count
+    frozen: tuple[str, ...] = ()  # the stored tensors that don't train (regenerated, not saved)
     options: Mapping[str, Any] = field(default_factory=dict)  # allowed method options and defaults
     check_shape: Callable[[int, int, int, Mapping[str, Any]], None] = lambda n, k, r, opts: None
 
@@ -90,10 +90,8 @@ def _lora_init(c: InitContext) -> Tensors:
 
 LORA = Method(
     name="lora",
-    title="LoRA",
     core="identity",
     dropout_site="input",
-    learnable_scale=False,
     default_alpha=float,
     init=_lora_init,
     factors=lambda m: (m.lora_B, None, m.lora_A.T, m.scaling),
@@ -122,10 +120,8 @@ def _symlora_init(c: InitContext) -> Tensors:
 
 SYMLORA = Method(
     name="symlora",
-    title="SymLoRA",
     core="diagonal",
     dropout_site="input",
-    learnable_scale=False,
     default_alpha=float,
     init=_symlora_init,
     factors=lambda m: (m.symlora_Q[: m.out_features], m.symlora_lambda, m.symlora_Q[: m.in_features],
@@ -139,11 +135,15 @@ SYMLORA = Method(
 # --- LoRA-XS (2405.17604): ΔW = s · U_r R Σ_r V_rᵀ, frozen top-r SVD factors, R ~ N(0, 1e-5) ---
 
 def _loraxs_init(c: InitContext) -> Tensors:
-    u, sigma, v = top_singular_triplets(c.weight, c.rank, exact=c.options["svd"] == "exact",
-                                        seed=c.options["svd_seed"])
+    if c.frozen is None:
+        u, sigma, v = top_singular_triplets(c.weight, c.rank, exact=c.options["svd"] == "exact",
+                                            seed=c.options["svd_seed"])
+        frozen = {"loraxs_B": u, "loraxs_A": sigma[:, None] * v.T}  # U_r (N×r); Σ_r V_rᵀ (r×K) absorbs Σ
+    else:
+        frozen = c.frozen
     return {
-        "loraxs_B": (u, False),  # U_r, N×r
-        "loraxs_A": (sigma[:, None] * v.T, False),  # Σ_r V_rᵀ, r×K: the input side absorbs Σ
+        "loraxs_B": (frozen["loraxs_B"], False),
+        "loraxs_A": (frozen["loraxs_A"], False),
         "loraxs_R": (torch.randn(c.rank, c.rank, generator=c.generator) * 1e-5, True),
     }
 
@@ -151,18 +151,20 @@ def _loraxs_init(c: InitContext) -> Tensors:
 def _loraxs_check(n: int, k: int, r: int, opts: Mapping[str, Any]) -> None:
     if opts["svd"] not in ("randomized", "exact"):
         raise ValueError(f"loraxs: option svd={opts['svd']!r}; expected 'randomized' or 'exact'")
+    seed = opts["svd_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"loraxs: option svd_seed={seed!r}; expected an integer in [0, 2**63)")
 
 
 LORAXS = Method(
     name="loraxs",
-    title="LoRA-XS",
     core="full",
     dropout_site="input",
-    learnable_scale=False,
     default_alpha=float,
     init=_loraxs_init,
     factors=lambda m: (m.loraxs_B, m.loraxs_R, m.loraxs_A.T, m.scaling),
     trainable_count=lambda n, k, r: r * r,
+    frozen=("loraxs_A", "loraxs_B"),
     options={"svd": "randomized", "svd_seed": 0},
     check_shape=_loraxs_check,
 )
@@ -171,12 +173,12 @@ LORAXS = Method(
 # --- TLoRA (2504.18735): Δy = α · x A B C with A (K×r), C (r×N) frozen random, B (r×r) = 0, α = 1 ---
 
 def _tlora_init(c: InitContext) -> Tensors:
-    a = _kaiming_normal((c.in_features, c.rank), c.generator)
-    cc = _kaiming_normal((c.rank, c.out_features), c.generator)
+    frozen = c.frozen or {"tlora_A": _kaiming_normal((c.in_features, c.rank), c.generator),
+                          "tlora_C": _kaiming_normal((c.rank, c.out_features), c.generator)}
     return {
-        "tlora_A": (a, False),
+        "tlora_A": (frozen["tlora_A"], False),
         "tlora_B": (torch.zeros(c.rank, c.rank), True),
-        "tlora_C": (cc, False),
+        "tlora_C": (frozen["tlora_C"], False),
         # a 1-element vector, not a 0-d tensor: FSDP2's fully_shard refuses scalar parameters
         "tlora_alpha": (torch.tensor([float(c.alpha)]), True),
     }
@@ -184,15 +186,14 @@ def _tlora_init(c: InitContext) -> Tensors:
 
 TLORA = Method(
     name="tlora",
-    title="TLoRA",
     core="full",
     dropout_site="output",
-    learnable_scale=True,
     default_alpha=lambda r: 1.0,
     init=_tlora_init,
     # Δy = α (x A) B C  =  s ((x D) Cᵀ) Uᵀ  with  D = A, core = Bᵀ, U = Cᵀ
     factors=lambda m: (m.tlora_C.T, m.tlora_B.T, m.tlora_A, m.tlora_alpha),
     trainable_count=lambda n, k, r: r * r + 1,
+    frozen=("tlora_A", "tlora_C"),
 )
 
 

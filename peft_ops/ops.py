@@ -75,7 +75,7 @@ def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tenso
     v = None
     if need_x:  # one fused GEMM: dx = g W + s·drop(v (D Cᵀ)ᵀ), with v = drop(g) U from its shrink
         dx, v = impl.lowrank_linear(g, weight.T, None, up, _fold(down, _core_transpose(core), scale),
-                                    1.0 if scale is not None else scale_value, dropout_p=dropout_p,
+                                    scale_value, dropout_p=dropout_p,
                                     dropout_site="output" if dropout_site == "input" else "input", seed=seed,
                                     store_t=need_v)
     elif need_v:
@@ -93,7 +93,7 @@ def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tenso
     if need_down:
         d_down = (s * _fold(impl.rank_reduce(x, v, dropout_p=p_in, seed=seed), core, None)).to(down.dtype)
     if need_bias:
-        d_bias = g.sum(0, dtype=torch.float32).to(g.dtype)
+        d_bias = g.sum(0, dtype=torch.promote_types(g.dtype, torch.float32)).to(g.dtype)
     return [dx, d_bias, d_up, d_core, d_down, d_scale]
 
 
@@ -148,6 +148,7 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor
         bias = bias.to(dtype) if bias is not None else None
     if x.dtype != weight.dtype:
         raise TypeError(f"input dtype {x.dtype} differs from the weight's {weight.dtype}")
+    _check_factors(x, weight, bias, up, core, down, scale)
     scale_tensor = scale if isinstance(scale, Tensor) else None
     if dropout_p:
         seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
@@ -155,7 +156,30 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor
     else:
         seed = None
     store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
-    y, _ = torch.ops.peft_ops.lowrank_linear(
-        x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
-        1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, use_kernels, store_t)
+    # inputs are cast to the autocast dtype above; inside, the rank-r work stays float32 (E = U·C, t)
+    with torch.autocast(x.device.type, enabled=False):
+        y, _ = torch.ops.peft_ops.lowrank_linear(
+            x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
+            1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, use_kernels,
+            store_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check_factors(x, weight, bias, up, core, down, scale) -> None:
+    """Shapes and devices that the kernels would otherwise read out of bounds with."""
+    n, k = weight.shape
+    r = down.shape[-1] if down.dim() == 2 else -1
+    expected = {"up": (up, (n, r)), "down": (down, (k, r)), "bias": (bias, (n,))}
+    if core is not None:
+        expected["core"] = (core, (r,) if core.dim() == 1 else (r, r))
+    if isinstance(scale, Tensor):
+        expected["scale"] = (scale, (1,) if scale.dim() == 1 else ())
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dimension {x.shape[-1]}; expected in_features={k} (weight is {n}×{k})")
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}; expected {shape} for a {n}×{k} weight at rank {r}")
+        if tensor.device != x.device:
+            raise RuntimeError(f"{name} is on {tensor.device} but the input is on {x.device}")

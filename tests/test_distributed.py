@@ -33,21 +33,29 @@ def _batch():
     return torch.randn(16, 32, generator=g), torch.randn(16, 24, generator=g)
 
 
+def _frozen(model):
+    return {n: b.clone() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith(("loraxs_", "tlora_"))}
+
+
 def _grads_and_frozen(model):
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {n: b.clone() for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith(("loraxs_", "tlora_"))}
-    return grads, frozen
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, _frozen(model)
+
+
+def _grads_and_frozen_before_backward(model):
+    return None, _frozen(model)
 
 
 def _worker(rank, store, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     model = _model()
+    _, regenerated = _grads_and_frozen_before_backward(model)  # DDP broadcasts rank 0's buffers when built
     ddp = DistributedDataParallel(model)
     x, y = _batch()
     shard = slice(rank * 8, (rank + 1) * 8)
     (ddp(x[shard]) - y[shard]).square().mean().backward()  # DDP averages over ranks: the full-batch mean
-    torch.save(_grads_and_frozen(model), os.path.join(out_dir, f"rank{rank}.pt"))
+    grads, _ = _grads_and_frozen(model)
+    torch.save((grads, regenerated), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 

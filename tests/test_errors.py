@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import peft_ops
+from peft_ops import kernels
 from test_inject import _assert_unchanged, _snapshot
 from utils import TinyModel
 
@@ -62,9 +63,21 @@ CASES = [
     ("triton-float64", None,
      lambda m: peft_ops.LoRALinear(_linear(dtype=torch.float64), 2, backend="triton")(torch.randn(2, 40, dtype=torch.float64)),
      TypeError, r"backend='triton': input dtype is torch.float64; the fused kernels take float32, float16 or bfloat16"),
-    ("triton-rank-limit", None,
-     lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton")(torch.randn(2, 270)), ValueError,
+    ("triton-rank-limit", None, lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton"), ValueError,
+     r"loraxs: rank=257 with backend='triton'; the fused kernels take ranks up to 256 \(backend='auto' or "
+     r"'reference' runs any rank\)"),
+    ("kernel-rank-limit", None,
+     lambda m: kernels.lowrank_linear(torch.randn(2, 270), torch.randn(300, 270), None, torch.randn(270, 257),
+                                      torch.randn(300, 257)), ValueError,
      r"rank=257: the fused kernels take ranks from 1 to 256; use backend='reference'"),
+    ("factor-shape", None,
+     lambda m: peft_ops.lowrank_linear(torch.randn(2, 40), torch.randn(48, 40), None, torch.randn(48, 3), None,
+                                       torch.randn(40, 2), 1.0), ValueError,
+     r"up: shape \(48, 3\); expected \(48, 2\) for a 48×40 weight at rank 2"),
+    ("core-shape", None,
+     lambda m: peft_ops.lowrank_linear(torch.randn(2, 40), torch.randn(48, 40), None, torch.randn(48, 2),
+                                       torch.randn(3, 3), torch.randn(40, 2), 1.0), ValueError,
+     r"core: shape \(3, 3\); expected \(2, 2\)"),
     ("trainable-base-weight", None, lambda m: _forward_with_trainable_base(), RuntimeError,
      r"do not compute the base weight's gradient; freeze it"),
     # inject

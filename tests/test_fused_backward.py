@@ -34,7 +34,7 @@ def _check_grads(grads, expected, tol):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [17, 300])
+@pytest.mark.parametrize("m", [0, 1, 17, 300])
 def test_gradients(method, dtype, m):
     layer, ref = make_pair(method, 90, 70, 3, dtype)
     x = torch.randn(m, 70, device=DEVICE, dtype=dtype)
@@ -43,7 +43,7 @@ def test_gradients(method, dtype, m):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, x_grad", [(17, True), (300, True), (40, False)], ids=["17", "300", "no-dx"])
 def test_gradients_with_dropout(method, dtype, m, x_grad):
     """The fused backward regenerates the forward's mask; the reference is fed that mask. Without dx,
@@ -99,14 +99,32 @@ def _saved_activation_elements(layer, x):
     return sum(t.numel() for t in saved), saved
 
 
-@pytest.mark.parametrize("method, rank", [("loraxs", 4), ("tlora", 4), ("loraxs", 16), ("tlora", 16)])
-def test_frozen_down_factor_saves_only_t(method, rank):
+@pytest.mark.parametrize("method, rank, dropout", [("loraxs", 4, 0.0), ("tlora", 4, 0.0), ("loraxs", 16, 0.3),
+                                                   ("tlora", 16, 0.3)])
+def test_frozen_down_factor_saves_only_t(method, rank, dropout):
     m, k = 300, 70
-    layer, _ = make_pair(method, 90, k, rank, torch.bfloat16)
+    layer, _ = make_pair(method, 90, k, rank, torch.bfloat16, dropout=dropout)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     elements, saved = _saved_activation_elements(layer, x)
-    assert elements <= m * rank + rank * rank, [tuple(t.shape) for t in saved]
+    assert elements <= m * rank + rank * rank, [tuple(t.shape) for t in saved]  # no mask, no x
     assert any(t.shape == (m, rank) for t in saved)  # t itself, not x (m × k)
+
+
+@pytest.mark.parametrize("method, keeps_x", [("loraxs", False), ("tlora", False), ("lora", True), ("symlora", True)])
+def test_input_is_released_after_the_forward(method, keeps_x):
+    """Nothing keeps x alive past the forward unless dD needs it: not saved_tensors, and not anything
+    else the op might hold (which saved_tensors_hooks would not see)."""
+    import weakref
+
+    layer, _ = make_pair(method, 90, 70, 4, torch.float32, dropout=0.2)
+    leaf = torch.randn(40, 70, device=DEVICE, requires_grad=True)
+    x = leaf * 2  # not a leaf: only the graph could keep it
+    alive = weakref.ref(x)
+    y = layer(x)
+    del x
+    assert (alive() is not None) == keeps_x
+    y.sum().backward()
+    assert leaf.grad is not None
 
 
 def test_trainable_down_factor_also_saves_x():
@@ -221,3 +239,27 @@ def test_training_matches_reference_backend(method):
     assert expected[-1] < expected[0]
     for a, b in zip(fused, expected):
         assert abs(a - b) <= 1e-4 * abs(b), (fused, expected)
+
+
+def test_no_kernel_uses_atomics():
+    """Gradients are reduced in fixed chunks and summed in a fixed order. The interpreter runs programs
+    one at a time, so only the source can show that no atomic (order-dependent) update is used."""
+    import inspect
+
+    from peft_ops.kernels import dropout, fused_linear, reductions
+
+    for module in (fused_linear, reductions, dropout):
+        assert "tl.atomic" not in inspect.getsource(module), module.__name__
+
+
+def test_tlora_drops_whole_output_elements():
+    """TLoRA's dropout is on the adapter's output, the others' on its input: with the adapter's output
+    dropped, whole elements of the adapter's term are exactly zero (a zero base leaves only that term)."""
+    for method, site in (("lora", "input"), ("symlora", "input"), ("loraxs", "input"), ("tlora", "output")):
+        assert peft_ops.METHODS[method].dropout_site == site
+        layer, _ = make_pair(method, 90, 70, 4, torch.float32, dropout=0.5)
+        with torch.no_grad():
+            layer.base_layer.weight.zero_()
+            layer.base_layer.bias.zero_()
+        zero_fraction = (layer(torch.randn(30, 70, device=DEVICE)) == 0).float().mean().item()
+        assert (0.4 < zero_fraction < 0.6) if site == "output" else zero_fraction < 0.01, (method, zero_fraction)

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_conv1d_equals_linear_with_transposed_weight(method):
 @pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv1d"])
 def test_merge_equals_unmerged_and_unmerge_is_exact(method, dtype, conv):
     base = (Conv1D(48, 40) if conv else nn.Linear(40, 48)).to(dtype)
-    layer = _layer(method, base)
+    layer = _layer(method, base).eval()
     original = base.weight.detach().clone()
     x = torch.randn(9, 40, dtype=dtype)
     expected = layer(x)
@@ -105,3 +106,27 @@ def test_triton_backend_without_gpu_or_interpreter_is_an_error():
 
 def test_repr_names_the_method():
     assert "method=symlora, in_features=40, out_features=48, rank=8" in repr(_layer("symlora"))
+
+
+def test_training_through_a_merged_layer_warns():
+    layer = _layer("loraxs")
+    layer.merge()
+    with pytest.warns(UserWarning, match=r"loraxs layer is merged: its adapter gets no gradient"):
+        layer(torch.randn(3, 40))
+    layer.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(torch.randn(3, 40))  # inference while merged is what merging is for
+
+
+def test_state_dict_of_a_merged_layer_holds_the_original_weight():
+    layer = _layer("tlora")
+    original = layer.base_layer.weight.detach().clone()
+    x = torch.randn(5, 40)
+    expected = layer(x)
+    layer.merge()
+    state = layer.state_dict()
+    assert torch.equal(state["base_layer.weight"], original)
+    fresh = _layer("tlora")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), expected)  # ΔW applied once, not twice

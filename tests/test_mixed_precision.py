@@ -1,13 +1,11 @@
 """torch.autocast and torch.utils.checkpoint around peft-ops layers, on both backends."""
-import copy
-
 import pytest
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import peft_ops
-from utils import DEVICE, method_options, randomize_adapters, rel_error
+from utils import DEVICE, method_options, oracle_twin, randomize_adapters, rel_error
 
 BACKENDS = ["reference", "triton"]
 
@@ -26,8 +24,7 @@ def test_autocast_bf16(backend, method):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     # the exact result for bf16-rounded input and weight
-    ref = copy.deepcopy(layer).double()
-    ref.backend = "reference"
+    ref = oracle_twin(layer)
     with torch.no_grad():
         ref.base_layer.weight.copy_(layer.base_layer.weight.bfloat16().double())
         ref.base_layer.bias.copy_(layer.base_layer.bias.bfloat16().double())

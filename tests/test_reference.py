@@ -60,13 +60,17 @@ def test_delta_weight_matches_forward(method):
 @pytest.mark.parametrize("method", list(peft_ops.METHODS))
 @pytest.mark.parametrize("shape", [(N, K), (9, 12)], ids=["square", "non-square"])
 def test_gradcheck(method, shape):
+    """The custom op's hand-written backward (shared by both backends) against finite differences: x,
+    every trainable tensor, and a bias made trainable."""
     n, k = shape
     if method == "symlora" and n != k:
         layer = _layer(method, n, k, allow_non_square=True)
     else:
         layer = _layer(method, n, k)
+    layer.base_layer.bias.requires_grad_(True)
     names = [name for name, p in layer.named_parameters() if p.requires_grad]
-    params = [getattr(layer, name).detach().clone().requires_grad_() for name in names]
+    assert "base_layer.bias" in names
+    params = [layer.get_parameter(name).detach().clone().requires_grad_() for name in names]
     x = torch.randn(2, 3, k, dtype=torch.float64, requires_grad=True)
 
     def f(x, *values):
@@ -99,3 +103,27 @@ def test_module_dropout_only_in_training():
     assert torch.equal(layer(x), layer(x))
     layer.train()
     assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("method", list(peft_ops.METHODS))
+def test_reference_backend_dropout_is_the_oracles_with_the_same_mask(method):
+    """The CPU default path (the op over reference_kernels) drops, and rescales, exactly as the oracle
+    does when fed the mask for the same seed."""
+    from peft_ops import reference_kernels
+    from peft_ops.ops import lowrank_linear
+
+    layer = _layer(method, **({"allow_non_square": True} if method == "symlora" else {}))
+    x = torch.randn(20, K, dtype=torch.float64, requires_grad=True)
+    up, core, down, scale = layer.factors()
+    site = layer.method.dropout_site
+    y = lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale, dropout_p=0.4,
+                       dropout_site=site, use_kernels=False, seed=99)
+    mask = reference_kernels.dropout_mask(99, 20, K if site == "input" else N, 0.4, "cpu")
+    expected = reference.lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
+                                        dropout_p=0.4, dropout_site=site, dropout_mask=mask)
+    assert rel_error(y, expected) < 1e-12
+    unmasked = reference.lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale)
+    assert rel_error(y, unmasked) > 1e-3  # the mask did something
+    (gy,) = torch.autograd.grad(y.sum(), x)
+    (ge,) = torch.autograd.grad(expected.sum(), x)
+    assert rel_error(gy, ge) < 1e-12

@@ -1,8 +1,14 @@
-"""Shared test helpers: devices, tolerances (DESIGN.md §5), relative errors, random models."""
+"""Shared test helpers: devices, tolerances (DESIGN.md §5), relative errors, the oracle, random models."""
 from __future__ import annotations
+
+import copy
+import types
 
 import torch
 from torch import nn
+
+from peft_ops import reference
+from peft_ops.layers import is_conv1d
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -70,3 +76,20 @@ class TinyModel(nn.Module):
 def method_options(method: str) -> dict:
     """Options that let a method adapt every layer of TinyModel (SymLoRA needs the sliced form)."""
     return {"allow_non_square": True} if method == "symlora" else {}
+
+
+def _oracle_forward(self, x, dropout_p=0.0, dropout_mask=None):
+    base = self.base_layer
+    weight = base.weight.T if is_conv1d(base) else base.weight
+    up, core, down, scale = self.factors()
+    return reference.lowrank_linear(x, weight, base.bias, up, core, down, scale, dropout_p=dropout_p,
+                                    dropout_site=self.method.dropout_site, dropout_mask=dropout_mask)
+
+
+def oracle_twin(layer: nn.Module) -> nn.Module:
+    """A float64 copy of ``layer`` whose forward is the autograd-only oracle,
+    ``peft_ops.reference.lowrank_linear`` — independent of the custom op and its hand-written backward,
+    which both backends share. Same parameter names as ``layer``."""
+    twin = copy.deepcopy(layer).double()
+    twin.forward = types.MethodType(_oracle_forward, twin)
+    return twin
