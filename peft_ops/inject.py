@@ -29,9 +29,10 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LowRankLinear]]:
 
 
 def _visible_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named modules, not descending into peft-ops layers (their ``base_layer`` is not a target)."""
+    """Every name of every module (a shared module under each of its names), not descending into
+    peft-ops layers (their ``base_layer`` is not a target)."""
     adapted: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in adapted):
             continue
         if isinstance(module, LowRankLinear):
@@ -46,12 +47,18 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return head if head is not None else getattr(model, "lm_head", None)
 
 
+def _read_directly(model: nn.Module) -> set[str]:
+    """Linear layers whose parent reads their weight itself instead of calling them: a wrapper would
+    never run (nn.MultiheadAttention's out_proj)."""
+    return {f"{n}.out_proj".lstrip(".") for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _match(target_modules, model: nn.Module) -> list[tuple[str, nn.Module]]:
     modules = list(_visible_modules(model))
     if isinstance(target_modules, str) and target_modules == "all-linear":
-        head = _output_head(model)
+        head, skipped = _output_head(model), _read_directly(model)
         return [(n, m) for n, m in modules
-                if (is_adaptable(m) or isinstance(m, LowRankLinear)) and m is not head]
+                if (is_adaptable(m) or isinstance(m, LowRankLinear)) and m is not head and n not in skipped]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -99,11 +106,17 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
     error the model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
     """
     layer_cls = LAYER_CLASSES[get_method(method).name]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed={seed!r}; expected an integer in [0, 2**63)")
     matched = _match(target_modules, model)
     if not matched:
         candidates = [n for n, m in _visible_modules(model) if is_adaptable(m)]
         raise ValueError(f"target_modules={target_modules!r} matched no module; the linear layers of this "
                          f"model are: {', '.join(candidates) or '(none)'}")
+    names = {}
+    for name, module in _visible_modules(model):
+        names.setdefault(id(module), []).append(name)
+    read_directly = _read_directly(model)
     for name, module in matched:
         if isinstance(module, LowRankLinear):
             raise ValueError(f"module {name!r} already has a {module.method.name} adapter; "
@@ -111,6 +124,12 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
         if not is_adaptable(module):
             raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
                             f"only nn.Linear and Conv1D layers can be adapted")
+        if name in read_directly:
+            raise TypeError(f"module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                            f"directly: an adapter there would never run")
+        if len(names[id(module)]) > 1:
+            raise ValueError(f"module {name!r} is shared: the model also reaches it as "
+                             f"{[n for n in names[id(module)] if n != name]}; an adapter would apply on one path only")
     layers = {}
     with preserved_on_error(model):
         for name, module in matched:
@@ -118,7 +137,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
                 layers[name] = layer_cls(module, rank, alpha=alpha, dropout=dropout, seed=layer_seed(seed, name),
                                          backend=backend, **method_options)
             except (TypeError, ValueError) as e:
-                raise type(e)(f"module {name!r}: {e}") from None
+                raise type(e)(f"module {name!r}: {e}") from e
     _swap_in(model, layers)
     return list(layers)
 

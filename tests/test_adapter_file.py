@@ -104,8 +104,10 @@ def test_refuses_a_model_without_the_module(tmp_path):
     model = _adapted("lora")
     peft_ops.save_adapter(model, tmp_path / "a.safetensors")
     other = torch.nn.Sequential(torch.nn.Linear(32, 32))
+    before = _snapshot(other)
     with pytest.raises(AdapterFileError, match=r"module 'blocks.0.k_proj' is not in the model"):
         peft_ops.load_adapter(other, tmp_path / "a.safetensors")
+    _assert_unchanged(other, before)
 
 
 @pytest.mark.parametrize("method, rank, message", [
@@ -216,3 +218,131 @@ def test_refuses_regenerated_factors_that_differ(saved, monkeypatch):
     with pytest.raises(AdapterFileError, match=r"regenerated frozen loraxs factors differ"):
         peft_ops.load_adapter(model, path)
     _assert_unchanged(model, before)
+
+
+def _craft(path, edit_entries=None, edit_tensors=None):
+    """Rewrite an adapter file with edited metadata or tensors and a *valid* checksum, as a file made
+    by other code (or by someone meaning harm) would be: only validation can stop it."""
+    from peft_ops.adapter_file import _checksum
+
+    with safe_open(path, "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    adapter = json.loads(metadata["adapter"])
+    if edit_entries:
+        edit_entries(adapter["modules"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    metadata["adapter"] = json.dumps(adapter, sort_keys=True)
+    metadata["checksum"] = _checksum(metadata["adapter"], tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def _load_refused(path, message, model=None):
+    model = model or TinyModel(1)
+    before = _snapshot(model)
+    with pytest.raises(AdapterFileError, match=message):
+        peft_ops.load_adapter(model, path)
+    _assert_unchanged(model, before)
+
+
+def test_refuses_a_tensor_that_is_not_the_layers(saved):
+    """A name like 'weight' resolves to the base layer's weight on an adapter layer: it must be refused
+    before anything is written (here the bad entry sorts first, the load would fail later anyway)."""
+    _, path = saved
+
+    def add_weight(tensors):
+        tensors["blocks.0.k_proj.weight"] = torch.zeros(16, 32)
+
+    _craft(path, lambda m: m["blocks.0.k_proj"]["tensors"].append("weight"), add_weight)
+    _load_refused(path, r"module 'blocks.0.k_proj': the file lists tensors \['loraxs_R', 'weight'\]; a loraxs layer has "
+                        r"\['loraxs_R'\]")
+
+
+def test_refuses_an_incomplete_tensor_list(tmp_path):
+    model = _adapted("lora")
+    path = tmp_path / "a.safetensors"
+    peft_ops.save_adapter(model, path)
+
+    def drop_b(modules):
+        modules["blocks.0.q_proj"]["tensors"].remove("lora_B")
+
+    _craft(path, drop_b, lambda t: t.pop("blocks.0.q_proj.lora_B"))
+    _load_refused(path, r"the file lists tensors \['lora_A'\]; a lora layer has \['lora_A', 'lora_B'\]")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["blocks.0.q_proj"].update(dtype="int64"), r"dtype 'int64'; expected one of float32, float16"),
+    (lambda m: m["blocks.0.q_proj"]["base"].update(bias=False), r"made for a layer without a bias"),
+    (lambda m: m["blocks.0.q_proj"].update(rank=0), r"metadata is incomplete or inconsistent \(ValueError: loraxs: rank=0"),
+    (lambda m: m["blocks.0.q_proj"].pop("seed"), r"metadata is incomplete or inconsistent \(KeyError: 'seed'\)"),
+])
+def test_refuses_inconsistent_metadata(saved, edit, message):
+    _, path = saved
+    _craft(path, edit)
+    _load_refused(path, message)
+
+
+def test_refuses_malformed_modules(saved):
+    from safetensors.torch import save_file as save
+
+    _, path = saved
+    with safe_open(path, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    from peft_ops.adapter_file import _checksum
+
+    adapter_json = json.dumps({"modules": ["blocks.0.q_proj"]})
+    save(tensors, path, metadata={"format": "peft-ops-adapter", "format_version": "1", "adapter": adapter_json,
+                                  "checksum": _checksum(adapter_json, tensors)})
+    _load_refused(path, r"adapter metadata is malformed")
+
+
+def test_a_pickle_is_never_unpickled(tmp_path):
+    """Loading reads safetensors only: a pickle (which could run code) is refused unread."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "ran"), "w"))
+
+    path = tmp_path / "adapter.safetensors"
+    path.write_bytes(pickle.dumps(Payload()))
+    _load_refused(path, r"not a readable safetensors file")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_save_from_a_merged_model_loads_into_the_base(tmp_path):
+    model = _adapted("tlora")
+    x = torch.randn(4, 32)
+    expected = model(x)
+    peft_ops.merge(model)
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = TinyModel(1)
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors")
+    assert torch.allclose(fresh(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_include_frozen_does_not_regenerate(tmp_path, monkeypatch):
+    import peft_ops.methods as methods
+
+    model = _adapted("loraxs")
+    x = torch.randn(4, 32)
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors", include_frozen=True)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the SVD was recomputed")
+
+    monkeypatch.setattr(methods, "top_singular_triplets", no_svd)
+    fresh = TinyModel(1)
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors")
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_loading_in_place_changes_no_requires_grad_flag(tmp_path):
+    model = _adapted("loraxs")
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    target = TinyModel(1)
+    peft_ops.inject(target, "loraxs", 4, target_modules="all-linear")
+    target.lm_head.weight.requires_grad_(True)  # the user trains the head too
+    target.blocks[0].q_proj.loraxs_R.requires_grad_(False)  # and froze one adapter
+    peft_ops.load_adapter(target, tmp_path / "a.safetensors")
+    assert target.lm_head.weight.requires_grad and not target.blocks[0].q_proj.loraxs_R.requires_grad

@@ -15,42 +15,66 @@ def _linear(n=48, k=40, dtype=torch.float32):
     return nn.Linear(k, n, dtype=dtype)
 
 
+def _share_q_as_alias(model):
+    model.alias = model.blocks[0].q_proj  # one module, two names
+
+
+def _with_mha(model):
+    model.attn = nn.MultiheadAttention(32, 4)
+
+
 def _adapted_q(model):
     peft_ops.inject(model, "lora", 4, target_modules=["q_proj"])
     return model
 
 
 # (id, setup(model) -> model or None, action(model), exception, message)
+def _k(m):
+    return m.blocks[0].k_proj  # a 16×32 (out×in) layer of the snapshotted model
+
+
 CASES = [
-    # constructor arguments
-    ("rank-zero", None, lambda m: peft_ops.LoRALinear(_linear(), 0), ValueError,
-     r"lora: rank=0; expected an integer from 1 to min\(in_features, out_features\) = 40 for this 48×40 weight"),
-    ("rank-negative", None, lambda m: peft_ops.TLoRALinear(_linear(), -2), ValueError, r"tlora: rank=-2; expected an integer"),
-    ("rank-float", None, lambda m: peft_ops.LoRAXSLinear(_linear(), 2.5), ValueError, r"loraxs: rank=2.5; expected an integer"),
-    ("rank-bool", None, lambda m: peft_ops.LoRALinear(_linear(), True), ValueError, r"rank=True; expected an integer"),
-    ("rank-above-weight", None, lambda m: peft_ops.LoRALinear(_linear(), 41), ValueError,
-     r"rank=41; expected an integer from 1 to min\(in_features, out_features\) = 40"),
-    ("alpha-nan", None, lambda m: peft_ops.LoRALinear(_linear(), 4, alpha=float("nan")), ValueError,
+    # constructor arguments, on the model's own layer: a refused adapter must leave it as it was
+    ("rank-zero", None, lambda m: peft_ops.LoRALinear(_k(m), 0), ValueError,
+     r"lora: rank=0; expected an integer from 1 to min\(in_features, out_features\) = 16 for this 16×32 weight"),
+    ("rank-negative", None, lambda m: peft_ops.TLoRALinear(_k(m), -2), ValueError, r"tlora: rank=-2; expected an integer"),
+    ("rank-float", None, lambda m: peft_ops.LoRAXSLinear(_k(m), 2.5), ValueError, r"loraxs: rank=2.5; expected an integer"),
+    ("rank-bool", None, lambda m: peft_ops.LoRALinear(_k(m), True), ValueError, r"rank=True; expected an integer"),
+    ("rank-above-weight", None, lambda m: peft_ops.LoRALinear(_k(m), 17), ValueError,
+     r"rank=17; expected an integer from 1 to min\(in_features, out_features\) = 16"),
+    ("alpha-nan", None, lambda m: peft_ops.LoRALinear(_k(m), 4, alpha=float("nan")), ValueError,
      r"alpha=nan; expected a finite number or None"),
-    ("alpha-string", None, lambda m: peft_ops.LoRALinear(_linear(), 4, alpha="16"), ValueError, r"alpha='16'; expected"),
-    ("dropout-one", None, lambda m: peft_ops.LoRALinear(_linear(), 4, dropout=1.0), ValueError,
+    ("alpha-string", None, lambda m: peft_ops.LoRALinear(_k(m), 4, alpha="16"), ValueError, r"alpha='16'; expected"),
+    ("dropout-one", None, lambda m: peft_ops.LoRALinear(_k(m), 4, dropout=1.0), ValueError,
      r"dropout=1.0; expected a rate in \[0, 1\)"),
-    ("dropout-negative", None, lambda m: peft_ops.LoRALinear(_linear(), 4, dropout=-0.1), ValueError, r"dropout=-0.1; expected"),
-    ("seed-negative", None, lambda m: peft_ops.LoRALinear(_linear(), 4, seed=-1), ValueError,
+    ("dropout-negative", None, lambda m: peft_ops.LoRALinear(_k(m), 4, dropout=-0.1), ValueError, r"dropout=-0.1; expected"),
+    ("seed-negative", None, lambda m: peft_ops.LoRALinear(_k(m), 4, seed=-1), ValueError,
      r"seed=-1; expected an integer in \[0, 2\*\*63\)"),
-    ("backend-unknown", None, lambda m: peft_ops.LoRALinear(_linear(), 4, backend="cuda"), ValueError,
+    ("backend-unknown", None, lambda m: peft_ops.LoRALinear(_k(m), 4, backend="cuda"), ValueError,
      r"backend='cuda' is not known; expected one of 'auto', 'triton', 'reference'"),
-    ("base-not-linear", None, lambda m: peft_ops.LoRAXSLinear(nn.Conv2d(3, 3, 1), 1), TypeError,
-     r"base_layer: expected a torch.nn.Linear or a transformers Conv1D, got Conv2d"),
-    ("symlora-non-square", None, lambda m: peft_ops.SymLoRALinear(_linear(), 4), ValueError,
-     r"symlora: the target weight is 48×40 \(out_features×in_features\), but SymLoRA's Q·diag\(λ\)·Qᵀ is defined "
+    ("base-not-linear", None, lambda m: peft_ops.LoRAXSLinear(m.blocks[0].mlp, 1), TypeError,
+     r"base_layer: expected a torch.nn.Linear or a transformers Conv1D, got Sequential"),
+    ("symlora-non-square", None, lambda m: peft_ops.SymLoRALinear(_k(m), 4), ValueError,
+     r"symlora: the target weight is 16×32 \(out_features×in_features\), but SymLoRA's Q·diag\(λ\)·Qᵀ is defined "
      r"for square weights. Pass allow_non_square=True"),
-    ("option-unknown", None, lambda m: peft_ops.LoRAXSLinear(_linear(), 4, rnak=3), TypeError,
+    ("option-unknown", None, lambda m: peft_ops.LoRAXSLinear(_k(m), 4, rnak=3), TypeError,
      r"loraxs: unknown option\(s\) 'rnak'; options this method takes: svd, svd_seed"),
-    ("option-for-another-method", None, lambda m: peft_ops.LoRALinear(_linear(), 4, svd="exact"), TypeError,
+    ("option-for-another-method", None, lambda m: peft_ops.LoRALinear(_k(m), 4, svd="exact"), TypeError,
      r"lora: unknown option\(s\) 'svd'; options this method takes: none"),
-    ("option-value", None, lambda m: peft_ops.LoRAXSLinear(_linear(), 4, svd="fast"), ValueError,
+    ("option-value", None, lambda m: peft_ops.LoRAXSLinear(_k(m), 4, svd="fast"), ValueError,
      r"loraxs: option svd='fast'; expected 'randomized' or 'exact'"),
+    ("option-seed", None, lambda m: peft_ops.LoRAXSLinear(_k(m), 4, svd_seed="abc"), ValueError,
+     r"loraxs: option svd_seed='abc'; expected an integer in \[0, 2\*\*63\)"),
+    ("frozen-factors-wrong", None,
+     lambda m: peft_ops.TLoRALinear(_k(m), 4, frozen_factors={"tlora_A": torch.zeros(32, 4)}), ValueError,
+     r"tlora: frozen_factors lacks 'tlora_C'"),
+    ("frozen-factors-shape", None,
+     lambda m: peft_ops.TLoRALinear(_k(m), 4, frozen_factors={"tlora_A": torch.zeros(31, 4),
+                                                              "tlora_C": torch.zeros(4, 16)}), ValueError,
+     r"tlora: frozen_factors give factors of shapes \(16, 4\) and \(31, 4\); expected \(16, 4\) and \(32, 4\)"),
+    ("triton-rank-limit", None, lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton"), ValueError,
+     r"loraxs: rank=257 with backend='triton'; the fused kernels take ranks up to 256 \(backend='auto' or "
+     r"'reference' runs any rank\)"),
     ("method-unknown", None, lambda m: peft_ops.get_method("dora"), ValueError,
      r"method='dora' is not known; expected one of 'lora', 'symlora', 'loraxs', 'tlora'"),
     # inputs
@@ -63,9 +87,6 @@ CASES = [
     ("triton-float64", None,
      lambda m: peft_ops.LoRALinear(_linear(dtype=torch.float64), 2, backend="triton")(torch.randn(2, 40, dtype=torch.float64)),
      TypeError, r"backend='triton': input dtype is torch.float64; the fused kernels take float32, float16 or bfloat16"),
-    ("triton-rank-limit", None, lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton"), ValueError,
-     r"loraxs: rank=257 with backend='triton'; the fused kernels take ranks up to 256 \(backend='auto' or "
-     r"'reference' runs any rank\)"),
     ("kernel-rank-limit", None,
      lambda m: kernels.lowrank_linear(torch.randn(2, 270), torch.randn(300, 270), None, torch.randn(270, 257),
                                       torch.randn(300, 257)), ValueError,
@@ -103,6 +124,12 @@ CASES = [
      ValueError, r"module 'blocks.0.k_proj': lora: rank=20; expected an integer from 1 to .* = 16"),
     ("inject-symlora-non-square-midway", None, lambda m: peft_ops.inject(m, "symlora", 4, target_modules=["q_proj", "k_proj"]),
      ValueError, r"module 'blocks.0.k_proj': symlora: the target weight is 16×32"),
+    ("inject-seed", None, lambda m: peft_ops.inject(m, "tlora", 4, target_modules=["q_proj"], seed=-1), ValueError,
+     r"seed=-1; expected an integer in \[0, 2\*\*63\)"),
+    ("inject-shared-module", _share_q_as_alias, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["q_proj"]),
+     ValueError, r"module 'blocks.0.q_proj' is shared: the model also reaches it as \['alias'\]"),
+    ("inject-mha-out-proj", _with_mha, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["attn.out_proj"]),
+     TypeError, r"module 'attn.out_proj' is the out_proj of an nn.MultiheadAttention, which reads its weight directly"),
     ("save-without-adapters", None, lambda m: peft_ops.save_adapter(m, "/nonexistent/a.safetensors"), ValueError,
      r"model has no peft-ops adapter layers to save"),
 ]

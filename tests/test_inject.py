@@ -96,3 +96,10 @@ def test_model_level_merge_and_unmerge():
     assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
     peft_ops.unmerge(model)
     assert torch.equal(model(x), expected)
+
+
+def test_all_linear_leaves_out_what_is_never_called():
+    """nn.MultiheadAttention reads out_proj.weight itself: all-linear must not wrap it (its adapter
+    would silently never run)."""
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
+    assert peft_ops.inject(layer, "lora", 4, target_modules="all-linear") == ["linear1", "linear2"]

@@ -2,6 +2,7 @@
 the fused path against the float64 oracle, forward and backward. Bounded so CI stays fast."""
 import copy
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,8 +13,10 @@ from peft_ops import kernels, reference
 from peft_ops.ops import lowrank_linear
 from utils import DEVICE, TOLERANCE, rel_error
 
+pytestmark = pytest.mark.usefixtures("poisoned")
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.function_scoped_fixture])  # the poison may persist
 
 
 @st.composite
