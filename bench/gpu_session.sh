@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session runs, in as few device calls as possible (see bench/NOTES.md). Each call is at
-# most 10 minutes, so the stages can be split across calls: STAGES="tests" then STAGES="bench sweep".
+# most 10 minutes, so the stages can be split across calls: STAGES="tests" then STAGES="bench sweep";
+# PYTEST_ARGS splits the suite further (e.g. PYTEST_ARGS=tests/test_gpu_only.py, or a -k expression).
 #   tests: the whole suite compiled on the GPU, GPU-only checks included (tests/test_gpu_only.py);
 #   bench: python -m bench --quick;  sweep: the full sweep.
 # Writes to $OUT (at most 8 files come back): env.txt, pytest.log, bench.log and the bench's csv/md/png.
@@ -15,7 +16,8 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 for stage in $STAGES; do
   case $stage in
-    tests) timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -ra -n 4 -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+    tests) timeout "${TEST_TIMEOUT:-540}" python3 -m pytest -q -ra -n 4 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 \
+             | tee "$OUT/pytest.log" | tail -40 ;;
     bench) timeout "${BENCH_TIMEOUT:-300}" python3 -m bench --quick --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -30 ;;
     sweep) timeout "${SWEEP_TIMEOUT:-540}" python3 -m bench --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" | tail -60 ;;
     *) echo "unknown stage $stage" ;;

@@ -9,10 +9,10 @@ import peft_ops
 from utils import DEVICE, ON_GPU, TinyModel
 
 
-def _training_loop(backend, dropout):
+def _training_loop(backend, dropout, methods=None):
+    methods = methods or ("lora", "tlora", "loraxs", "symlora")
     model = TinyModel(2).to(DEVICE)
-    for targets, method in ((["q_proj"], "lora"), (["k_proj"], "tlora"), (["v_proj"], "loraxs"),
-                            (["o_proj"], "symlora")):
+    for targets, method in zip((["q_proj"], ["k_proj"], ["v_proj"], ["o_proj"]), methods):
         peft_ops.inject(model, method, 4, target_modules=targets, dropout=dropout, backend=backend,
                         **({"allow_non_square": True} if method == "symlora" else {}))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -35,7 +35,8 @@ def _live_tensors():
 def test_no_tensors_leak(backend, steps):
     """Live tensors after two equal windows of steps: a leak of even one tensor a step grows the count
     by ``steps`` in each window; tensors other tests left to the collector do not recur."""
-    step = _training_loop(backend, dropout=0.1)
+    # under the interpreter, two layers suffice: input-side (LoRA) and output-side (TLoRA) dropout
+    step = _training_loop(backend, dropout=0.1, methods=("lora", "tlora") if backend == "triton" else None)
     counts = []
     for _ in range(3):  # the first window also creates the optimizer state
         for _ in range(steps):
