@@ -15,6 +15,7 @@ import csv
 import datetime
 import importlib.util
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -260,45 +261,75 @@ def _bench_one(provider, kernel, case, x, g, mode, peft_layer, meta, timed):
     return rows, None
 
 
-def run(shapes, tokens, ranks, methods, providers, modes, dtype, device, timed: bool):
-    """Check every provider and, when ``timed``, measure it. Returns (CSV rows as dicts, failures)."""
+class Stopped(Exception):
+    """The time budget ran out or the process was asked to stop: keep what was measured."""
+
+
+_signal_received = None  # also checked before each provider: torch.compile's caches swallow exceptions
+
+
+def _stop_on_sigterm(signum, frame):
+    global _signal_received
+    _signal_received = signum
+    raise Stopped(f"signal {signum}")
+
+
+def run(shapes, tokens, ranks, methods, providers, modes, dtype, device, timed: bool, budget_s: float | None = None):
+    """Check every provider and, when ``timed``, measure it. Returns (CSV rows as dicts, failures, why it
+    stopped early or None). Past ``budget_s`` seconds, or on SIGTERM, it stops between cells and returns
+    the rows of every cell it finished: a sweep cut short by a device call's limit still leaves numbers.
+    """
     meta = {"dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    rows, failures = [], []
-    if timed:
-        rate, bandwidth = measure_ceilings(device)
-        rows += [dict(meta, kernel="-", provider="ceiling", mode="-", metric=metric, unit=unit, x=0,
-                      median=value, p20=value, p80=value, shape="-", rank=0)
-                 for metric, unit, value in (("matmul_rate", "TFLOP/s", rate / 1e12),
-                                             ("copy_bandwidth", "TB/s", bandwidth / 1e12))]
+    global _signal_received
+    _signal_received = None
+    rows, failures, stopped = [], [], None
     providers = [p for p in providers if p != "peft" or _peft_available()]
     # providers that don't depend on the method run with the first method only
     per_method = {m: [p for p in providers if i == 0 or p not in METHOD_INDEPENDENT] for i, m in enumerate(methods)}
     progress = Progress(len(shapes) * len(ranks) * len(tokens) * len(modes) * sum(map(len, per_method.values())))
-    for shape_name, (n, k) in shapes.items():
-        for rank in ranks:
-            peft_layer = _peft_layer(n, k, rank, dtype, device) if "peft" in providers else None
-            for method in methods:
-                case = Case(method, n, k, rank, dtype, device)
-                for m in tokens:
-                    x = torch.randn(m, k, device=device, dtype=dtype)
-                    g = torch.randn(m, n, device=device, dtype=dtype)
-                    cell = dict(meta, shape=shape_name, rank=rank, x=m)
-                    for mode in modes:
-                        if timed and method == methods[0]:
-                            fl = floor_ms(m, n, k, mode, rate, bandwidth)
-                            rows.append(dict(cell, kernel="-", provider="floor", mode=mode, metric="time",
-                                             unit="ms", median=fl, p20=fl, p80=fl))
-                        for provider in per_method[method]:
-                            progress.step(f"{shape_name} r={rank} {method} M={m} {mode} {provider}")
-                            kernel = METHOD_INDEPENDENT.get(provider, method)
-                            new_rows, failure = _bench_one(provider, kernel, case, x, g, mode, peft_layer, cell, timed)
-                            rows += new_rows
-                            if failure:
-                                failures.append(failure)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    try:
+        if timed:
+            rate, bandwidth = measure_ceilings(device)
+            rows += [dict(meta, kernel="-", provider="ceiling", mode="-", metric=metric, unit=unit, x=0,
+                          median=value, p20=value, p80=value, shape="-", rank=0)
+                     for metric, unit, value in (("matmul_rate", "TFLOP/s", rate / 1e12),
+                                                 ("copy_bandwidth", "TB/s", bandwidth / 1e12))]
+        for shape_name, (n, k) in shapes.items():
+            for rank in ranks:
+                peft_layer = _peft_layer(n, k, rank, dtype, device) if "peft" in providers else None
+                for method in methods:
+                    case = Case(method, n, k, rank, dtype, device)
+                    for m in tokens:
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise Stopped("the time budget ran out")
+                        x = torch.randn(m, k, device=device, dtype=dtype)
+                        g = torch.randn(m, n, device=device, dtype=dtype)
+                        cell = dict(meta, shape=shape_name, rank=rank, x=m)
+                        cell_rows, cell_failures = [], []  # kept only once every provider and mode ran
+                        for mode in modes:
+                            if timed and method == methods[0]:
+                                fl = floor_ms(m, n, k, mode, rate, bandwidth)
+                                cell_rows.append(dict(cell, kernel="-", provider="floor", mode=mode, metric="time",
+                                                      unit="ms", median=fl, p20=fl, p80=fl))
+                            for provider in per_method[method]:
+                                if _signal_received is not None:
+                                    raise Stopped(f"signal {_signal_received}")
+                                progress.step(f"{shape_name} r={rank} {method} M={m} {mode} {provider}")
+                                kernel = METHOD_INDEPENDENT.get(provider, method)
+                                new_rows, failure = _bench_one(provider, kernel, case, x, g, mode, peft_layer, cell,
+                                                               timed)
+                                cell_rows += new_rows
+                                if failure:
+                                    cell_failures.append(failure)
+                        rows += cell_rows
+                        failures += cell_failures
+    except Stopped as stop:
+        stopped = str(stop)
     progress.close()
-    return rows, failures
+    return rows, failures, stopped
 
 
 def _times(rows):
@@ -317,10 +348,11 @@ def markdown(rows) -> str:
         base = t.get(("linear", "base", mode, shape, rank, m))
         get = lambda kernel, provider: t.get((kernel, provider, mode, shape, rank, m))  # noqa: E731
         ratio = lambda v: f"{v / base:.3f}" if v and base else "—"  # noqa: E731
+        ms = lambda v: f"{v:.4f}" if v else "—"  # noqa: E731  (a provider left out of the run)
         fused, eager = get(method, "fused"), get(method, "eager")
-        lines.append(f"| {method} | {mode} | {shape} | {rank} | {m} | {fused:.4f} | {base:.4f} | {ratio(fused)} | "
+        lines.append(f"| {method} | {mode} | {shape} | {rank} | {m} | {ms(fused)} | {ms(base)} | {ratio(fused)} | "
                      f"{ratio(eager)} | {ratio(get(method, 'compile'))} | "
-                     f"{eager / fused:.3f} | {ratio(get('linear', 'triton_base'))} | "
+                     f"{f'{eager / fused:.3f}' if eager and fused else '—'} | {ratio(get('linear', 'triton_base'))} | "
                      f"{ratio(get('peft-lora', 'peft'))} | {ratio(get('-', 'floor'))} |")
     return "\n".join(lines)
 
@@ -389,25 +421,38 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--label", help="names the result files (default: quick or sweep)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                        help="start no new cell after this long; write what was measured (SIGTERM does the same)")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.tokens, args.ranks = QUICK["shapes"], list(QUICK["tokens"]), list(QUICK["ranks"])
-    if not torch.cuda.is_available():
-        print("No CUDA GPU here: running a correctness smoke of every provider on the CPU (fused kernels under "
-              "Triton's interpreter). No timings are taken.")
-        rows, failures = run(SMOKE["shapes"], SMOKE["tokens"], SMOKE["ranks"], args.methods, args.providers,
-                             args.modes, torch.float32, torch.device("cpu"), timed=False)
-        if not _peft_available() and "peft" in args.providers:
-            print("peft is not installed: its provider was skipped (pip install peft)")
-    else:
-        shapes = {name: SHAPES[name] for name in args.shapes}
-        rows, failures = run(shapes, args.tokens, args.ranks, args.methods, args.providers, args.modes,
-                             torch.bfloat16, torch.device("cuda"), timed=True)
-        for path in write_outputs(rows, args.out, "quick" if args.quick else "sweep"):
-            print("wrote", path)
-        print(markdown(rows))
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout` asks politely: keep the rows
+    try:
+        if not torch.cuda.is_available():
+            print("No CUDA GPU here: running a correctness smoke of every provider on the CPU (fused kernels under "
+                  "Triton's interpreter). No timings are taken.")
+            rows, failures, stopped = run(SMOKE["shapes"], SMOKE["tokens"], SMOKE["ranks"], args.methods,
+                                          args.providers, args.modes, torch.float32, torch.device("cpu"),
+                                          timed=False, budget_s=args.time_budget)
+            if not _peft_available() and "peft" in args.providers:
+                print("peft is not installed: its provider was skipped (pip install peft)")
+        else:
+            shapes = {name: SHAPES[name] for name in args.shapes}
+            rows, failures, stopped = run(shapes, args.tokens, args.ranks, args.methods, args.providers,
+                                          args.modes, torch.bfloat16, torch.device("cuda"), timed=True,
+                                          budget_s=args.time_budget)
+            if any(r["provider"] != "ceiling" for r in rows):
+                label = args.label or ("quick" if args.quick else "sweep")
+                for path in write_outputs(rows, args.out, label + ("-partial" if stopped else "")):
+                    print("wrote", path)
+                print(markdown(rows))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped:
+        print(f"STOPPED EARLY ({stopped}): the results hold only the cells finished before it")
     for failure in failures:
         print("WRONG RESULT, not timed:", failure)
     if not failures:
-        print("every provider matched the float64 reference")
+        print("every provider " + ("that ran " if stopped else "") + "matched the float64 reference")
     return 1 if failures else 0

@@ -1,6 +1,8 @@
 """The benchmark runner: its CPU smoke mode, its refusal to time wrong results, and its outputs."""
 import csv
 import importlib.util
+import os
+import signal
 
 import pytest
 import torch
@@ -65,3 +67,52 @@ def test_outputs_csv_markdown_and_plot(tmp_path):
     assert "| loraxs | forward | 4096x4096 | 16 | 2048 | 0.1040 | 0.1000 | 1.040 | 1.500 | 1.300 | 1.442 | 1.020 | " \
            "1.600 | 0.900 |" in table
     assert (str(stem) + ".png" in written) == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def _fake_bench_one(calls):
+    """A stand-in for ``_bench_one`` that records a row per provider and mode without running anything."""
+    def bench_one(provider, kernel, case, x, g, mode, peft_layer, cell, timed):
+        calls.append((cell["x"], mode, provider))
+        return [dict(cell, kernel=kernel, provider=provider, mode=mode)], None
+    return bench_one
+
+
+def test_sigterm_keeps_every_finished_cell_and_drops_the_interrupted_one(monkeypatch):
+    """A sweep cut short by a device call's time limit (`timeout` sends SIGTERM) returns whole cells."""
+    calls = []
+    record = _fake_bench_one(calls)
+
+    def bench_one(*args):
+        rows = record(*args)
+        if len(calls) == 5:  # in the middle of the second cell (4 calls per cell: 2 providers x 2 modes)
+            try:  # torch.compile's caches swallow what the handler raises inside them: the run must still stop
+                os.kill(os.getpid(), signal.SIGTERM)
+            except runner.Stopped:
+                pass
+        return rows
+    monkeypatch.setattr(runner, "_bench_one", bench_one)
+    monkeypatch.setattr(runner, "Case", lambda *args: None)
+    previous = signal.signal(signal.SIGTERM, runner._stop_on_sigterm)
+    try:
+        rows, failures, stopped = runner.run(runner.SMOKE["shapes"], (1, 17, 33), (8,), ["lora"], ["base", "fused"],
+                                             runner.MODES, torch.float32, torch.device("cpu"), timed=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped == f"signal {int(signal.SIGTERM)}" and not failures
+    assert len(rows) == 4 and {r["x"] for r in rows} == {1}
+    assert len(calls) == 5  # nothing ran after the signal
+
+
+def test_time_budget_stops_between_cells(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(runner, "_bench_one", _fake_bench_one(calls))
+    assert runner.main(["--methods", "lora", "--time-budget", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "STOPPED EARLY (the time budget ran out)" in out and "every provider that ran matched" in out
+    assert calls == []
+
+
+def test_markdown_marks_providers_left_out_of_the_run():
+    rows = [r for r in _rows() if r["provider"] in ("fused", "floor")]
+    line = next(l for l in runner.markdown(rows).splitlines() if l.startswith("| loraxs | forward | 4096x4096 | 16 | 2048"))
+    assert line == "| loraxs | forward | 4096x4096 | 16 | 2048 | 0.1040 | — | — | — | — | — | — | — | — |"
