@@ -163,7 +163,8 @@ _GEMM_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 # ones whose shared memory fits (see shared_memory_bytes).
 GEMM_CONFIGS = _configs([(128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8),
                          (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-                         (64, 64, 64, 8, 4, 4), (128, 256, 32, 8, 4, 8), (64, 64, 32, 8, 3, 4)], _GEMM_NAMES)
+                         (64, 64, 64, 8, 4, 4), (128, 256, 32, 8, 4, 8), (64, 64, 32, 8, 3, 4),
+                         (32, 64, 32, 8, 3, 4)], _GEMM_NAMES)
 DECODE_GEMM_CONFIGS = _configs([(16, n, k, 8, s, 4) for n in (32, 64, 128) for k in (64, 128, 256) for s in (3, 4)],
                                _GEMM_NAMES)
 SHRINK_CONFIGS = _configs([(m, k, s, 4) for m in (16, 32, 64) for k in (32, 64, 128) for s in (3, 4)],
@@ -171,12 +172,13 @@ SHRINK_CONFIGS = _configs([(m, k, s, 4) for m in (16, 32, 64) for k in (32, 64, 
 SHARED_MEMORY = 227 * 1024  # bytes of shared memory a Hopper block may use
 
 
-def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_size: int) -> int:
+def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_size: int, precision: str) -> int:
     """An upper bound on a config's shared memory. ``kind``: "shrink", "gemm" (t from the shrink kernel),
     "gemm_in_loop" (t computed in the K-loop) or "plain" (no adapter). Each pipeline stage holds its
     input tiles (D too when t is computed alongside, in a's dtype), plus one more a tile for the
     dropout-masked copy; the epilogue's float32 t and E tiles reuse the pipeline's memory once the
-    K-loop is done. tests/test_sm90_compile.py checks the bound
+    K-loop is done, twice over under "tf32x3" (each is split into a high and a low tf32 part, staged
+    separately: 384 KiB for 64×128 tiles at rank 256). tests/test_sm90_compile.py checks the bound
     against the compiler's own numbers."""
     c = config.kwargs
     bm, bk = c["BLOCK_M"], c["BLOCK_K"]
@@ -188,11 +190,12 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
         pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size + masked_a
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
-    return max(pipeline, 0 if kind == "plain" else (bm + bn) * block_r * 4)
+    epilogue = (bm + bn) * block_r * 4 * (2 if precision == "tf32x3" else 1)
+    return max(pipeline, 0 if kind == "plain" else epilogue)
 
 
-def fitting_configs(configs, kind: str, block_r: int, element_size: int) -> list:
-    return [c for c in configs if shared_memory_bytes(c, kind, block_r, element_size) <= SHARED_MEMORY]
+def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str) -> list:
+    return [c for c in configs if shared_memory_bytes(c, kind, block_r, element_size, precision) <= SHARED_MEMORY]
 
 
 def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
@@ -201,11 +204,11 @@ def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
 
 def _prune_gemm(configs, named_args, **meta):
     kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
-    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size())
+    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"])
 
 
 def _prune_shrink(configs, named_args, **meta):
-    return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size())
+    return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"])
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
@@ -220,17 +223,19 @@ if INTERPRET:
                                                                "GROUP_M": 4})]
     _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})]
 else:
-    _PREFERRED_GEMM = _configs([(128, 128, 64, 8, 3, 8), (64, 128, 64, 8, 3, 4), (64, 64, 32, 8, 3, 4)], _GEMM_NAMES)
+    # the last is for float32 at ranks above 128 under tf32x3, whose epilogue needs the most memory
+    _PREFERRED_GEMM = _configs([(128, 128, 64, 8, 3, 8), (64, 128, 64, 8, 3, 4), (64, 64, 32, 8, 3, 4),
+                                (32, 64, 32, 8, 3, 4)], _GEMM_NAMES)
     _PREFERRED_DECODE_GEMM = _configs([(16, 64, 128, 8, 4, 4), (16, 64, 64, 8, 3, 4), (16, 32, 64, 8, 3, 4)],
                                       _GEMM_NAMES)
     _PREFERRED_SHRINK = _configs([(32, 128, 3, 4), (32, 64, 3, 4), (16, 32, 3, 4)], ("BLOCK_M", "BLOCK_K"))
 
 
-def default_config(preferred, kind: str, block_r: int, element_size: int) -> triton.Config:
+def default_config(preferred, kind: str, block_r: int, element_size: int, precision: str) -> triton.Config:
     """The first preferred config whose shared memory fits (the interpreter's has no limit)."""
     if INTERPRET:
         return preferred[0]
-    return fitting_configs(preferred, kind, block_r, element_size)[0]
+    return fitting_configs(preferred, kind, block_r, element_size, precision)[0]
 
 
 def _m_bucket(m: int) -> int:
@@ -270,7 +275,7 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=
     meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
                 BLOCK_R=rank_block(rank))
     _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta, config,
-         lambda: default_config(_PREFERRED_SHRINK, "shrink", meta["BLOCK_R"], a.element_size()))
+         lambda: default_config(_PREFERRED_SHRINK, "shrink", meta["BLOCK_R"], a.element_size(), meta["PRECISION"]))
     return t
 
 
@@ -292,7 +297,7 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     _run(_lowrank_linear_kernel, _gemm_small if decode else _gemm_large,
          lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),), args, meta, config,
          lambda: default_config(_PREFERRED_DECODE_GEMM if decode else _PREFERRED_GEMM, kind, block_r,
-                                a.element_size()))
+                                a.element_size(), meta["PRECISION"]))
 
 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,

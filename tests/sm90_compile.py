@@ -23,6 +23,8 @@ from peft_ops.kernels import dropout, fused_linear, reductions  # noqa: E402
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes a Hopper block may use
 TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# what kernels._config.dot_precision picks under torch's default "highest" float32 matmul precision
+PRECISION = {"float32": "tf32x3", "float16": "tf32", "bfloat16": "tf32"}
 
 
 def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=None, unit=(), aligned=()):
@@ -71,56 +73,66 @@ def variants(which: str):
                          "backward": (("stride_ak", "stride_wn", "stride_dr", "stride_er", "stride_on"),
                                       ("K", "N", "stride_am", "stride_wk", "stride_dk", "stride_om"))}[layout]
         return _variant(gemm, config, dtype, fp32, c, unit=unit, aligned=aligned,
-                        estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size))
+                        estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"]))
 
     def shrink_variant(config, dtype, block_r, drop):
         size = 4 if dtype == "float32" else 2
-        return _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION="tf32",
+        return _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION=PRECISION[dtype],
                                                           BLOCK_R=block_r),
-                        estimate=fl.shared_memory_bytes(config, "shrink", block_r, size))
+                        estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]))
 
     out = []
     if which == "configs":
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm_in_loop", 64, 2):
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32"):
             out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, DROPOUT=1, BLOCK_R=64))
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 2):
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 2, "tf32"):
             out.append(gemm_variant(config, "bfloat16", "forward", DROPOUT=2, BLOCK_R=256))
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 16, 2):
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 4, "tf32x3"):  # the costliest epilogue
+            out.append(gemm_variant(config, "float32", "forward", BLOCK_R=256, PRECISION="tf32x3"))
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 16, 2, "tf32"):
             out.append(gemm_variant(config, "bfloat16", "backward", BLOCK_R=16))
-        for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2):
+        for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32"):
             out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, BLOCK_R=64))
-        for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2):
+        for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2, "tf32"):
             out.append(shrink_variant(config, "bfloat16", 256, True))
         return out
     for dtype in TYPE:
-        size = 4 if dtype == "float32" else 2
-        precision = "ieee" if dtype == "float32" else "tf32"
+        size, precision = 4 if dtype == "float32" else 2, PRECISION[dtype]
         for in_loop in (False, True):
             for drop in (0, 1, 2):
                 if dtype == "float16" and drop != (2 if in_loop else 1):
                     continue  # fp16 compiles as bf16 does: two of its paths suffice
                 preferred = fl._PREFERRED_DECODE_GEMM if in_loop else fl._PREFERRED_GEMM
                 kind = fl._gemm_kind(True, in_loop)
-                out.append(gemm_variant(fl.default_config(preferred, kind, 16, size), dtype, SHRINK_IN_LOOP=in_loop,
-                                        DROPOUT=drop, HAS_BIAS=drop != 1, PRECISION=precision))
+                out.append(gemm_variant(fl.default_config(preferred, kind, 16, size, precision), dtype,
+                                        SHRINK_IN_LOOP=in_loop, DROPOUT=drop, HAS_BIAS=drop != 1, PRECISION=precision))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
-            out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, size), dtype, layout,
+            out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, size, precision), dtype, layout,
                                     DROPOUT=1 if layout == "forward" else 2, PRECISION=precision))
         if dtype == "float16":
             continue
-        out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "plain", 16, size), dtype, HAS_LOW_RANK=False,
-                                STORE_T=False, PRECISION=precision))
+        out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "plain", 16, size, precision), dtype,
+                                HAS_LOW_RANK=False, STORE_T=False, PRECISION=precision))
         for drop in (False, True):
-            out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size), dtype, 64, drop))
+            out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size, precision), dtype, 64,
+                                      drop))
             out.append(_variant(reduce, triton.Config({}), dtype, {"b_ptr": "*fp32", "partial_ptr": "*fp32",
                                                                    "seed_ptr": "*i64"},
-                                dict(DROPOUT=drop, UPCAST=False, PRECISION="tf32", BLOCK_M=64, BLOCK_P=64,
-                                     BLOCK_R=64)))
-    # int64 sizes, as for tensors past 2³¹ elements; the largest rank without autotuning; dropout masks
+                                dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"], BLOCK_M=64,
+                                     BLOCK_P=64, BLOCK_R=64)))  # b is float32 whatever a is
+    # int64 sizes, as for tensors past 2³¹ elements
     out.append(gemm_variant(fl._PREFERRED_GEMM[0], "bfloat16", DROPOUT=2))
     out[-1]["signature"].update({n: "i64" for n in ("M", "stride_am", "stride_tm", "stride_om")})
-    out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 256, 2), "bfloat16", BLOCK_R=256))
-    out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4), "float32", 256, False))
+    # the largest rank without autotuning, in each dtype (float32's tf32x3 epilogue is the largest)
+    for dtype, size in (("bfloat16", 2), ("float32", 4)):
+        for block_r in (128, 256):
+            out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", block_r, size, PRECISION[dtype]),
+                                    dtype, BLOCK_R=block_r, PRECISION=PRECISION[dtype]))
+        out.append(gemm_variant(fl.default_config(fl._PREFERRED_DECODE_GEMM, "gemm", 256, size, PRECISION[dtype]),
+                                dtype, BLOCK_R=256, PRECISION=PRECISION[dtype]))
+    out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, "tf32x3"), "float32", 256,
+                              False))
+    # dropout masks
     out.append(_variant(dropout._dropout_mask_kernel, triton.Config({}), "float32",
                         {"out_ptr": "*i8", "seed_ptr": "*i64"}, dict(BLOCK_ROWS=32, BLOCK_COLS=64)))
     return out
