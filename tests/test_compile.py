@@ -9,7 +9,7 @@ import torch._inductor.config as inductor_config
 
 import peft_ops
 import peft_ops.ops  # noqa: F401  (registers torch.ops.peft_ops.*)
-from utils import DEVICE, ON_GPU, TinyModel, randomize_adapters
+from utils import DEVICE, ON_GPU, TinyModel, randn, randomize_adapters
 
 FORWARD = torch.ops.peft_ops.lowrank_linear.default
 BACKWARD = torch.ops.peft_ops.lowrank_linear_backward.default
@@ -56,7 +56,7 @@ def test_fullgraph_compile_matches_eager():
     """fullgraph=True fails on any graph break: forward and backward of all four methods compile
     whole and give the eager outputs and gradients."""
     model = _all_methods_model()
-    _assert_same_step(model, torch.compile(copy.deepcopy(model), fullgraph=True), torch.randn(6, 32, device=DEVICE))
+    _assert_same_step(model, torch.compile(copy.deepcopy(model), fullgraph=True), randn(6, 32, device=DEVICE))
 
 
 def test_fullgraph_compile_with_dropout(monkeypatch):
@@ -65,15 +65,15 @@ def test_fullgraph_compile_with_dropout(monkeypatch):
     monkeypatch.setattr(inductor_config, "fallback_random", True)
     model = _all_methods_model(dropout=0.3, methods=("loraxs", "tlora"))  # an input-side and an output-side site
     model.train()
-    _assert_same_step(model, torch.compile(copy.deepcopy(model), fullgraph=True), torch.randn(6, 32, device=DEVICE))
+    _assert_same_step(model, torch.compile(copy.deepcopy(model), fullgraph=True), randn(6, 32, device=DEVICE))
 
 
 def _op_args(core_kind, dropout, use_kernels, dtype=torch.float32):
     m, k, n, r = 7, 40, 24, 3
     grad = dict(device=DEVICE, requires_grad=True)
-    x = torch.randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
-    weight = torch.randn(n, k, device=DEVICE, dtype=dtype)
-    bias = torch.randn(n, device=DEVICE, dtype=dtype, requires_grad=True)
+    x = randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
+    weight = randn(n, k, device=DEVICE, dtype=dtype)
+    bias = randn(n, device=DEVICE, dtype=dtype, requires_grad=True)
     core = {"identity": None, "diagonal": torch.randn(r, **grad), "full": torch.randn(r, r, **grad)}[core_kind]
     seed = torch.tensor(11, device=DEVICE) if dropout else None
     return (x, weight, bias, torch.randn(n, r, **grad), core, torch.randn(k, r, **grad), torch.tensor(0.7, **grad),
@@ -90,7 +90,7 @@ def test_opcheck_forward(core_kind, dropout, use_kernels):
 @pytest.mark.parametrize("use_kernels", IMPLEMENTATIONS, ids=lambda k: "kernels" if k else "reference")
 def test_opcheck_backward(use_kernels):
     m, k, n, r = 7, 40, 24, 3
-    t = lambda *shape: torch.randn(*shape, device=DEVICE)  # noqa: E731
+    t = lambda *shape: randn(*shape, device=DEVICE)  # noqa: E731
     args = (t(m, n), t(m, r), t(m, k), t(n, k), t(n, r), t(r, r), t(k, r), torch.tensor(0.7, device=DEVICE), 1.0,
             torch.tensor(3, device=DEVICE), 0.3, "input", use_kernels, [True] * 6)
     torch.library.opcheck(BACKWARD, args)

@@ -6,7 +6,7 @@ from torch import nn
 
 import peft_ops
 from peft_ops import demo
-from utils import DEVICE, randomize_adapters
+from utils import DEVICE, randn, randomize_adapters
 
 LEARNING_RATE = {"lora": 1e-2, "symlora": 1e-2, "loraxs": 5e-2, "tlora": 5e-2}
 
@@ -18,14 +18,14 @@ def test_student_fits_teacher(method):
     teacher = peft_ops.LAYER_CLASSES[method](base, 4, seed=3)
     randomize_adapters(teacher, 0.3)
     optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=LEARNING_RATE[method])
-    x_eval = torch.randn(256, 32, device=DEVICE)
+    x_eval = randn(256, 32, device=DEVICE)
 
     def loss():
         return (student(x_eval) - teacher(x_eval)).square().mean().item()
 
     before = loss()
     for _ in range(300):
-        x = torch.randn(64, 32, device=DEVICE)
+        x = randn(64, 32, device=DEVICE)
         err = (student(x) - teacher(x).detach()).square().mean()
         optimizer.zero_grad()
         err.backward()

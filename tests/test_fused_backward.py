@@ -7,7 +7,7 @@ import peft_ops
 from peft_ops import kernels, reference
 from peft_ops.ops import lowrank_linear as fused_lowrank_linear
 from test_fused_forward import make_pair
-from utils import DEVICE, DTYPES, TOLERANCE, TinyModel, method_options, rel_error
+from utils import DEVICE, DTYPES, TOLERANCE, TinyModel, method_options, randn, rel_error
 
 METHODS = list(peft_ops.METHODS)
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -37,8 +37,8 @@ def _check_grads(grads, expected, tol):
 @pytest.mark.parametrize("m", [0, 1, 17, 300])
 def test_gradients(method, dtype, m):
     layer, ref = make_pair(method, 90, 70, 3, dtype)
-    x = torch.randn(m, 70, device=DEVICE, dtype=dtype)
-    grad = torch.randn(m, 90, device=DEVICE, dtype=dtype)
+    x = randn(m, 70, device=DEVICE, dtype=dtype)
+    grad = randn(m, 90, device=DEVICE, dtype=dtype)
     _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[dtype])
 
 
@@ -50,8 +50,8 @@ def test_gradients_with_dropout(method, dtype, m, x_grad):
     v = drop(g) U comes from the shrink kernel instead of the dx GEMM."""
     layer, ref = make_pair(method, 90, 70, 4, dtype)
     site, p, seed = layer.method.dropout_site, 0.3, 4321
-    x = torch.randn(m, 70, device=DEVICE, dtype=dtype)
-    grad = torch.randn(m, 90, device=DEVICE, dtype=dtype)
+    x = randn(m, 70, device=DEVICE, dtype=dtype)
+    grad = randn(m, 90, device=DEVICE, dtype=dtype)
     mask = kernels.dropout_mask(seed, m, 70 if site == "input" else 90, p, DEVICE)
 
     def run(lay, x, forward):
@@ -70,17 +70,17 @@ def test_gradients_with_dropout(method, dtype, m, x_grad):
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_leading_dims_and_non_contiguous(method):
     layer, ref = make_pair(method, 90, 70, 5, torch.float32)
-    for x in (torch.randn(2, 9, 70, device=DEVICE), torch.randn(70, 21, device=DEVICE).T,
-              torch.randn(3, 70, 7, device=DEVICE).transpose(1, 2)):
-        grad = torch.randn(*x.shape[:-1], 90, device=DEVICE).transpose(0, -1).contiguous().transpose(0, -1)
+    for x in (randn(2, 9, 70, device=DEVICE), randn(70, 21, device=DEVICE).T,
+              randn(3, 70, 7, device=DEVICE).transpose(1, 2)):
+        grad = randn(*x.shape[:-1], 90, device=DEVICE).transpose(0, -1).contiguous().transpose(0, -1)
         _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("rank", [1, 64, 256])
 def test_gradients_at_extreme_ranks(rank):
     layer, ref = make_pair("loraxs", 300, 270, rank, torch.float32, adapter_scale=3.0 if rank == 1 else 0.5)
-    x = torch.randn(40, 270, device=DEVICE)
-    grad = torch.randn(40, 300, device=DEVICE)
+    x = randn(40, 270, device=DEVICE)
+    grad = randn(40, 300, device=DEVICE)
     _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[torch.float32])
 
 
@@ -104,7 +104,7 @@ def _saved_activation_elements(layer, x):
 def test_frozen_down_factor_saves_only_t(method, rank, dropout):
     m, k = 300, 70
     layer, _ = make_pair(method, 90, k, rank, torch.bfloat16, dropout=dropout)
-    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    x = randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     elements, saved = _saved_activation_elements(layer, x)
     assert elements <= m * rank + rank * rank, [tuple(t.shape) for t in saved]  # no mask, no x
     assert any(t.shape == (m, rank) for t in saved)  # t itself, not x (m × k)
@@ -117,7 +117,7 @@ def test_input_is_released_after_the_forward(method, keeps_x):
     import weakref
 
     layer, _ = make_pair(method, 90, 70, 4, torch.float32, dropout=0.2)
-    leaf = torch.randn(40, 70, device=DEVICE, requires_grad=True)
+    leaf = randn(40, 70, device=DEVICE, requires_grad=True)
     x = leaf * 2  # not a leaf: only the graph could keep it
     alive = weakref.ref(x)
     y = layer(x)
@@ -130,7 +130,7 @@ def test_input_is_released_after_the_forward(method, keeps_x):
 def test_trainable_down_factor_also_saves_x():
     m, k, rank = 300, 70, 4
     layer, _ = make_pair("lora", 90, k, rank, torch.bfloat16)
-    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    x = randn(m, k, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     elements, _ = _saved_activation_elements(layer, x)
     assert elements == m * rank + m * k  # t, and x for dD
 
@@ -139,8 +139,8 @@ def test_trainable_down_factor_also_saves_x():
 def test_backward_is_bitwise_deterministic(method):
     layer, _ = make_pair(method, 90, 70, 8, torch.bfloat16)
     layer.dropout = 0.2
-    x = torch.randn(130, 70, device=DEVICE, dtype=torch.bfloat16)
-    grad = torch.randn(130, 90, device=DEVICE, dtype=torch.bfloat16)
+    x = randn(130, 70, device=DEVICE, dtype=torch.bfloat16)
+    grad = randn(130, 90, device=DEVICE, dtype=torch.bfloat16)
     first, second = [], []
     for out in (first, second):
         torch.manual_seed(11)  # the same dropout seed
@@ -164,8 +164,8 @@ def _count_launches(monkeypatch):
 
 def test_no_dx_when_input_needs_no_grad(monkeypatch):
     layer, ref = make_pair("loraxs", 90, 70, 4, torch.float32)
-    x = torch.randn(33, 70, device=DEVICE)
-    grad = torch.randn(33, 90, device=DEVICE)
+    x = randn(33, 70, device=DEVICE)
+    grad = randn(33, 90, device=DEVICE)
     calls = _count_launches(monkeypatch)
     layer(x).backward(grad)  # x does not require grad
     assert calls == {"lowrank_linear": 1, "shrink": 1, "rank_reduce": 1}  # forward GEMM, v, P = vᵀt
@@ -177,8 +177,8 @@ def test_frozen_factor_gets_no_gradient_work(monkeypatch):
     layer, ref = make_pair("lora", 90, 70, 4, torch.float32)
     layer.lora_A.requires_grad_(False)
     ref.lora_A.requires_grad_(False)
-    x = torch.randn(33, 70, device=DEVICE, requires_grad=True)
-    grad = torch.randn(33, 90, device=DEVICE)
+    x = randn(33, 70, device=DEVICE, requires_grad=True)
+    grad = randn(33, 90, device=DEVICE)
     calls = _count_launches(monkeypatch)
     layer(x).backward(grad)
     assert calls == {"lowrank_linear": 2, "shrink": 0, "rank_reduce": 1}  # forward, dx; dU only
@@ -189,7 +189,7 @@ def test_frozen_factor_gets_no_gradient_work(monkeypatch):
 
 def test_gradients_accumulate():
     layer, _ = make_pair("symlora", 90, 70, 4, torch.float32)
-    x = torch.randn(20, 70, device=DEVICE)
+    x = randn(20, 70, device=DEVICE)
     layer(x).sum().backward()
     once = {n: p.grad.clone() for n, p in _trainable(layer).items()}
     layer(x).sum().backward()
@@ -199,7 +199,7 @@ def test_gradients_accumulate():
 
 def test_double_backward_is_refused():
     layer, _ = make_pair("tlora", 90, 70, 4, torch.float32)
-    x = torch.randn(5, 70, device=DEVICE, requires_grad=True)
+    x = randn(5, 70, device=DEVICE, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="do not support double backward"):
         gx.sum().backward()
@@ -209,8 +209,8 @@ def test_trainable_bias_gets_its_gradient():
     layer, ref = make_pair("tlora", 90, 70, 4, torch.float32)
     layer.base_layer.bias.requires_grad_(True)
     ref.base_layer.bias.requires_grad_(True)
-    x = torch.randn(25, 70, device=DEVICE)
-    grad = torch.randn(25, 90, device=DEVICE)
+    x = randn(25, 70, device=DEVICE)
+    grad = randn(25, 90, device=DEVICE)
     layer(x).backward(grad)
     ref(x.double()).backward(grad.double())
     assert rel_error(layer.base_layer.bias.grad, ref.base_layer.bias.grad) < 1e-6
@@ -261,5 +261,5 @@ def test_tlora_drops_whole_output_elements():
         with torch.no_grad():
             layer.base_layer.weight.zero_()
             layer.base_layer.bias.zero_()
-        zero_fraction = (layer(torch.randn(30, 70, device=DEVICE)) == 0).float().mean().item()
+        zero_fraction = (layer(randn(30, 70, device=DEVICE)) == 0).float().mean().item()
         assert (0.4 < zero_fraction < 0.6) if site == "output" else zero_fraction < 0.01, (method, zero_fraction)

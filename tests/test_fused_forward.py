@@ -9,7 +9,8 @@ from torch import nn
 import peft_ops
 from peft_ops import kernels, reference, reference_kernels
 from peft_ops.kernels.dropout import dropout_threshold, keep_mask
-from utils import DEVICE, DTYPES, TOLERANCE, method_options, oracle_twin, randomize_adapters, rel_error
+from utils import (DEVICE, DTYPES, TOLERANCE, method_options, oracle_twin, randn, randomize_adapters,
+                   rel_error)
 
 METHODS = list(peft_ops.METHODS)
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -22,6 +23,9 @@ def make_pair(method, n, k, rank, dtype, adapter_scale=0.5, **kw):
     layer = peft_ops.LAYER_CLASSES[method](base, rank, alpha=1.5 * rank, backend="triton",
                                            **method_options(method), **kw)
     randomize_adapters(layer, adapter_scale)
+    if method == "tlora":  # a random learnable scale can leave the adapter's share too small to check
+        with torch.no_grad():
+            layer.tlora_alpha.fill_(2.0)
     return layer, oracle_twin(layer)
 
 
@@ -43,15 +47,15 @@ def check_forward(layer, ref, x):
 @pytest.mark.parametrize("m", [1, 17, 300])
 def test_forward(method, dtype, m):
     layer, ref = make_pair(method, 90, 70, 3, dtype)  # N, K: multiples of no block size
-    check_forward(layer, ref, torch.randn(m, 70, device=DEVICE, dtype=dtype))
+    check_forward(layer, ref, randn(m, 70, device=DEVICE, dtype=dtype))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_empty_input(method):
     layer, _ = make_pair(method, 90, 70, 3, torch.float32)
-    y = layer(torch.randn(0, 70, device=DEVICE))
+    y = layer(randn(0, 70, device=DEVICE))
     assert y.shape == (0, 90)
-    assert layer(torch.randn(2, 0, 70, device=DEVICE)).shape == (2, 0, 90)
+    assert layer(randn(2, 0, 70, device=DEVICE)).shape == (2, 0, 90)
 
 
 @pytest.mark.parametrize("rank, n, k", [(1, 90, 70), (16, 90, 70), (64, 90, 70), (256, 300, 270)])
@@ -59,42 +63,42 @@ def test_empty_input(method):
 def test_ranks(method, rank, n, k):
     # LoRA-XS at rank 1 only reaches W's top singular direction: a larger core keeps its share visible
     layer, ref = make_pair(method, n, k, rank, torch.bfloat16, adapter_scale=3.0 if rank == 1 else 0.5)
-    check_forward(layer, ref, torch.randn(37, k, device=DEVICE, dtype=torch.bfloat16))
+    check_forward(layer, ref, randn(37, k, device=DEVICE, dtype=torch.bfloat16))
 
 
 def test_rank_beyond_the_kernels_runs_on_the_reference():
     """Ranks above the kernels' 256: backend='triton' is refused (test_errors.py), 'auto' runs the reference."""
     layer = peft_ops.LoRAXSLinear(nn.Linear(270, 300).to(DEVICE), 257, alpha=257.0 * 3)
     randomize_adapters(layer, 1.0)
-    assert peft_ops.functional.resolve_backend("auto", torch.randn(1, 270, device=DEVICE), 257) == "reference"
-    check_forward(layer, oracle_twin(layer), torch.randn(4, 270, device=DEVICE))
+    assert peft_ops.functional.resolve_backend("auto", randn(1, 270, device=DEVICE), 257) == "reference"
+    check_forward(layer, oracle_twin(layer), randn(4, 270, device=DEVICE))
 
 
 def test_auto_backend_picks_the_kernels_on_cuda_only():
     resolve = peft_ops.functional.resolve_backend
     assert resolve("auto", torch.randn(2, 8)) == "reference"
-    assert resolve("auto", torch.randn(2, 8, dtype=torch.float64, device=DEVICE)) == "reference"
-    assert resolve("auto", torch.randn(2, 8, device=DEVICE)) == ("triton" if DEVICE.type == "cuda" else "reference")
+    assert resolve("auto", randn(2, 8, dtype=torch.float64, device=DEVICE)) == "reference"
+    assert resolve("auto", randn(2, 8, device=DEVICE)) == ("triton" if DEVICE.type == "cuda" else "reference")
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_leading_dims_and_transposed_view(method, dtype):
     layer, ref = make_pair(method, 90, 70, 5, dtype)
-    check_forward(layer, ref, torch.randn(3, 7, 70, device=DEVICE, dtype=dtype))
-    transposed = torch.randn(70, 45, device=DEVICE, dtype=dtype).T  # strides (1, 45)
+    check_forward(layer, ref, randn(3, 7, 70, device=DEVICE, dtype=dtype))
+    transposed = randn(70, 45, device=DEVICE, dtype=dtype).T  # strides (1, 45)
     assert not transposed.is_contiguous()
     check_forward(layer, ref, transposed)
-    check_forward(layer, ref, torch.randn(5, 70, 9, device=DEVICE, dtype=dtype).transpose(1, 2))
+    check_forward(layer, ref, randn(5, 70, 9, device=DEVICE, dtype=dtype).transpose(1, 2))
 
 
 # --- the kernel directly: both ways of computing t, dropout on either side ---
 
 def _kernel_inputs(m, n, k, rank, dtype):
-    a = torch.randn(m, k, device=DEVICE, dtype=dtype)
-    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
-    bias = torch.randn(n, device=DEVICE, dtype=dtype)
-    down, expand = torch.randn(k, rank, device=DEVICE) / k**0.5, torch.randn(n, rank, device=DEVICE)
+    a = randn(m, k, device=DEVICE, dtype=dtype)
+    w = (randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    bias = randn(n, device=DEVICE, dtype=dtype)
+    down, expand = randn(k, rank, device=DEVICE) / k**0.5, randn(n, rank, device=DEVICE)
     return a, w, bias, down, expand
 
 
@@ -162,7 +166,7 @@ def test_module_dropout_matches_reference_with_kernel_mask(method):
     from peft_ops.ops import lowrank_linear as fused_lowrank_linear
 
     layer, ref = make_pair(method, 90, 70, 4, torch.float32)
-    x = torch.randn(33, 70, device=DEVICE)
+    x = randn(33, 70, device=DEVICE)
     up, core, down, scale = layer.factors()
     site = layer.method.dropout_site
     y = fused_lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,

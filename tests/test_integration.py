@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import peft_ops
-from utils import DEVICE, randomize_adapters
+from utils import DEVICE, randn, randn_like, randomize_adapters
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -88,11 +88,11 @@ def test_lora_matches_peft(backend, shape):
         theirs.lora_A["default"].weight.copy_(ours.lora_A)
         theirs.lora_B["default"].weight.copy_(ours.lora_B)
     assert theirs.scaling["default"] == ours.scaling == 2.0
-    x = torch.randn(3, 5, k, device=DEVICE)
+    x = randn(3, 5, k, device=DEVICE)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ours, y_theirs = ours(x1), theirs(x2)
     assert torch.allclose(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(y_ours)
+    g = randn_like(y_ours)
     y_ours.backward(g)
     y_theirs.backward(g)
     assert torch.allclose(x1.grad, x2.grad, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import peft_ops
-from utils import DEVICE, method_options, oracle_twin, randomize_adapters, rel_error
+from utils import DEVICE, method_options, oracle_twin, randn, randn_like, randomize_adapters, rel_error
 
 BACKENDS = ["reference", "triton"]
 
@@ -19,7 +19,7 @@ def test_autocast_bf16(backend, method):
     layer = peft_ops.LAYER_CLASSES[method](nn.Linear(k, n).to(DEVICE), 8, alpha=12.0, backend=backend,
                                            **method_options(method))
     randomize_adapters(layer, 0.3)
-    x = torch.randn(33, k, device=DEVICE)
+    x = randn(33, k, device=DEVICE)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
@@ -30,7 +30,7 @@ def test_autocast_bf16(backend, method):
         ref.base_layer.bias.copy_(layer.base_layer.bias.bfloat16().double())
     x64 = x.bfloat16().double()
     assert rel_error(y, ref(x64)) < 1e-2
-    g = torch.randn_like(y)
+    g = randn_like(y)
     y.backward(g)
     ref(x64).backward(g.double())
     for name, p in layer.named_parameters():
@@ -57,7 +57,7 @@ def test_checkpoint_gives_the_same_gradients(backend):
     peft_ops.inject(block, "loraxs", 4, target_modules=["down"], dropout=0.2, backend=backend)
     randomize_adapters(block, 0.2)
     block.train()
-    x = torch.randn(24, 32, device=DEVICE)
+    x = randn(24, 32, device=DEVICE)
 
     def grads(use_checkpoint):
         block.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import peft_ops
-from utils import DEVICE, method_options, oracle_twin, randomize_adapters
+from utils import DEVICE, method_options, oracle_twin, randn, randomize_adapters
 
 BACKENDS = ["reference", "triton"]
 # the interpreter's numpy warns when it computes with the NaN and Inf these tests feed it on purpose
@@ -27,7 +27,7 @@ def _exact(layer, x):
 @pytest.mark.parametrize("method", list(peft_ops.METHODS))
 def test_nan_and_inf_propagate_like_the_reference(backend, method):
     layer = _layer(method, backend)
-    x = torch.randn(9, 40, device=DEVICE)
+    x = randn(9, 40, device=DEVICE)
     x[2, 5] = float("nan")
     x[4, 7] = float("inf")
     x[6, 1] = -float("inf")
@@ -48,8 +48,8 @@ def test_float16_overflow_matches_the_exact_result(backend, method):
     layer = _layer(method, backend, torch.float16)
     with torch.no_grad():
         layer.base_layer.weight.mul_(10)
-    x = torch.randn(16, 40, device=DEVICE, dtype=torch.float16) * 0.05
-    x[8:] = 6e4 * torch.sign(torch.randn(8, 40, device=DEVICE))  # finite inputs whose outputs exceed 65504
+    x = randn(16, 40, device=DEVICE, dtype=torch.float16) * 0.05
+    x[8:] = 6e4 * torch.sign(randn(8, 40, device=DEVICE))  # finite inputs whose outputs exceed 65504
     y = layer(x)
     exact = _exact(layer, x)
     overflow, fits = exact.abs() > 65520, exact.abs() < 6e4  # between the two, rounding decides

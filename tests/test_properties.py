@@ -11,7 +11,7 @@ from torch import nn
 import peft_ops
 from peft_ops import kernels, reference
 from peft_ops.ops import lowrank_linear
-from utils import DEVICE, TOLERANCE, rel_error
+from utils import DEVICE, TOLERANCE, randn, randn_like, rel_error
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
@@ -41,11 +41,11 @@ def test_fused_matches_the_oracle(p):
     with torch.no_grad():
         for t in layer.parameters():
             if t.requires_grad:
-                t.copy_(torch.randn_like(t) * 0.3)
+                t.copy_(randn_like(t) * 0.3)
     shape = (*p["leading"], p["k"])
-    x = (torch.randn(*reversed(shape), device=DEVICE).permute(*reversed(range(len(shape)))) if p["transposed"]
-         else torch.randn(*shape, device=DEVICE)).to(p["dtype"]).requires_grad_()
-    g = torch.randn(*p["leading"], p["n"], device=DEVICE, dtype=p["dtype"])
+    x = (randn(*reversed(shape), device=DEVICE).permute(*reversed(range(len(shape)))) if p["transposed"]
+         else randn(*shape, device=DEVICE)).to(p["dtype"]).requires_grad_()
+    g = randn(*p["leading"], p["n"], device=DEVICE, dtype=p["dtype"])
     site, rate = layer.method.dropout_site, p["dropout"]
     up, core, down, scale = layer.factors()
     y = lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
@@ -66,8 +66,21 @@ def test_fused_matches_the_oracle(p):
         return
     assert rel_error(y.reshape(rows, p["n"]), y64) < tol
     assert rel_error(x.grad.reshape(rows, p["k"]), x64.grad) < tol
+    # An adapter gradient sums many terms, which may cancel (a 1×1 LoRA-XS core): beyond the relative
+    # tolerance, allow a few roundings of the sum of their magnitudes, which the oracle gives when every
+    # tensor is made positive.
+    magnitude = copy.deepcopy(ref)
+    with torch.no_grad():
+        for t in [*magnitude.parameters(), *magnitude.buffers()]:
+            t.abs_()
+    u, c, d, s = magnitude.factors()
+    reference.lowrank_linear(x64.detach().abs(), magnitude.base_layer.weight, magnitude.base_layer.bias, u, c, d, s,
+                             dropout_p=rate, dropout_site=site, dropout_mask=mask
+                             ).backward(g.double().abs().reshape(rows, p["n"]))
     for name, t in layer.named_parameters():
         if t.requires_grad:
             expected = dict(ref.named_parameters())[name].grad
-            if expected.norm() > 1e-6:
-                assert rel_error(t.grad, expected) < tol, name
+            bound = dict(magnitude.named_parameters())[name].grad.norm().item()
+            error = (t.grad.double().cpu() - expected.cpu()).norm().item()
+            allowed = tol * expected.norm().item() + 16 * torch.finfo(p["dtype"]).eps * bound
+            assert torch.isfinite(t.grad).all() and error <= allowed, (name, error, allowed)

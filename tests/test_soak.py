@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import peft_ops
-from utils import DEVICE, ON_GPU, TinyModel
+from utils import DEVICE, ON_GPU, TinyModel, randn
 
 
 def _training_loop(backend, dropout, methods=None):
@@ -17,7 +17,7 @@ def _training_loop(backend, dropout, methods=None):
         peft_ops.inject(model, method, 4, target_modules=targets, dropout=dropout, backend=backend,
                         **({"allow_non_square": True} if method == "symlora" else {}))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(64, 32, device=DEVICE)
+    x = randn(64, 32, device=DEVICE)
 
     def step():
         loss = model(x).square().mean()

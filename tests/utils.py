@@ -13,8 +13,8 @@ from peft_ops.layers import is_conv1d
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
-# ‖out − ref‖ / ‖ref‖ against a float64 reference. fp32: exact products in the interpreter, tf32 dots
-# on a GPU.
+# ‖out − ref‖ / ‖ref‖ against a float64 reference. fp32: exact products in the interpreter, three
+# tf32 products per dot on a GPU.
 TOLERANCE = {torch.float32: 1e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 DTYPES = list(TOLERANCE)
 
@@ -26,12 +26,22 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def randn(*shape, dtype=None, device=DEVICE, requires_grad=False) -> torch.Tensor:
+    """``torch.randn`` drawn from the CPU generator, then moved to ``device``: a GPU run checks the very
+    data the CPU runs validated (the CUDA generator draws other numbers from the same seed)."""
+    return torch.randn(*shape, dtype=dtype).to(device).requires_grad_(requires_grad)
+
+
+def randn_like(t: torch.Tensor) -> torch.Tensor:
+    return randn(*t.shape, dtype=t.dtype, device=t.device)
+
+
 def randomize_adapters(model: nn.Module, scale: float = 0.5) -> None:
     """Give every trainable adapter tensor non-zero random values (initial values are often zero)."""
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn_like(p) * scale)
+                p.copy_(randn_like(p) * scale)
 
 
 class Conv1D(nn.Module):
