@@ -279,11 +279,11 @@ def run(shapes, tokens, ranks, methods, providers, modes, dtype, device, timed: 
     stopped early or None). Past ``budget_s`` seconds, or on SIGTERM, it stops between cells and returns
     the rows of every cell it finished: a sweep cut short by a device call's limit still leaves numbers.
     """
+    global _signal_received
+    _signal_received = None
     meta = {"dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    global _signal_received
-    _signal_received = None
     rows, failures, stopped = [], [], None
     providers = [p for p in providers if p != "peft" or _peft_available()]
     # providers that don't depend on the method run with the first method only

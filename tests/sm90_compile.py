@@ -14,17 +14,19 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from peft_ops.kernels import dropout, fused_linear, reductions  # noqa: E402
+from peft_ops.kernels._config import dot_precision  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes a Hopper block may use
 TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-# what kernels._config.dot_precision picks under torch's default "highest" float32 matmul precision
-PRECISION = {"float32": "tf32x3", "float16": "tf32", "bfloat16": "tf32"}
+# the dot precision the launchers pick for each dtype (under torch's default float32 matmul precision)
+PRECISION = {name: dot_precision(getattr(torch, name)) for name in TYPE}
 
 
 def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=None, unit=(), aligned=()):
@@ -87,8 +89,8 @@ def variants(which: str):
             out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, DROPOUT=1, BLOCK_R=64))
         for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 2, "tf32"):
             out.append(gemm_variant(config, "bfloat16", "forward", DROPOUT=2, BLOCK_R=256))
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 4, "tf32x3"):  # the costliest epilogue
-            out.append(gemm_variant(config, "float32", "forward", BLOCK_R=256, PRECISION="tf32x3"))
+        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 4, PRECISION["float32"]):  # costliest epilogue
+            out.append(gemm_variant(config, "float32", "forward", BLOCK_R=256, PRECISION=PRECISION["float32"]))
         for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 16, 2, "tf32"):
             out.append(gemm_variant(config, "bfloat16", "backward", BLOCK_R=16))
         for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32"):
@@ -130,8 +132,8 @@ def variants(which: str):
                                     dtype, BLOCK_R=block_r, PRECISION=PRECISION[dtype]))
         out.append(gemm_variant(fl.default_config(fl._PREFERRED_DECODE_GEMM, "gemm", 256, size, PRECISION[dtype]),
                                 dtype, BLOCK_R=256, PRECISION=PRECISION[dtype]))
-    out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, "tf32x3"), "float32", 256,
-                              False))
+    out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, PRECISION["float32"]),
+                              "float32", 256, False))
     # dropout masks
     out.append(_variant(dropout._dropout_mask_kernel, triton.Config({}), "float32",
                         {"out_ptr": "*i8", "seed_ptr": "*i64"}, dict(BLOCK_ROWS=32, BLOCK_COLS=64)))
