@@ -303,14 +303,16 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                    expand: torch.Tensor, scale: float = 1.0, *, dropout_p: float = 0.0, dropout_site: str = "input",
                    seed=None, store_t: bool = False, shrink_in_loop: bool | None = None,
-                   config: triton.Config | None = None):
+                   config: triton.Config | None = None, t: torch.Tensor | None = None):
     """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``; returns ``(out, t)``.
 
     ``a``: M×K, ``weight``: N×K, ``bias``: N or None, ``down``: K×r, ``expand``: N×r (any strides;
     ``weight`` may be a transposed view). ``out`` has ``a``'s dtype. ``t = drop_in(a) D`` (M×r, float32)
     is returned when ``store_t`` (else None). ``dropout_site`` is ``"input"`` (on ``a`` inside the
     adapter path) or ``"output"`` (on the rank-r term). ``shrink_in_loop`` forces where ``t`` is
-    computed (None: the launcher decides by shape); ``config`` forces the GEMM's configuration."""
+    computed (None: the launcher decides by shape); ``config`` forces the GEMM's configuration. A given
+    ``t`` (M×r, float32) is used as is instead of computing it (``down`` is then not read), for callers that
+    transform t between the shrink and the expand; input-side dropout is then theirs to apply."""
     m, k = a.shape
     n = weight.shape[0]
     rank = down.shape[1]
@@ -320,13 +322,19 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)
     block_r = rank_block(rank)
     down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
-    if shrink_in_loop is None:
-        shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
     dropout = (NO_DROPOUT if dropout_p == 0 else DROP_INPUT if dropout_site == "input" else DROP_OUTPUT).value
-    if shrink_in_loop:
-        t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
+    if t is not None:
+        if dropout == DROP_INPUT.value or shrink_in_loop or t.shape != (m, rank) or t.dtype != torch.float32:
+            raise ValueError(f"t: a given t must be float32 of shape {(m, rank)}, without input-side dropout "
+                             f"or an in-loop shrink; got {t.dtype} {tuple(t.shape)}")
+        shrink_in_loop = False
     else:
-        t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT.value else 0.0, seed=seed)
+        if shrink_in_loop is None:
+            shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
+        if shrink_in_loop:
+            t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
+        else:
+            t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT.value else 0.0, seed=seed)
     _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
                  shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r, config=config)
     return out, (t if store_t else None)

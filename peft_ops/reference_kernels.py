@@ -68,9 +68,11 @@ def shrink(a, down, *, dropout_p: float = 0.0, seed=None, config=None) -> torch.
 
 def lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout_p: float = 0.0,
                    dropout_site: str = "input", seed=None, store_t: bool = False, shrink_in_loop=None,
-                   config=None):
-    """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``, returns ``(out, t or None)``."""
-    t = shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
+                   config=None, t=None):
+    """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``, returns ``(out, t or None)``; a given
+    ``t`` replaces ``drop_in(a) D``."""
+    if t is None:
+        t = shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
     low_rank = (t @ expand.to(t.dtype).T) * scale
     if dropout_p and dropout_site == "output":
         low_rank = torch.where(dropout_mask(seed, *low_rank.shape, dropout_p, a.device),

@@ -196,3 +196,20 @@ def test_kernel_masks_equal_the_pytorch_twin(seed, rows, cols, p):
     far = 2**34 // 2**20 + 3  # a row whose Philox counters pass 2³²
     assert torch.equal(_row_mask(seed, far, 2**20, 256, p),
                        reference_kernels.dropout_mask(seed, 1, 2**20, p, DEVICE, first_row=far)[0, :256])
+
+
+@pytest.mark.parametrize("impl", [kernels, reference_kernels], ids=["kernels", "twin"])
+@pytest.mark.parametrize("dropout_site", [None, "output"])
+def test_given_t_replaces_the_shrink(impl, dropout_site, poisoned):
+    """A caller that transforms t between shrink and expand (the adapter bank) passes it in; D is not read."""
+    m, n, k, rank, p, seed = 19, 90, 70, 5, 0.25, 99
+    a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, torch.float32)
+    t = randn(m, rank, device=DEVICE)
+    p_eff = p if dropout_site else 0.0
+    out, _ = impl.lowrank_linear(a, w, bias, torch.full_like(down, float("nan")), expand, 0.5, dropout_p=p_eff,
+                                 dropout_site=dropout_site or "input", seed=seed, t=t)
+    low_rank = 0.5 * t.double() @ expand.double().T
+    if dropout_site:
+        low_rank = low_rank * kernels.dropout_mask(seed, m, n, p, DEVICE) / (1 - p)
+    expected = a.double() @ w.double().T + bias.double() + low_rank
+    assert rel_error(out, expected) < TOLERANCE[torch.float32]
