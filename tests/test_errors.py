@@ -1,6 +1,8 @@
 """Every bad input, one row each: the error names the argument, what it got and what it expected, and
 nothing is changed (the model's modules, values and requires_grad flags are as before).
 Adapter files that don't fit are in test_adapter_file.py."""
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -132,6 +134,53 @@ CASES = [
      TypeError, r"module 'attn.out_proj' is the out_proj of an nn.MultiheadAttention, which reads its weight directly"),
     ("save-without-adapters", None, lambda m: peft_ops.save_adapter(m, "/nonexistent/a.safetensors"), ValueError,
      r"model has no peft-ops adapter layers to save"),
+]
+
+
+def _nan_q(model):
+    with torch.no_grad():
+        model.blocks[0].q_proj.weight[0, 0] = float("nan")
+
+
+def _zero_q(model):
+    with torch.no_grad():
+        model.blocks[0].q_proj.weight.zero_()
+
+
+def _on_meta(model):
+    model.to_empty(device="meta")
+
+
+def _integer_input_under_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return peft_ops.LoRALinear(_linear(), 4)(torch.ones(2, 40, dtype=torch.long))
+
+
+CASES += [
+    # found by a new user (each fixed with its test)
+    ("load-backend-unknown", _adapted_q, lambda m: peft_ops.load_adapter(m, "/nonexistent.safetensors", backend="gpu"),
+     ValueError, r"backend='gpu' is not known; expected one of"),  # the argument, before the file is read
+    ("save-to-directory", _adapted_q, lambda m: peft_ops.save_adapter(m, tempfile.gettempdir()), IsADirectoryError,
+     r"path='.*' is a directory; expected the path of an adapter file \(e.g. '.*adapter.safetensors'\)"),
+    ("save-into-missing-directory", _adapted_q, lambda m: peft_ops.save_adapter(m, "/nonexistent/a.safetensors"),
+     FileNotFoundError, r"path='/nonexistent/a.safetensors': the directory '/nonexistent' does not exist"),
+    ("load-from-directory", None, lambda m: peft_ops.load_adapter(m, tempfile.gettempdir()), IsADirectoryError,
+     r"path='.*' is a directory; expected the path of an adapter file"),
+    ("load-missing-file", None, lambda m: peft_ops.load_adapter(m, "/nonexistent/a.safetensors"), FileNotFoundError,
+     r"path='/nonexistent/a.safetensors': no such adapter file"),
+    ("autocast-integer-input", None, lambda m: _integer_input_under_autocast(), TypeError,
+     r"input dtype torch.int64: expected a floating-point tensor"),
+    ("loraxs-nan-weight", _nan_q, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': loraxs: the base weight has non-finite values \(NaN or inf\)"),
+    ("loraxs-zero-weight", _zero_q, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': loraxs: the base weight is all zero; .* would stay zero forever"),
+    ("tlora-alpha-zero", None, lambda m: peft_ops.inject(m, "tlora", 4, target_modules=["q_proj"], alpha=0), ValueError,
+     r"module 'blocks.0.q_proj': tlora: alpha=0; expected a non-zero number: with alpha = 0 .* could never train"),
+    ("lora-alpha-zero", None, lambda m: peft_ops.LoRALinear(_k(m), 4, alpha=0.0), ValueError, r"lora: alpha=0.0; expected"),
+    ("loraxs-meta-device", _on_meta, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': loraxs: the base weight is on the meta device \(no values\); materialise the model first"),
+    ("lora-meta-device", _on_meta, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': lora: the base weight is on the meta device"),
 ]
 
 
