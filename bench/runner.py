@@ -58,7 +58,7 @@ def _rel_error(out, ref) -> float:
 
 class EagerReference(nn.Module):
     """The method as its authors run it: a chain of small PyTorch ops beside the frozen matmul, under
-    autograd (``peft_ops.reference.lowrank_linear`` over the layer's factors)."""
+    autograd (``peft_ops.reference.oracle`` over the layer's factors)."""
 
     def __init__(self, layer):
         super().__init__()
@@ -66,7 +66,7 @@ class EagerReference(nn.Module):
 
     def forward(self, x):
         up, core, down, scale = self.layer.factors()
-        return reference.lowrank_linear(x, self.layer.base_layer.weight, self.layer.base_layer.bias, up, core, down,
+        return reference.oracle(x, self.layer.base_layer.weight, self.layer.base_layer.bias, up, core, down,
                                         scale)
 
 

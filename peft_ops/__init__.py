@@ -5,10 +5,11 @@
     peft_ops.save_adapter(model, "adapter.safetensors"); peft_ops.load_adapter(model, "adapter.safetensors")
 """
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
-from .functional import BACKENDS, lowrank_linear
+from .dispatch import BACKENDS, IMPLEMENTATIONS, clear_decisions, decisions
 from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
 from .methods import METHODS, Method, get_method
+from .ops import adapted_linear
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,6 @@ __all__ = [
     "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear", "LowRankLinear", "LAYER_CLASSES",
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
-    "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
+    "adapted_linear", "BACKENDS", "IMPLEMENTATIONS", "decisions", "clear_decisions", "METHODS", "Method",
+    "get_method",
 ]

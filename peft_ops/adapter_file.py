@@ -26,7 +26,7 @@ from torch import nn
 
 from .inject import _swap_in, adapter_layers, preserved_on_error
 from .layers import LAYER_CLASSES, LowRankLinear, _base_weight, is_adaptable, is_conv1d
-from .functional import check_backend
+from .dispatch import check_backend
 from .methods import get_method
 from .svd import probe
 

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import functional, reference
+from . import dispatch, ops, reference
 from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method, check_seed
 
 __all__ = ["LowRankLinear", "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear",
@@ -44,7 +44,8 @@ class LowRankLinear(nn.Module):
             so s = 1); TLoRA's learnable α starts at ``alpha`` (default 1).
         dropout: dropout rate on the adapter path (its input, or its output for TLoRA), in [0, 1).
         seed: seeds every random draw of the adapter's initialisation (CPU generator).
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`peft_ops.functional`).
+        backend: ``"auto"``, ``"triton"``, ``"fused"``, ``"composed"`` or ``"reference"`` (see
+            :mod:`peft_ops.dispatch`).
         frozen_factors: values for the method's frozen tensors (LoRA-XS's SVD factors, TLoRA's random
             matrices), to use instead of regenerating them — as an adapter file saved with them does.
         **method_options: the method's own options (``Method.options``).
@@ -78,13 +79,7 @@ class LowRankLinear(nn.Module):
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout={dropout!r}; expected a rate in [0, 1)")
         seed = check_seed(seed, f"{name}: ")
-        functional.check_backend(backend)
-        if backend == "triton":
-            from peft_ops.kernels import MAX_RANK
-
-            if rank > MAX_RANK:
-                raise ValueError(f"{name}: rank={rank} with backend='triton'; the fused kernels take ranks up to "
-                                 f"{MAX_RANK} (backend='auto' or 'reference' runs any rank)")
+        dispatch.check_backend(backend)
         options = self.method.resolve_options(method_options)
         self.method.check_shape(n, k, int(rank), options)
 
@@ -148,18 +143,6 @@ class LowRankLinear(nn.Module):
         return self.method.factors(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"input: shape {tuple(x.shape)}; expected a last dimension of "
-                             f"in_features={self.in_features}")
-        weight = _base_weight(self.base_layer)
-        if not x.is_floating_point():
-            raise TypeError(f"input dtype {x.dtype}: expected a floating-point tensor (as nn.Linear, which "
-                            f"autocast does not cast integer inputs for either)")
-        if x.device != weight.device:
-            raise RuntimeError(f"input is on {x.device} but the layer's weights are on {weight.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} differs from the base weight's {weight.dtype}; cast "
-                            f"one of them (or run under torch.autocast)")
         if self.merged:
             if self.training and torch.is_grad_enabled() and not self._warned_merged_training:
                 warnings.warn(f"{self.method.name} layer is merged: its adapter gets no gradient in this forward; "
@@ -167,10 +150,9 @@ class LowRankLinear(nn.Module):
                 self._warned_merged_training = True
             return self.base_layer(x)
         up, core, down, scale = self.factors()
-        return functional.lowrank_linear(
-            x, weight, self.base_layer.bias, up, core, down, scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            dropout_site=self.method.dropout_site, backend=self.backend)
+        return ops.adapted_linear(x, _base_weight(self.base_layer), self.base_layer.bias, up, core, down, scale,
+                                  dropout_p=self.dropout if self.training else 0.0,
+                                  dropout_site=self.method.dropout_site, backend=self.backend)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

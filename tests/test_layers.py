@@ -101,7 +101,7 @@ def test_triton_backend_without_gpu_or_interpreter_is_an_error():
     env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "backend='triton': input is on cpu; the fused kernels need a CUDA tensor" in result.stderr
+    assert "backend='triton': input is on cpu; the Triton kernels need a CUDA tensor" in result.stderr
 
 
 def test_repr_names_the_method():
@@ -180,7 +180,7 @@ def test_adapter_dtype_as_documented(method):
     assert {t.dtype for t in adapter} == {torch.float16}
     x = torch.randn(6, 40, dtype=torch.float16)
     up, core, down, scale = layer.factors()
-    expected = peft_ops.reference.lowrank_linear(x.double(), layer.weight.double(), layer.bias.double(), up.double(),
+    expected = peft_ops.reference.oracle(x.double(), layer.weight.double(), layer.bias.double(), up.double(),
                                                  None if core is None else core.double(), down.double(),
                                                  scale.double() if torch.is_tensor(scale) else scale)
     assert rel_error(layer(x), expected) < TOLERANCE[torch.float16]
