@@ -1,6 +1,6 @@
 """Every adapter method as data over one formula.
 
-All methods are a rank-r update with the same three-factor shape (DESIGN.md §1)::
+All methods are a rank-r update with the same three-factor shape (docs/DESIGN.md)::
 
     ΔW = s · U · C · Dᵀ       U: N×r (up)    C: r×r (core)    D: K×r (down)
     y  = x Wᵀ + b + s · ((x D) Cᵀ) Uᵀ

@@ -1,4 +1,4 @@
-"""Each method's initialisation, parameter count and options, as DESIGN.md §2 defines them."""
+"""Each method's initialisation, parameter count and options, as docs/DESIGN.md §2 defines them."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Shared test helpers: devices, tolerances (DESIGN.md §5), relative errors, the oracle, random models."""
+"""Shared test helpers: devices, tolerances (docs/DESIGN.md §4), relative errors, the oracle, random models."""
 from __future__ import annotations
 
 import copy
