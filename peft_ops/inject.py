@@ -135,7 +135,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
             try:
                 layers[name] = layer_cls(module, rank, alpha=alpha, dropout=dropout, seed=layer_seed(seed, name),
                                          backend=backend, **method_options)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RuntimeError) as e:  # name the module whose layer failed
                 raise type(e)(f"module {name!r}: {e}") from e
     _swap_in(model, layers)
     return list(layers)
