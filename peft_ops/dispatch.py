@@ -58,7 +58,7 @@ def _interpreting() -> bool:
     return kernels.INTERPRET
 
 
-def resolve_backend(backend: str, x: torch.Tensor, rank: int) -> str:
+def resolve_backend(backend: str, x: torch.Tensor, rank: int = 1) -> str:
     """The backend that runs for input ``x`` and an adapter of ``rank``: ``"auto"`` resolved, the others
     checked (an error, never a silent fallback, where they can't run)."""
     if check_backend(backend) == "auto":
