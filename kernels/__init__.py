@@ -7,8 +7,10 @@
 * :func:`dropout_mask`: the exact keep-mask the kernels use for a seed.
 """
 from ._config import INTERPRET
+from .bank import bank_core, sgmv_expand_add, sgmv_shrink
 from .dropout import dropout_mask
 from .fused_linear import MAX_RANK, linear, lowrank_linear, shrink
 from .reductions import rank_reduce
 
-__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask"]
+__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask",
+           "bank_core", "sgmv_shrink", "sgmv_expand_add"]
