@@ -217,3 +217,14 @@ def test_hf_generate_keeps_each_rows_adapter(method, tmp_path):
             assert rel_error(logits[i], alone(prompts[i:i + 1]).logits[0]) < 1e-5
     assert torch.equal(tokens, torch.cat(expected))
     assert not torch.equal(expected[0], expected[1]) or not torch.equal(expected[0], expected[2])
+
+
+def test_bench_bank_mode_smoke(capsys):
+    from bench import runner
+
+    assert runner.main(["--mode", "bank", "--smoke"]) == 0
+    out = capsys.readouterr().out
+    for provider in ("base", "loraxs-alone", "loraxs-bank", "loraxs-loop", "lora-bank"):
+        assert f"| decode | {provider} |" in out and f"| prefill | {provider} |" in out
+    assert "Memory per extra adapter in a bank: loraxs-bank 0.1 KiB" in out  # 4×4 float32 core
+    assert "WRONG RESULT" not in out
