@@ -18,16 +18,18 @@ Before timing, each bank's output is checked against an independent implementati
 loop; LoRA: PEFT when installed, else the loop over LoRA layers): a wrong result is a failure, not a
 number. Reported: the median time, the adapter overhead (time minus ``base``) and that overhead
 relative to one adapter alone, plus the memory each extra adapter adds to a bank. On the CPU the
-peft-ops layers and banks run their PyTorch reference path; the CPU may be shared, so every time is a
-median over repeats.
+peft-ops layers and banks run their PyTorch reference path; the CPU may be shared, so providers are
+timed in interleaved rounds and every number is a median (see ``_timed_rounds``).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -38,7 +40,7 @@ from peft_ops.bank import AdapterBank, _contribution
 ADAPTERS = (1, 8, 64, 1024)
 SIZES = {  # dim: the projection's in = out features
     "cuda": dict(dim=4096, rank=16, batch=64, prefill=128, dtype=torch.bfloat16, adapters=ADAPTERS),
-    "cpu": dict(dim=2048, rank=16, batch=64, prefill=32, dtype=torch.float32, adapters=ADAPTERS),
+    "cpu": dict(dim=2048, rank=16, batch=64, prefill=16, dtype=torch.float32, adapters=ADAPTERS),
     "smoke": dict(dim=64, rank=4, batch=8, prefill=3, dtype=torch.float32, adapters=(1, 4, 16)),
 }
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -85,8 +87,10 @@ class Setup:
         model = nn.Sequential(nn.Linear(self.base.in_features, self.base.out_features, bias=False))
         model[0].weight = self.base.weight
         for i, layer in enumerate(self.lora):
-            model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]), model,
-                                            adapter_name=f"a{i}")
+            with warnings.catch_warnings():  # "multiple adapters in the model": that is the point here
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["0"]), model,
+                                                adapter_name=f"a{i}")
             with torch.no_grad():
                 model[0].lora_A[f"a{i}"].weight.copy_(layer.lora_A)
                 model[0].lora_B[f"a{i}"].weight.copy_(layer.lora_B)
@@ -106,18 +110,14 @@ def _loop(layers, x, rows):
     return out
 
 
-def _banked(bank, x, names):
-    with peft_ops.use_adapters(bank, names):
-        return bank(x)
-
-
 def providers(setup: Setup, rows: list[int]):
-    """name -> (call(x), the check it gets: another provider's name or None)."""
+    """name -> (call(x), the check it gets: another provider's name or None). The banks' calls run
+    inside ``use_adapters`` for these rows (entered by the caller, once per batch, as a server does)."""
     names = [f"a{r}" for r in rows]
     calls = {
-        "loraxs-bank": (lambda x: _banked(setup.loraxs_bank, x, names), "loraxs-loop"),
+        "loraxs-bank": (setup.loraxs_bank, "loraxs-loop"),
         "loraxs-loop": (lambda x: _loop(setup.loraxs, x, rows), None),
-        "lora-bank": (lambda x: _banked(setup.lora_bank, x, names), "peft-mixed" if setup.peft else "lora-loop"),
+        "lora-bank": (setup.lora_bank, "peft-mixed" if setup.peft else "lora-loop"),
     }
     if setup.peft is not None:
         calls["peft-mixed"] = (lambda x: setup.peft(x, adapter_names=names), None)
@@ -126,18 +126,29 @@ def providers(setup: Setup, rows: list[int]):
     return calls
 
 
-def _median_ms(fn, x, device, min_repeats, budget_s) -> float:
+def _time_ms(fn, x, device) -> float:
     if device.type == "cuda":
         import triton
 
         return triton.testing.do_bench(lambda: fn(x), return_mode="median")
-    fn(x)  # warm up
-    times, start = [], time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start < budget_s and len(times) < 50):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    start = time.perf_counter()
+    fn(x)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _timed_rounds(calls: dict, x, device, rounds: int) -> dict[str, tuple[float, float]]:
+    """name -> (median ms, median overhead ms over base). Every round times each provider once, in
+    turn, with ``base`` first, and the overhead is the median of the differences within a round: load
+    from other processes on a shared CPU then shifts a round's times together instead of biasing one
+    provider."""
+    for fn in calls.values():
+        fn(x)  # warm up
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(_time_ms(fn, x, device))
+    return {name: (statistics.median(t), statistics.median(a - b for a, b in zip(t, times["base"])))
+            for name, t in times.items()}
 
 
 def _rel_error(out, ref) -> float:
@@ -145,7 +156,7 @@ def _rel_error(out, ref) -> float:
     return float("inf") if not torch.isfinite(out).all() else ((out - ref).norm() / ref.norm()).item()
 
 
-def run(sizes: dict, device: torch.device, min_repeats: int, budget_s: float):
+def run(sizes: dict, device: torch.device, rounds: int):
     """Returns (rows of results, failures, bytes per extra adapter by bank)."""
     results, failures, memory = [], [], {}
     batch, dtype = sizes["batch"], sizes["dtype"]
@@ -157,41 +168,40 @@ def run(sizes: dict, device: torch.device, min_repeats: int, budget_s: float):
         memory = {"loraxs-bank": setup.bytes_per_adapter(setup.loraxs_bank),
                   "lora-bank": setup.bytes_per_adapter(setup.lora_bank)}
         rows = _rows(adapters, batch)
-        calls = providers(setup, rows)
+        calls = {"base": (setup.base, None), "loraxs-alone": (setup.loraxs[0], None),
+                 "lora-alone": (setup.lora[0], None), **providers(setup, rows)}
         for mode, x in inputs.items():
-            timed = {}
-            if adapters == sizes["adapters"][0]:
-                timed = {"base": (setup.base, None), "loraxs-alone": (setup.loraxs[0], None),
-                         "lora-alone": (setup.lora[0], None)}
-            timed |= calls
-            with torch.inference_mode():
-                outputs = {name: fn(x) for name, (fn, _) in timed.items()}
-            for name, (fn, check) in timed.items():
-                if check is not None:
-                    error = _rel_error(outputs[name], outputs[check])
-                    if not error < TOLERANCE[dtype]:
+            with torch.inference_mode(), contextlib.ExitStack() as banks:
+                for bank in (setup.loraxs_bank, setup.lora_bank):
+                    banks.enter_context(peft_ops.use_adapters(bank, [f"a{r}" for r in rows]))
+                outputs = {name: fn(x) for name, (fn, _) in calls.items()}
+                checked = {}
+                for name, (fn, check) in calls.items():
+                    error = _rel_error(outputs[name], outputs[check]) if check else 0.0
+                    if error < TOLERANCE[dtype]:
+                        checked[name] = fn
+                    else:
                         failures.append(f"{name} A={adapters} {mode}: relative error {error:.2e} against {check}")
-                        continue
-                with torch.inference_mode():
-                    ms = _median_ms(fn, x, device, min_repeats, budget_s)
-                results.append(dict(mode=mode, provider=name, adapters=adapters, ms=ms))
-                print(f"{mode:8s} A={adapters:5d} {name:13s} {ms:9.3f} ms", flush=True)
+                timed = _timed_rounds(checked, x, device, rounds * (5 if mode == "decode" else 1))  # decode: short
+            for name, (ms, overhead) in timed.items():
+                results.append(dict(mode=mode, provider=name, adapters=adapters, ms=ms, overhead=overhead))
+                print(f"{mode:8s} A={adapters:5d} {name:13s} {ms:9.3f} ms  overhead {overhead:8.3f} ms", flush=True)
         del setup
     return results, failures, memory
 
 
 def markdown(results, memory) -> str:
-    base = {r["mode"]: r["ms"] for r in results if r["provider"] == "base"}
-    alone = {(r["mode"], r["provider"].split("-")[0]): r["ms"] for r in results if r["provider"].endswith("-alone")}
-    lines = ["| mode | provider | adapters | ms | overhead ms (− base) | overhead / one adapter's |",
+    """Per bank size and mode: each provider's median time and overhead over base (paired within
+    rounds), and the overhead relative to one adapter alone (LoRA-XS's for LoRA-XS rows, LoRA's else)."""
+    alone = {(r["mode"], r["adapters"], r["provider"].split("-")[0]): r["overhead"]
+             for r in results if r["provider"].endswith("-alone")}
+    lines = ["| adapters | mode | provider | ms | overhead ms (− base) | overhead / one adapter's |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        overhead = r["ms"] - base[r["mode"]]
-        one = alone.get((r["mode"], "loraxs" if r["provider"].startswith("loraxs") else "lora"))
-        one_overhead = one - base[r["mode"]] if one is not None else None
-        relative = f"{overhead / one_overhead:.2f}" if one_overhead and r["provider"] != "base" else "-"
-        adapters = "-" if r["provider"] == "base" or r["provider"].endswith("-alone") else r["adapters"]
-        lines.append(f"| {r['mode']} | {r['provider']} | {adapters} | {r['ms']:.3f} | {overhead:.3f} | {relative} |")
+        one = alone.get((r["mode"], r["adapters"], "loraxs" if r["provider"].startswith("loraxs") else "lora"))
+        relative = f"{r['overhead'] / one:.2f}" if one and one > 0 and r["provider"] != "base" else "-"
+        lines.append(f"| {r['adapters']} | {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['overhead']:.3f} | "
+                     f"{relative} |")
     lines.append("")
     lines += [f"Memory per extra adapter in a bank: {name} {nbytes / 1024:.1f} KiB" for name, nbytes in memory.items()]
     return "\n".join(lines)
@@ -203,17 +213,20 @@ def main(argv=None) -> int:
     parser.add_argument("--adapters", nargs="+", type=int, help="bank sizes (default 1 8 64 1024)")
     parser.add_argument("--dim", type=int, help="in = out features of the projection")
     parser.add_argument("--prefill", type=int, help="tokens per sequence in prefill")
-    parser.add_argument("--repeats", type=int, default=5, help="at least this many timed calls per provider (CPU)")
-    parser.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per provider (CPU)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (each times every provider once)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a CPU shared with other processes, two threads wait on each "
+                             "other at every op and the times scatter)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     sizes = dict(SIZES["smoke" if args.smoke else device.type])
     sizes |= {k: v for k, v in (("adapters", args.adapters), ("dim", args.dim), ("prefill", args.prefill)) if v}
-    repeats, budget = (1, 0.0) if args.smoke else (args.repeats, args.budget)
     machine = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"adapter bank: {device.type} ({machine}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
           f"{sizes}")
-    results, failures, memory = run(sizes, device, repeats, budget)
+    results, failures, memory = run(sizes, device, 1 if args.smoke else args.rounds)
     print(markdown(results, memory))
     for failure in failures:
         print("WRONG RESULT, not timed:", failure)
