@@ -317,8 +317,10 @@ def use_adapters(model: nn.Module, names: Sequence[str | None]):
         raise ValueError(f"names: {sorted(map(repr, unknown))} are not in the model's adapter banks; loaded: "
                          f"{sorted(known)}")
     previous = [bank._rows for bank in banks]
+    shared: dict[tuple[int, ...], _RowAdapters] = {}  # banks holding the same adapters share their groups
     for bank in banks:
-        bank._rows = _RowAdapters([bank.index(n) for n in names])
+        indices = tuple(bank.index(n) for n in names)
+        bank._rows = shared.setdefault(indices, _RowAdapters(list(indices)))
     try:
         yield
     finally:
