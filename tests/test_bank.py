@@ -12,7 +12,7 @@ import torch
 import peft_ops
 from peft_ops import AdapterFileError, bank_kernels, kernels
 from test_inject import _assert_unchanged, _snapshot
-from utils import DEVICE, ON_GPU, TOLERANCE, TinyModel, method_options, randn, randomize_adapters, rel_error
+from utils import DEVICE, ON_GPU, TOLERANCE, Conv1D, TinyModel, method_options, randn, randomize_adapters, rel_error
 
 METHODS = list(peft_ops.METHODS)
 NAMES = ["a", None, "c", "a", "b", None, "c", "a"]  # rows of one adapter scattered through the batch
@@ -195,6 +195,31 @@ def test_files_for_another_model_or_a_single_adapter_module_are_refused(tmp_path
     _assert_unchanged(model, snapshot)
     with pytest.raises(AdapterFileError, match="is not in the model"):
         peft_ops.load_adapter_bank(torch.nn.Sequential(torch.nn.Linear(32, 32)), paths)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("method", ["loraxs", "lora"])
+def test_conv1d_bases(method, backend, tmp_path, poisoned):
+    """GPT-2's Conv1D stores its weight transposed (K×N): both paths read it through strides."""
+    def build():
+        torch.manual_seed(3)
+        return torch.nn.Sequential(Conv1D(24, 32)).to(DEVICE)
+
+    paths, alone = {}, {}
+    for name in ("a", "b"):
+        model = build()
+        peft_ops.inject(model, method, 4, target_modules="all-linear")
+        randomize_adapters(model, 0.3)
+        paths[name] = tmp_path / f"{name}.safetensors"
+        peft_ops.save_adapter(model, paths[name])
+        alone[name] = model.double()
+    model = build()
+    peft_ops.load_adapter_bank(model, paths, backend=backend)
+    names = ["b", None, "a", "b"]
+    x = randn(4, 3, 32)
+    with torch.no_grad(), peft_ops.use_adapters(model, names):
+        out = model(x)
+    assert rel_error(out, _expected(alone, build().double(), x, names)) < 1e-5
 
 
 transformers = pytest.importorskip("transformers")
