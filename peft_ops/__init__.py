@@ -6,10 +6,11 @@
 """
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
 from .bank import AdapterBank, adapter_banks, bank_adapters, load_adapter_bank, remove_adapters, use_adapters
-from .functional import BACKENDS, lowrank_linear
+from .dispatch import BACKENDS, IMPLEMENTATIONS, clear_decisions, decisions
 from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
 from .methods import METHODS, Method, get_method
+from .ops import adapted_linear
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
     "load_adapter_bank", "use_adapters", "remove_adapters", "bank_adapters", "adapter_banks", "AdapterBank",
-    "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
+    "adapted_linear", "BACKENDS", "IMPLEMENTATIONS", "decisions", "clear_decisions", "METHODS", "Method",
+    "get_method",
 ]

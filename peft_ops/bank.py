@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import bank_kernels, functional
+from . import bank_kernels, dispatch
 from .adapter_file import (AdapterFileError, _base_for, _build, _check_every_tensor_used, _metadata_errors, _read,
-                           _same_signature, _signature)
+                           _signature, _signature_mismatch, _signature_rtol)
 from .inject import preserved_on_error
 from .layers import LowRankLinear, _base_weight
 from .methods import Method, get_method
@@ -165,7 +165,7 @@ class AdapterBank(nn.Module):
         groups = self._rows.groups(x[0, ..., 0].numel(), x.device)
         if groups is None:
             return self.base_layer(x)
-        use_kernels = functional.resolve_backend(self.backend, x, self.rank) == "triton"
+        use_kernels = dispatch.resolve_backend(self.backend, x, self.rank) != "reference"
         if use_kernels:
             from peft_ops import kernels as impl
         else:
@@ -242,7 +242,7 @@ def load_adapter_bank(model: nn.Module, paths: Mapping[str, str | os.PathLike], 
     bank, and for LoRA-XS and TLoRA the same frozen factors as the bank's (same base weights and SVD
     options, same seed). On any error the model is left untouched. ``backend``: as for the layers
     (``"auto"``: the Triton kernels for CUDA tensors, the PyTorch reference elsewhere)."""
-    functional.check_backend(backend)
+    dispatch.check_backend(backend)
     if not isinstance(paths, Mapping) or not paths:
         raise TypeError(f"paths={paths!r}; expected a non-empty mapping from adapter name to adapter file")
     loaded = set(bank_adapters(model))
@@ -283,10 +283,13 @@ def _add_entry(path, adapter: str, module_name: str, entry: dict, tensors: dict,
         raise AdapterFileError(f"{where}: the file holds a {entry['method']} adapter of rank {entry['rank']}; the "
                                f"bank there holds {p.method.name} adapters of rank {p.rank} (one method and rank "
                                f"per bank)")
-    if p.signature is not None and not _same_signature(entry["frozen_signature"], p.signature, p.rank):
-        raise AdapterFileError(f"{where}: its frozen {p.method.name} factors differ from the bank's shared ones; "
-                               f"a {p.method.name} bank holds adapters made on the same base weights with the same "
-                               f"seed and options")
+    if p.signature is not None:
+        rtol = _signature_rtol(entry["base"].get("dtype", "float32"), _base_weight(base).dtype)
+        mismatch = _signature_mismatch(entry["frozen_signature"], p.signature, p.rank, rtol)
+        if mismatch:
+            raise AdapterFileError(f"{where}: its frozen {p.method.name} factors differ from the bank's shared ones "
+                                   f"({mismatch}); a {p.method.name} bank holds adapters made on the same base "
+                                   f"weights with the same seed and options")
     layer = _build(path, module_name, entry, base, tensors, backend, frozen=p.frozen)
     shared = bool(p.method.frozen)
     if shared and p.frozen is None:  # the first adapter of a new bank: its factors become the bank's

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from .layers import LAYER_CLASSES, LowRankLinear, is_adaptable
-from .methods import get_method
+from .methods import check_seed, get_method
 
 __all__ = ["inject", "adapter_layers", "merge", "unmerge", "unload", "layer_seed", "preserved_on_error"]
 
@@ -106,8 +106,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
     error the model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
     """
     layer_cls = LAYER_CLASSES[get_method(method).name]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed={seed!r}; expected an integer in [0, 2**63)")
+    seed = check_seed(seed)
     matched = _match(target_modules, model)
     if not matched:
         candidates = [n for n, m in _visible_modules(model) if is_adaptable(m)]
@@ -136,7 +135,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
             try:
                 layers[name] = layer_cls(module, rank, alpha=alpha, dropout=dropout, seed=layer_seed(seed, name),
                                          backend=backend, **method_options)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RuntimeError) as e:  # name the module whose layer failed
                 raise type(e)(f"module {name!r}: {e}") from e
     _swap_in(model, layers)
     return list(layers)
