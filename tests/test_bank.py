@@ -197,6 +197,19 @@ def test_files_for_another_model_or_a_single_adapter_module_are_refused(tmp_path
         peft_ops.load_adapter_bank(torch.nn.Sequential(torch.nn.Linear(32, 32)), paths)
 
 
+def test_inject_leaves_banks_alone(tmp_path):
+    paths, _ = _adapter_files(tmp_path, "loraxs", count=1)
+    model = TinyModel(1).to(DEVICE)
+    peft_ops.load_adapter_bank(model, paths)
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError, match="'blocks.0.q_proj' holds an adapter bank"):
+        peft_ops.inject(model, "lora", 2, target_modules=["q_proj"])
+    _assert_unchanged(model, snapshot)
+    with pytest.raises(ValueError, match="matched no module; the linear layers of this model are: lm_head"):
+        peft_ops.inject(model, "lora", 2, target_modules="all-linear")  # not the banks' base layers
+    _assert_unchanged(model, snapshot)
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("method", ["loraxs", "lora"])
 def test_conv1d_bases(method, backend, tmp_path, poisoned):
