@@ -432,6 +432,13 @@ def main(argv=None) -> int:
     parser.add_argument("--label", help="names the result files (default: quick or sweep)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new cell after this long; write what was measured (SIGTERM does the same)")
+    parser.add_argument("--mode", choices=("kernels", "bank"), default="kernels",
+                        help="bank: the adapter-bank benchmark (bench/bank.py), which takes its own options")
+    known, rest = parser.parse_known_args(argv)
+    if known.mode == "bank":
+        from . import bank
+
+        return bank.main(rest)
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.tokens, args.ranks = QUICK["shapes"], list(QUICK["tokens"]), list(QUICK["ranks"])

@@ -7,9 +7,11 @@
 * :func:`dropout_mask`: the exact keep-mask the kernels use for a seed.
 """
 from ._config import INTERPRET
+from .bank import bank_core, sgmv_expand_add, sgmv_shrink
 from .dropout import dropout_mask
 from .fused_linear import MAX_RANK, linear, lowrank_linear, shrink
 from .lowrank_add import add_lowrank_
 from .reductions import rank_reduce
 
-__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask", "add_lowrank_"]
+__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask", "add_lowrank_",
+           "bank_core", "sgmv_shrink", "sgmv_expand_add"]

@@ -5,6 +5,7 @@
     peft_ops.save_adapter(model, "adapter.safetensors"); peft_ops.load_adapter(model, "adapter.safetensors")
 """
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
+from .bank import AdapterBank, adapter_banks, bank_adapters, load_adapter_bank, remove_adapters, use_adapters
 from .dispatch import BACKENDS, IMPLEMENTATIONS, clear_decisions, decisions
 from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
@@ -17,6 +18,7 @@ __all__ = [
     "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear", "LowRankLinear", "LAYER_CLASSES",
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
+    "load_adapter_bank", "use_adapters", "remove_adapters", "bank_adapters", "adapter_banks", "AdapterBank",
     "adapted_linear", "BACKENDS", "IMPLEMENTATIONS", "decisions", "clear_decisions", "METHODS", "Method",
     "get_method",
 ]

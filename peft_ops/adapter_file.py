@@ -16,6 +16,7 @@ Frozen factors are regenerated at load (seeded generator or the base weight's SV
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -256,9 +257,11 @@ _ADAPTER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
                    "float64": torch.float64}
 
 
-def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend: str) -> LowRankLinear:
-    """A layer holding the entry's adapter: its frozen factors from the file or regenerated (and then
-    checked against the file's signature), its trainable tensors from the file."""
+def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend: str, *,
+           frozen: dict[str, torch.Tensor] | None = None) -> LowRankLinear:
+    """A layer holding the entry's adapter: its frozen factors from the file, else ``frozen`` (factors
+    already made for this base layer, e.g. an adapter bank's shared ones), else regenerated — and then
+    checked against the file's signature — and its trainable tensors from the file."""
     where = f"{os.fspath(path)}: module {name!r}"
     dtype = _ADAPTER_DTYPES.get(entry["dtype"])
     if dtype is None:
@@ -269,8 +272,8 @@ def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend
     method = get_method(entry["method"])
     stored_frozen = {t: tensors[f"{name}.{t}"] for t in entry["tensors"] if t in method.frozen}
     layer = LAYER_CLASSES[method.name](base, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"],
-                                       seed=entry["seed"], backend=backend, frozen_factors=stored_frozen or None,
-                                       **entry["options"])
+                                       seed=entry["seed"], backend=backend,
+                                       frozen_factors=stored_frozen or frozen or None, **entry["options"])
     trainable = {n for n, _ in layer.named_parameters(recurse=False)}
     if set(entry["tensors"]) not in (trainable, trainable | set(method.frozen)):
         raise AdapterFileError(f"{where}: the file lists tensors {sorted(entry['tensors'])}; a {method.name} "
@@ -293,6 +296,26 @@ def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend
                 f"trained with: {mismatch}. The base weight or the code that generates the factors changed; save "
                 f"with include_frozen=True to carry the factors in the file")
     return layer
+
+
+@contextlib.contextmanager
+def _metadata_errors(path, name: str):
+    """Report what reading an entry's metadata raised as an AdapterFileError naming file and module."""
+    try:
+        yield
+    except AdapterFileError:
+        raise
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise AdapterFileError(f"{os.fspath(path)}: module {name!r}: metadata is incomplete or "
+                               f"inconsistent ({type(e).__name__}: {e})") from None
+
+
+def _check_every_tensor_used(path, entries: dict, tensors: dict) -> None:
+    extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]}
+    if extra:
+        raise AdapterFileError(f"{os.fspath(path)}: tensors {sorted(extra)} belong to no module in the metadata")
+    if not entries:
+        raise AdapterFileError(f"{os.fspath(path)}: the file holds no modules")
 
 
 @torch.no_grad()
@@ -326,19 +349,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "a
         if lacking:
             raise AdapterFileError(f"{os.fspath(path)}: the model has adapters on {lacking}, which the file lacks")
         for name, entry in entries.items():
-            try:
+            with _metadata_errors(path, name):
                 base = _base_for(path, name, entry, named.get(name) if name else None)
                 built[name] = _build(path, name, entry, base, tensors, backend)
-            except AdapterFileError:
-                raise
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise AdapterFileError(f"{os.fspath(path)}: module {name!r}: metadata is incomplete or "
-                                       f"inconsistent ({type(e).__name__}: {e})") from None
-        extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]}
-        if extra:
-            raise AdapterFileError(f"{os.fspath(path)}: tensors {sorted(extra)} belong to no module in the metadata")
-        if not built:
-            raise AdapterFileError(f"{os.fspath(path)}: the file holds no modules")
+        _check_every_tensor_used(path, entries, tensors)
     for name in built.keys() & existing.keys():
         _load_into(existing[name], built.pop(name))
     if built:  # new adapter layers: freeze the model around them, as inject does

@@ -28,14 +28,20 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LowRankLinear]]:
             yield name, module
 
 
+def _is_bank(module: nn.Module) -> bool:
+    from .bank import AdapterBank  # imported here: bank.py imports this module
+
+    return isinstance(module, AdapterBank)
+
+
 def _visible_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every name of every module (a shared module under each of its names), not descending into
-    peft-ops layers (their ``base_layer`` is not a target)."""
+    peft-ops layers or adapter banks (their ``base_layer`` is not a target)."""
     adapted: list[str] = []
     for name, module in model.named_modules(remove_duplicate=False):
         if any(name.startswith(prefix + ".") for prefix in adapted):
             continue
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LowRankLinear) or _is_bank(module):
             adapted.append(name)
         if name:
             yield name, module
@@ -120,6 +126,9 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
         if isinstance(module, LowRankLinear):
             raise ValueError(f"module {name!r} already has a {module.method.name} adapter; "
                              f"peft_ops.unload(model) first to replace it")
+        if _is_bank(module):
+            raise ValueError(f"module {name!r} holds an adapter bank; peft_ops.remove_adapters(model, "
+                             f"peft_ops.bank_adapters(model)) first to adapt it otherwise")
         if not is_adaptable(module):
             raise TypeError(f"target_modules={target_modules!r} matched {name!r}, a {type(module).__name__}; "
                             f"only nn.Linear and Conv1D layers can be adapted")
