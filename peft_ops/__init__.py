@@ -9,6 +9,8 @@ from .functional import BACKENDS, lowrank_linear
 from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
 from .methods import METHODS, Method, get_method
+from .modules_to_save import modules_to_save
+from .peft_format import PeftFormatError, export_peft, import_peft, import_tlora
 
 __version__ = "0.1.0"
 
@@ -17,4 +19,5 @@ __all__ = [
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
     "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
+    "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError",
 ]
