@@ -169,6 +169,10 @@ def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alp
         if len(names[id(module)]) > 1:
             raise ValueError(f"module {name!r} is shared: the model also reaches it as "
                              f"{[n for n in names[id(module)] if n != name]}; an adapter would apply on one path only")
+        inside = [s for s in saved if name.startswith(s + ".")]
+        if inside:
+            raise ValueError(f"module {name!r} is inside modules_to_save {inside[0]!r}: it is saved whole, "
+                             f"don't adapt it too")
     layers = {}
     with preserved_on_error(model):
         for name, module in matched:
