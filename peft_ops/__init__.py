@@ -6,11 +6,12 @@
 """
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
 from .functional import BACKENDS, lowrank_linear
-from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
+from .inject import adapter_layers, disable_adapters, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
 from .methods import METHODS, Method, get_method
 from .modules_to_save import modules_to_save
 from .peft_format import PeftFormatError, export_peft, import_peft, import_tlora
+from .summary import AdapterDescription, TrainableSummary, read_adapter_info, trainable_summary
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ __all__ = [
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
     "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
-    "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError",
+    "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError", "disable_adapters",
+    "trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription",
 ]

@@ -13,7 +13,8 @@ from .methods import get_method
 from .modules_to_save import match_modules_to_save, modules_to_save as registered_modules_to_save, \
     register_modules_to_save
 
-__all__ = ["inject", "adapter_layers", "merge", "unmerge", "unload", "layer_seed", "preserved_on_error",
+__all__ = ["inject", "adapter_layers", "merge", "unmerge", "unload", "disable_adapters", "layer_seed",
+           "preserved_on_error",
            "DEFAULT_TARGET_MODULES", "HEAD_NAMES"]
 
 # What PEFT adapts when target_modules is not given, by transformers' config.model_type
@@ -212,3 +213,22 @@ def unload(model: nn.Module, *, merge: bool = False) -> list[str]:
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
         names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model):`` the model computes as its base model (every method, TLoRA's
+    learned α included); merged adapters are unmerged for the block and merged again after it."""
+    layers = [layer for _, layer in adapter_layers(model) if not layer.disabled]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()
