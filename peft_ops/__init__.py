@@ -4,6 +4,7 @@
     names = peft_ops.inject(model, "loraxs", rank=16, target_modules=["q_proj", "v_proj"])
     peft_ops.save_adapter(model, "adapter.safetensors"); peft_ops.load_adapter(model, "adapter.safetensors")
 """
+from . import hf
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
 from .functional import BACKENDS, lowrank_linear
 from .inject import adapter_layers, disable_adapters, inject, layer_seed, merge, unload, unmerge
@@ -20,6 +21,6 @@ __all__ = [
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
     "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
-    "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError", "disable_adapters",
+    "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError", "disable_adapters", "hf",
     "trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription",
 ]

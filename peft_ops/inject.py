@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+from .hf import guard_save_pretrained
 from .layers import LAYER_CLASSES, LowRankLinear, is_adaptable
 from .methods import get_method
 from .modules_to_save import match_modules_to_save, modules_to_save as registered_modules_to_save, \
@@ -110,6 +111,7 @@ def _swap_in(model: nn.Module, layers: dict[str, LowRankLinear]) -> None:
     if first:
         model.requires_grad_(False)
         register_modules_to_save(model, registered_modules_to_save(model))
+    guard_save_pretrained(model)
     for layer in layers.values():
         layer.train(layer.base_layer.training)  # an adapter in a model in eval mode is in eval mode (no dropout)
         layer.requires_grad_(False)
