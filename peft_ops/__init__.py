@@ -9,7 +9,7 @@ from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_
 from .functional import BACKENDS, lowrank_linear
 from .inject import adapter_layers, disable_adapters, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
-from .methods import METHODS, Method, get_method
+from .methods import METHODS, RECOMMENDED, Method, get_method
 from .modules_to_save import modules_to_save
 from .peft_format import PeftFormatError, export_peft, import_peft, import_tlora
 from .summary import AdapterDescription, TrainableSummary, read_adapter_info, trainable_summary
@@ -20,7 +20,7 @@ __all__ = [
     "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear", "LowRankLinear", "LAYER_CLASSES",
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
-    "lowrank_linear", "BACKENDS", "METHODS", "Method", "get_method",
+    "lowrank_linear", "BACKENDS", "METHODS", "RECOMMENDED", "Method", "get_method",
     "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError", "disable_adapters", "hf",
     "trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription",
 ]

@@ -89,3 +89,14 @@ def test_read_adapter_info_of_a_peft_directory(tmp_path):
     described = peft_ops.read_adapter_info(tmp_path)
     assert described.format == "peft" and described.methods == {"lora": 12} and described.ranks == {4: 12}
     assert described.modules["blocks.0.k_proj"]["out_features"] == 16
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_recommended_settings_are_valid_inject_arguments(method):
+    recommendation = peft_ops.RECOMMENDED[method]
+    assert recommendation.source
+    model = TinyModel(1)
+    peft_ops.inject(model, method, 4, target_modules=["q_proj"], **recommendation.kwargs)
+    layer = model.blocks[0].q_proj
+    assert all(getattr(layer, k, layer.options.get(k)) == v for k, v in recommendation.kwargs.items())
+    assert peft_ops.RECOMMENDED["tlora"].kwargs["dropout"] == 0.5
