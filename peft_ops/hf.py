@@ -12,7 +12,6 @@ Nothing here imports transformers until it is used.
 from __future__ import annotations
 
 import os
-import types
 import warnings
 from pathlib import Path
 
@@ -58,27 +57,33 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | os.PathLike, 
     type(model).save_pretrained(model, save_directory, state_dict=merged_state_dict(model), **kwargs)
 
 
-def _guarded_save_pretrained(self, save_directory, *args, **kwargs):
-    from .inject import adapter_layers
+class _GuardedSavePretrained:
+    """``model.save_pretrained`` that warns while the model has adapters. An object holding the model
+    (not a closure), so ``copy.deepcopy`` and pickling give the copy a guard of its own."""
 
-    count = sum(1 for _ in adapter_layers(self))
-    if count and not getattr(self, "_peft_ops_warned_save", False):
-        object.__setattr__(self, "_peft_ops_warned_save", True)
-        warnings.warn(
-            f"save_pretrained: this model has {count} peft-ops adapter layers; the checkpoint stores their base "
-            f"weights as '<name>.base_layer.weight', which from_pretrained of the plain model will NOT load (it "
-            f"initialises those layers randomly); it reloads only into a model with the same adapters injected. "
-            f"For a checkpoint that reloads anywhere use peft_ops.hf.save_pretrained_merged(model, directory) (or "
-            f"peft_ops.unload(model, merge=True) first); to keep the adapter, peft_ops.save_adapter(model, path).",
-            UserWarning, stacklevel=2)
-    return type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    def __init__(self, model: nn.Module):
+        self.model, self.warned = model, False
+
+    def __call__(self, save_directory, *args, **kwargs):
+        from .inject import adapter_layers
+
+        count = sum(1 for _ in adapter_layers(self.model))
+        if count and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"save_pretrained: this model has {count} peft-ops adapter layers; the checkpoint stores their base "
+                f"weights as '<name>.base_layer.weight', which from_pretrained of the plain model will NOT load (it "
+                f"initialises those layers randomly); it reloads only into a model with the same adapters injected. "
+                f"For a checkpoint that reloads anywhere use peft_ops.hf.save_pretrained_merged(model, directory) "
+                f"(or peft_ops.unload(model, merge=True) first); to keep the adapter, peft_ops.save_adapter(model, "
+                f"path).", UserWarning, stacklevel=2)
+        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
 
 
 def guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (a transformers model's) warn while the model has adapters. A
-    bound method on the instance, so ``copy.deepcopy`` and pickling carry it to the copy."""
+    """Make ``model.save_pretrained`` (a transformers model's) warn while the model has adapters."""
     if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        object.__setattr__(model, "save_pretrained", types.MethodType(_guarded_save_pretrained, model))
+        object.__setattr__(model, "save_pretrained", _GuardedSavePretrained(model))
 
 
 class _AdapterCheckpointSaving:

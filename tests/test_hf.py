@@ -86,10 +86,13 @@ def test_unload_merge_then_save_pretrained(tmp_path):
     assert rel_error(logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()), expected) <= 1e-5
 
 
-def test_the_guard_follows_a_deepcopy(tmp_path):
+def test_the_guard_follows_a_deepcopy_and_a_pickle(tmp_path):
     model = adapted(tiny_llama)
     twin = copy.deepcopy(model)
-    assert twin.save_pretrained.__self__ is twin
+    assert twin.save_pretrained.model is twin
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert loaded.save_pretrained.model is loaded and torch.equal(logits(loaded), logits(model))
 
 
 def test_adapter_checkpoint_callback_on_save(tmp_path):
