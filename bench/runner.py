@@ -1,5 +1,7 @@
-"""``python -m bench``: fused adapter layers against the frozen matmul alone (cuBLAS: the floor), eager
-PyTorch, ``torch.compile``, our Triton GEMM without an adapter, and PEFT's LoRA.
+"""``python -m bench``: adapter layers against the frozen matmul alone (cuBLAS: the floor), eager
+PyTorch, ``torch.compile``, our Triton GEMM without an adapter, and PEFT's LoRA. Our layer runs three
+ways: ``fused`` (the fused GEMM forced), ``composed`` (cuBLAS plus the rank-r kernels forced) and
+``dispatch`` (``backend="triton"``: what the dispatcher picks, timed per shape on this GPU).
 
 Every provider is checked against a float64 reference on the same inputs before it is timed; a wrong
 result is a failure, not a number. Times are ``triton.testing.do_bench`` medians (p20, p80 kept) with
@@ -38,7 +40,8 @@ TOKENS = (1, 16, 128, 2048, 8192)
 RANKS = (8, 16, 64)
 QUICK = {"shapes": ["4096x4096"], "tokens": (16, 4096), "ranks": (16,)}
 SMOKE = {"shapes": {"96x80": (96, 80)}, "tokens": (1, 17), "ranks": (8,)}
-PROVIDERS = ("fused", "eager", "compile", "base", "triton_base", "peft")
+PROVIDERS = ("fused", "composed", "dispatch", "eager", "compile", "base", "triton_base", "peft")
+LAYER_BACKENDS = {"fused": "fused", "composed": "composed", "dispatch": "triton"}  # provider -> layer backend
 MODES = ("forward", "forward_backward")
 COLUMNS = ("kernel", "provider", "mode", "metric", "unit", "x", "median", "p20", "p80", "shape", "rank", "dtype",
            "gpu", "torch", "triton", "date")
@@ -58,7 +61,7 @@ def _rel_error(out, ref) -> float:
 
 class EagerReference(nn.Module):
     """The method as its authors run it: a chain of small PyTorch ops beside the frozen matmul, under
-    autograd (``peft_ops.reference.lowrank_linear`` over the layer's factors)."""
+    autograd (``peft_ops.reference.oracle`` over the layer's factors)."""
 
     def __init__(self, layer):
         super().__init__()
@@ -66,7 +69,7 @@ class EagerReference(nn.Module):
 
     def forward(self, x):
         up, core, down, scale = self.layer.factors()
-        return reference.lowrank_linear(x, self.layer.base_layer.weight, self.layer.base_layer.bias, up, core, down,
+        return reference.oracle(x, self.layer.base_layer.weight, self.layer.base_layer.bias, up, core, down,
                                         scale)
 
 
@@ -91,9 +94,11 @@ class Case:
             for p in self.layer.parameters():
                 if p.requires_grad:
                     p.copy_(torch.randn_like(p) * 0.1)
-        self.fused = self.layer
-        self.fused.backend = "triton"
         self.eager = EagerReference(copy.deepcopy(self.layer))
+        self.kernel_layers = {}
+        for provider, backend in LAYER_BACKENDS.items():
+            self.kernel_layers[provider] = copy.deepcopy(self.layer)
+            self.kernel_layers[provider].backend = backend
         self.weight = base.weight
 
     def trainable(self, module):
@@ -102,7 +107,7 @@ class Case:
     def module(self, provider):
         if provider == "compile" and "module" not in self.compiled:
             self.compiled["module"] = torch.compile(copy.deepcopy(self.eager))
-        return {"fused": self.fused, "eager": self.eager}.get(provider) or self.compiled["module"]
+        return {**self.kernel_layers, "eager": self.eager}.get(provider) or self.compiled["module"]
 
     def reference(self, x, g):
         """float64 forward output, and dx with the adapter gradients, of the exact method."""
@@ -337,23 +342,25 @@ def _times(rows):
             for r in rows if r["metric"] == "time"}
 
 
+RATIO_COLUMNS = (("fused", None), ("composed", None), ("dispatch", None), ("eager", None), ("compile", None),
+                 ("triton_base", "linear"), ("peft", "peft-lora"), ("floor", "-"))  # (provider, kernel; None: the method)
+
+
 def markdown(rows) -> str:
-    """Per method, mode, shape, rank and M: times and ratios to the frozen matmul alone (cuBLAS)."""
+    """Per method, mode, shape, rank and M: our layer's time (as dispatched) and every provider's ratio to the
+    frozen matmul alone (cuBLAS)."""
     t = _times(rows)
-    lines = ["| method | mode | shape | r | M | fused ms | base ms | fused/base | eager/base | compile/base | "
-             "eager/fused | triton_base/base | peft/base | floor/base |", "|" + "---|" * 14]
-    keys = sorted({(k[0], k[2], k[3], k[4], k[5]) for k in t if k[1] == "fused"},
-                  key=lambda k: (k[0], k[1], k[2], k[3], k[4]))
+    lines = ["| method | mode | shape | r | M | dispatch ms | base ms | "
+             + " | ".join(f"{p}/base" for p, _ in RATIO_COLUMNS) + " |", "|" + "---|" * (7 + len(RATIO_COLUMNS))]
+    keys = sorted({(k[0], k[2], k[3], k[4], k[5]) for k in t if k[1] in LAYER_BACKENDS})
     for method, mode, shape, rank, m in keys:
         base = t.get(("linear", "base", mode, shape, rank, m))
         get = lambda kernel, provider: t.get((kernel, provider, mode, shape, rank, m))  # noqa: E731
         ratio = lambda v: f"{v / base:.3f}" if v and base else "—"  # noqa: E731
         ms = lambda v: f"{v:.4f}" if v else "—"  # noqa: E731  (a provider left out of the run)
-        fused, eager = get(method, "fused"), get(method, "eager")
-        lines.append(f"| {method} | {mode} | {shape} | {rank} | {m} | {ms(fused)} | {ms(base)} | {ratio(fused)} | "
-                     f"{ratio(eager)} | {ratio(get(method, 'compile'))} | "
-                     f"{f'{eager / fused:.3f}' if eager and fused else '—'} | {ratio(get('linear', 'triton_base'))} | "
-                     f"{ratio(get('peft-lora', 'peft'))} | {ratio(get('-', 'floor'))} |")
+        ratios = " | ".join(ratio(get(kernel or method, provider)) for provider, kernel in RATIO_COLUMNS)
+        lines.append(f"| {method} | {mode} | {shape} | {rank} | {m} | {ms(get(method, 'dispatch'))} | {ms(base)} | "
+                     f"{ratios} |")
     return "\n".join(lines)
 
 
@@ -367,17 +374,18 @@ def plot(rows, path) -> bool:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
     t = _times(rows)
-    methods = sorted({k[0] for k in t if k[1] == "fused"})
+    methods = sorted({k[0] for k in t if k[1] in LAYER_BACKENDS})
     if not methods:
         return False
     shape = sorted({k[3] for k in t})[0]
-    rank = sorted({k[4] for k in t if k[1] == "fused"})[len({k[4] for k in t if k[1] == "fused"}) // 2]
+    ranks = sorted({k[4] for k in t if k[1] in LAYER_BACKENDS})
+    rank = ranks[len(ranks) // 2]
     fig, axes = plt.subplots(len(MODES), len(methods), figsize=(4 * len(methods), 3.2 * len(MODES)), squeeze=False)
     for row, mode in enumerate(MODES):
         for col, method in enumerate(methods):
             ax = axes[row][col]
-            for kernel, provider in [(method, "fused"), (method, "eager"), (method, "compile"), ("linear", "base"),
-                                     ("linear", "triton_base"), ("peft-lora", "peft")]:
+            for kernel, provider in [*((method, p) for p in LAYER_BACKENDS), (method, "eager"), (method, "compile"),
+                                     ("linear", "base"), ("linear", "triton_base"), ("peft-lora", "peft")]:
                 ms = sorted(m for (kk, p, mo, s, r, m) in t if (kk, p, mo, s, r) == (kernel, provider, mode, shape, rank))
                 if ms:
                     ax.plot(ms, [t[(kernel, provider, mode, shape, rank, m)] / t[("-", "floor", mode, shape, rank, m)]

@@ -9,6 +9,7 @@
 from ._config import INTERPRET
 from .dropout import dropout_mask
 from .fused_linear import MAX_RANK, linear, lowrank_linear, shrink
+from .lowrank_add import add_lowrank_
 from .reductions import rank_reduce
 
-__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask"]
+__all__ = ["INTERPRET", "MAX_RANK", "lowrank_linear", "linear", "shrink", "rank_reduce", "dropout_mask", "add_lowrank_"]

@@ -6,11 +6,12 @@
 """
 from . import hf
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
-from .functional import BACKENDS, lowrank_linear
+from .dispatch import BACKENDS, IMPLEMENTATIONS, clear_decisions, decisions
 from .inject import adapter_layers, disable_adapters, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
 from .methods import METHODS, RECOMMENDED, Method, get_method
 from .modules_to_save import modules_to_save
+from .ops import adapted_linear
 from .peft_format import PeftFormatError, export_peft, import_peft, import_tlora
 from .summary import AdapterDescription, TrainableSummary, read_adapter_info, trainable_summary
 
@@ -20,7 +21,8 @@ __all__ = [
     "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear", "LowRankLinear", "LAYER_CLASSES",
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
-    "lowrank_linear", "BACKENDS", "METHODS", "RECOMMENDED", "Method", "get_method",
+    "adapted_linear", "BACKENDS", "IMPLEMENTATIONS", "decisions", "clear_decisions", "METHODS", "RECOMMENDED",
+    "Method", "get_method",
     "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError", "disable_adapters", "hf",
     "trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription",
 ]

@@ -26,16 +26,21 @@ from torch import nn
 
 from .inject import _swap_in, adapter_layers, preserved_on_error
 from .layers import LAYER_CLASSES, LowRankLinear, _base_weight, is_adaptable, is_conv1d
+from .dispatch import check_backend
 from .methods import get_method
 from .modules_to_save import check_module_tensors, load_module_tensors, module_tensors, modules_to_save, \
     register_modules_to_save, unsaved_trainable
+from .svd import probe
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo"]
 
 FORMAT, FORMAT_VERSION = "peft-ops-adapter", "1"
 _FINGERPRINT_SAMPLES = 16
 _FINGERPRINT_RTOL = 1e-2  # a bf16 copy of the same weights passes; another model's weights don't
+# Regenerated factors match the saved ones to rounding when the base weight is the same; a base cast to
+# another dtype (the fingerprint allows bf16 copies) moves its SVD by about that dtype's precision.
 _SIGNATURE_RTOL = 1e-4
+_SIGNATURE_EPS_FACTOR = 8
 
 
 class AdapterFileError(ValueError):
@@ -82,17 +87,13 @@ def _fingerprint(module: nn.Module) -> list[float]:
     return _floats(w.detach()[(idx // k).to(w.device), (idx % k).to(w.device)])
 
 
-def _probe(dim: int) -> torch.Tensor:
-    return torch.randn(dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64) / dim**0.5
-
-
 def _signature(layer: LowRankLinear) -> dict[str, list[float]]:
     """Column norms and probe projections of U and D: what a regeneration must reproduce."""
     up, _, down, _ = layer.factors()
     sig = {}
     for role, f in (("up", up), ("down", down)):
         f = _full(f).detach().double().cpu()
-        sig[role] = _floats(torch.cat([f.norm(dim=0), _probe(f.shape[0]) @ f]))
+        sig[role] = _floats(torch.cat([f.norm(dim=0), probe(f.shape[0]) @ f]))
     return sig
 
 
@@ -122,6 +123,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    path = _checked_path(path, writing=True)
     lost = unsaved_trainable(model)
     if lost:
         listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
@@ -142,7 +144,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
             "seed": layer.seed, "options": layer.options,
             "in_features": layer.in_features, "out_features": layer.out_features,
             "dtype": str(next(iter(layer.parameters(recurse=False))).dtype).removeprefix("torch."),
-            "base": {"bias": layer.base_layer.bias is not None, "fingerprint": _fingerprint(layer)},
+            "base": {"bias": layer.base_layer.bias is not None, "fingerprint": _fingerprint(layer),
+                     "dtype": str(layer.base_layer.weight.dtype).removeprefix("torch.")},
             "tensors": stored,
             **({"frozen_signature": _signature(layer)} if frozen else {}),
         }
@@ -162,15 +165,31 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
                            sum(t.numel() * t.element_size() for t in tensors.values()), os.path.getsize(path))
 
 
+def _checked_path(path, *, writing: bool) -> str:
+    """``path`` as a string, refused with an error that names it when it can't be the adapter file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}; expected a file path (str or os.PathLike)")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file "
+                                f"(e.g. {os.path.join(path, 'adapter.safetensors')!r})")
+    if writing:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"path={path!r}: the directory {folder!r} does not exist; create it first")
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"path={path!r}: no such adapter file")
+    return path
+
+
 def _read(path) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[str]]]:
     from safetensors import safe_open
 
+    path = _checked_path(path, writing=False)
     try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
     except Exception as e:  # safetensors raises its own error types for truncated or garbled files
         raise AdapterFileError(f"{os.fspath(path)}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     if metadata.get("format") != FORMAT:
@@ -195,12 +214,35 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[str]]]:
     return modules, tensors, saved_modules
 
 
-def _close(a: list[float], b: list[float], rtol: float, scale: list[float] | None = None) -> bool:
+def _close(a: list[float], b: list[float], rtol: float) -> bool:
+    """Equal lengths, every value within ``rtol`` of the largest magnitude in ``a``."""
     if len(a) != len(b):
         return False
     ref = max(max(map(abs, a), default=0.0), 1e-12)
-    return all(abs(x - y) <= rtol * (ref if scale is None else max(s, 1e-12)) for x, y, s in
-               zip(a, b, scale or a))
+    return all(abs(x - y) <= rtol * ref for x, y in zip(a, b))
+
+
+def _signature_rtol(saved_dtype: str, dtype: torch.dtype) -> float:
+    """The signature tolerance for a base saved in ``saved_dtype`` and loaded in ``dtype``: the coarser
+    dtype's precision bounds how far the regenerated factors can move."""
+    eps = max(torch.finfo(_ADAPTER_DTYPES.get(saved_dtype, torch.float32)).eps, torch.finfo(dtype).eps)
+    return max(_SIGNATURE_RTOL, _SIGNATURE_EPS_FACTOR * eps)
+
+
+def _signature_mismatch(saved: dict, now: dict, rank: int, rtol: float) -> str | None:
+    """The first signature value that differs beyond ``rtol`` times its column's norm, described; or None.
+    A signature is [column norms (rank values), probe projections (rank values)] per factor."""
+    quantities = ("column norm", "probe projection")
+    for role in ("up", "down"):
+        a, b = saved.get(role, []), now[role]
+        if len(a) != len(b):
+            return f"the {role} factor's signature has {len(a)} values, the regenerated one {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            scale = max(abs(a[i % rank]), 1e-12)  # the column's norm
+            if abs(x - y) > rtol * scale:
+                return (f"{quantities[i // rank]} {i % rank} of the {role} factor is {y:.7g}, the file says "
+                        f"{x:.7g} (difference {abs(x - y) / scale:.2g} of the column's norm, tolerance {rtol:.2g})")
+    return None
 
 
 def _base_for(path, name: str, entry: dict, module: nn.Module | None) -> nn.Module:
@@ -264,14 +306,14 @@ def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend
                                    f"{entry['method']} layer expects {tuple(target.shape)}")
         target.data.copy_(value)
     saved = entry.get("frozen_signature")
-    # the tolerance of each signature value scales with its column's norm: [norms, norms] line up with
-    # the signature's [column norms, probe projections]
-    if saved and not all(_close(saved[role], now, _SIGNATURE_RTOL, scale=saved[role][:layer.rank] * 2)
-                         for role, now in _signature(layer).items()):
-        raise AdapterFileError(
-            f"{where}: the regenerated frozen {entry['method']} factors differ from the ones the adapter was "
-            f"trained with (the base weight or the generator changed); save with include_frozen=True to carry "
-            f"them in the file")
+    if saved:
+        mismatch = _signature_mismatch(saved, _signature(layer), layer.rank,
+                                       _signature_rtol(entry["base"].get("dtype", "float32"), base.weight.dtype))
+        if mismatch:
+            raise AdapterFileError(
+                f"{where}: the regenerated frozen {entry['method']} factors differ from the ones the adapter was "
+                f"trained with: {mismatch}. The base weight or the code that generates the factors changed; save "
+                f"with include_frozen=True to carry the factors in the file")
     return layer
 
 
@@ -282,8 +324,8 @@ def _load_into(existing: LowRankLinear, built: LowRankLinear) -> None:
     for tensor_name, value in [*built.named_parameters(recurse=False), *built.named_buffers(recurse=False)]:
         if value is not None:
             getattr(existing, tensor_name).copy_(value)
-    existing.alpha, existing.scaling, existing.dropout, existing.seed, existing.options = (
-        built.alpha, built.scaling, built.dropout, built.seed, built.options)
+    existing.alpha, existing.dropout, existing.seed, existing.options = (
+        built.alpha, built.dropout, built.seed, built.options)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> list[str]:
@@ -297,6 +339,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "a
     frozen factors, and that the model has no adapter the file lacks — and on any error the model is
     left untouched. Modules saved whole (``modules_to_save``) get the file's tensors in place and
     are registered and made trainable."""
+    check_backend(backend)
     entries, tensors, saved_modules = _read(path)
     module_states = {f"{m}.{t}": tensors.get(f"{m}.{t}") for m, names in saved_modules.items() for t in names}
     named = dict(model.named_modules())

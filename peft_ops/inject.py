@@ -10,7 +10,7 @@ from torch import nn
 
 from .hf import guard_save_pretrained
 from .layers import LAYER_CLASSES, LowRankLinear, is_adaptable
-from .methods import get_method
+from .methods import check_seed, get_method
 from .modules_to_save import match_modules_to_save, modules_to_save as registered_modules_to_save, \
     register_modules_to_save
 
@@ -145,8 +145,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alp
     model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
     """
     layer_cls = LAYER_CLASSES[get_method(method).name]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"seed={seed!r}; expected an integer in [0, 2**63)")
+    seed = check_seed(seed)
     if target_modules is None:
         target_modules = _default_targets(model)
     saved = match_modules_to_save(model, modules_to_save) if modules_to_save is not None else []
@@ -182,7 +181,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alp
             try:
                 layers[name] = layer_cls(module, rank, alpha=alpha, dropout=dropout, seed=layer_seed(seed, name),
                                          backend=backend, **method_options)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, RuntimeError) as e:  # name the module whose layer failed
                 raise type(e)(f"module {name!r}: {e}") from e
     _swap_in(model, layers)
     register_modules_to_save(model, saved)

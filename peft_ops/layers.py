@@ -12,8 +12,8 @@ import warnings
 import torch
 from torch import nn
 
-from . import functional, reference
-from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method
+from . import dispatch, ops, reference
+from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method, check_seed
 
 __all__ = ["LowRankLinear", "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear",
            "LAYER_CLASSES", "is_conv1d", "is_adaptable"]
@@ -44,7 +44,8 @@ class LowRankLinear(nn.Module):
             so s = 1); TLoRA's learnable α starts at ``alpha`` (default 1).
         dropout: dropout rate on the adapter path (its input, or its output for TLoRA), in [0, 1).
         seed: seeds every random draw of the adapter's initialisation (CPU generator).
-        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`peft_ops.functional`).
+        backend: ``"auto"``, ``"triton"``, ``"fused"``, ``"composed"`` or ``"reference"`` (see
+            :mod:`peft_ops.dispatch`).
         frozen_factors: values for the method's frozen tensors (LoRA-XS's SVD factors, TLoRA's random
             matrices), to use instead of regenerating them — as an adapter file saved with them does.
         **method_options: the method's own options (``Method.options``).
@@ -62,30 +63,30 @@ class LowRankLinear(nn.Module):
         weight = _base_weight(base_layer)
         n, k = weight.shape
         name = self.method.name
+        if weight.is_meta:
+            raise ValueError(f"{name}: the base weight is on the meta device (no values); materialise the model "
+                             f"first (e.g. model.to_empty(device=...) and load its weights), then add adapters: "
+                             f"LoRA-XS reads the weight's values, and to_empty would discard the other methods' "
+                             f"seeded initialisation")
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= min(n, k):
             raise ValueError(f"{name}: rank={rank!r}; expected an integer from 1 to min(in_features, "
                              f"out_features) = {min(n, k)} for this {n}×{k} weight")
         if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
                                   or not math.isfinite(alpha)):
             raise ValueError(f"{name}: alpha={alpha!r}; expected a finite number or None")
+        if alpha == 0:
+            raise ValueError(f"{name}: alpha={alpha!r}; expected a non-zero number: with alpha = 0 the adapter's "
+                             f"output and every gradient of it stay zero, so it could never train")
         if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"{name}: dropout={dropout!r}; expected a rate in [0, 1)")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**63:
-            raise ValueError(f"{name}: seed={seed!r}; expected an integer in [0, 2**63)")
-        functional.check_backend(backend)
-        if backend == "triton":
-            from peft_ops.kernels import MAX_RANK
-
-            if rank > MAX_RANK:
-                raise ValueError(f"{name}: rank={rank} with backend='triton'; the fused kernels take ranks up to "
-                                 f"{MAX_RANK} (backend='auto' or 'reference' runs any rank)")
+        seed = check_seed(seed, f"{name}: ")
+        dispatch.check_backend(backend)
         options = self.method.resolve_options(method_options)
         self.method.check_shape(n, k, int(rank), options)
 
         self.base_layer = base_layer
         self.in_features, self.out_features, self.rank = k, n, int(rank)
         self.alpha = float(self.method.default_alpha(self.rank) if alpha is None else alpha)
-        self.scaling = self.alpha / self.rank  # used by methods whose scale is fixed
         self.dropout, self.seed, self.backend = float(dropout), int(seed), backend
         self.options = options
         self.merged = False
@@ -103,7 +104,9 @@ class LowRankLinear(nn.Module):
         # adapter tensors are float32 (float64 for a float64 base) whatever the base's 16-bit dtype
         dtype = torch.promote_types(weight.dtype, torch.float32)
         for tensor_name, (value, trainable) in tensors.items():
-            value = value.to(device=weight.device, dtype=dtype)
+            # one canonical (contiguous) layout whatever the tensor's origin: results that are bit for bit
+            # the same must not depend on which strides the BLAS sees
+            value = value.to(device=weight.device, dtype=dtype).contiguous()
             if trainable:
                 self.register_parameter(tensor_name, nn.Parameter(value))
             else:
@@ -114,8 +117,18 @@ class LowRankLinear(nn.Module):
                              f"{tuple(down.shape)}; expected {(n, self.rank)} and {(k, self.rank)}")
         self.register_buffer("_original_weight", None, persistent=False)
         self.register_state_dict_post_hook(_unmerged_state_dict)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
+        self._remerge_after_load = False
         self._warned_merged_training = False
         base_layer.requires_grad_(False)  # last: a failure above leaves the base layer as it was
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``: the fixed scale of LoRA, SymLoRA and LoRA-XS, derived from ``alpha`` so that
+        changing ``alpha`` changes the forward and the saved file alike. (TLoRA's scale is its learnable
+        ``tlora_alpha``; its ``alpha`` is only that tensor's starting value.)"""
+        return self.alpha / self.rank
 
     # -- the base layer, as code that expects the wrapped layer sees it
     @property
@@ -131,15 +144,6 @@ class LowRankLinear(nn.Module):
         return self.method.factors(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1:] != (self.in_features,):
-            raise ValueError(f"input: shape {tuple(x.shape)}; expected a last dimension of "
-                             f"in_features={self.in_features}")
-        weight = _base_weight(self.base_layer)
-        if x.device != weight.device:
-            raise RuntimeError(f"input is on {x.device} but the layer's weights are on {weight.device}")
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"input dtype {x.dtype} differs from the base weight's {weight.dtype}; cast "
-                            f"one of them (or run under torch.autocast)")
         if self.disabled:
             return self.base_layer(x)
         if self.merged:
@@ -149,10 +153,9 @@ class LowRankLinear(nn.Module):
                 self._warned_merged_training = True
             return self.base_layer(x)
         up, core, down, scale = self.factors()
-        return functional.lowrank_linear(
-            x, weight, self.base_layer.bias, up, core, down, scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            dropout_site=self.method.dropout_site, backend=self.backend)
+        return ops.adapted_linear(x, _base_weight(self.base_layer), self.base_layer.bias, up, core, down, scale,
+                                  dropout_p=self.dropout if self.training else 0.0,
+                                  dropout_site=self.method.dropout_site, backend=self.backend)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -196,6 +199,20 @@ def _unmerged_state_dict(layer: LowRankLinear, state_dict, prefix, local_metadat
     fresh model with the adapter injected), it must not apply ΔW twice."""
     if layer.merged:
         state_dict[prefix + "base_layer.weight"] = layer._original_weight.detach()
+
+
+def _unmerge_before_load(layer: LowRankLinear, *args) -> None:
+    """A state_dict holds the unmerged base weight (see above): load it into an unmerged layer, then merge
+    again with the loaded adapter, so a merged layer stays merged and correct through the round trip."""
+    if layer.merged:
+        layer.unmerge()
+        layer._remerge_after_load = True
+
+
+def _remerge_after_load(layer: LowRankLinear, incompatible_keys) -> None:
+    if layer._remerge_after_load:
+        layer._remerge_after_load = False
+        layer.merge()
 
 
 class LoRALinear(LowRankLinear):

@@ -1,6 +1,6 @@
 """Every adapter method as data over one formula.
 
-All methods are a rank-r update with the same three-factor shape (DESIGN.md §1)::
+All methods are a rank-r update with the same three-factor shape (docs/DESIGN.md)::
 
     ΔW = s · U · C · Dᵀ       U: N×r (up)    C: r×r (core)    D: K×r (down)
     y  = x Wᵀ + b + s · ((x D) Cᵀ) Uᵀ
@@ -13,15 +13,25 @@ reference path, the fused kernels and adapter files all work from these descript
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy
 import torch
 
 from .svd import top_singular_triplets
 
 __all__ = ["Method", "InitContext", "METHODS", "get_method", "LORA", "SYMLORA", "LORAXS", "TLORA", "RECOMMENDED",
            "Recommendation"]
+
+
+def check_seed(value, context: str = "", name: str = "seed") -> int:
+    """A seed as an int: any integer (Python or numpy, not bool) in [0, 2**63), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+        raise ValueError(f"{context}{name}={value!r}; expected an integer in [0, 2**63)")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,8 @@ class Method:
             allowed = ", ".join(sorted(self.options)) or "none"
             raise TypeError(f"{self.name}: unknown option(s) {', '.join(map(repr, unknown))}; "
                             f"options this method takes: {allowed}")
-        return {**self.options, **given}
+        # numpy scalars become Python numbers: options are written to adapter files as JSON
+        return {**self.options, **{k: v.item() if isinstance(v, numpy.generic) else v for k, v in given.items()}}
 
 
 def _kaiming_uniform(shape, generator):
@@ -137,8 +148,12 @@ SYMLORA = Method(
 
 def _loraxs_init(c: InitContext) -> Tensors:
     if c.frozen is None:
+        if not torch.isfinite(c.weight).all():
+            raise ValueError("loraxs: the base weight has non-finite values (NaN or inf); LoRA-XS's frozen "
+                             "factors are its SVD, which needs finite weights")
         u, sigma, v = top_singular_triplets(c.weight, c.rank, exact=c.options["svd"] == "exact",
                                             seed=c.options["svd_seed"])
+        _check_spectrum(sigma, c.rank)
         frozen = {"loraxs_B": u, "loraxs_A": sigma[:, None] * v.T}  # U_r (N×r); Σ_r V_rᵀ (r×K) absorbs Σ
     else:
         frozen = c.frozen
@@ -149,12 +164,21 @@ def _loraxs_init(c: InitContext) -> Tensors:
     }
 
 
+def _check_spectrum(sigma: torch.Tensor, rank: int) -> None:
+    """Directions with a zero singular value give zero columns of Σ_r V_rᵀ: R's matching rows never train."""
+    if not sigma[0] > 0:
+        raise ValueError("loraxs: the base weight is all zero; LoRA-XS's frozen factors come from its SVD, so "
+                         "the adapter and its gradients would stay zero forever (use another method here)")
+    tiny = sigma <= sigma[0] * torch.finfo(torch.float32).eps
+    if tiny.any():
+        warnings.warn(f"loraxs: the base weight has rank {int((~tiny).sum())} < {rank}: the rows of R for its "
+                      f"{int(tiny.sum())} zero singular directions will never train", stacklevel=2)
+
+
 def _loraxs_check(n: int, k: int, r: int, opts: Mapping[str, Any]) -> None:
     if opts["svd"] not in ("randomized", "exact"):
         raise ValueError(f"loraxs: option svd={opts['svd']!r}; expected 'randomized' or 'exact'")
-    seed = opts["svd_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"loraxs: option svd_seed={seed!r}; expected an integer in [0, 2**63)")
+    check_seed(opts["svd_seed"], "loraxs: option ", "svd_seed")
 
 
 LORAXS = Method(

@@ -1,15 +1,17 @@
-"""The custom operators every layer runs: ``peft_ops::lowrank_linear`` and its backward.
+"""The one public entry point of the low-rank linear, :func:`adapted_linear`, and the custom operators
+behind it, ``peft_ops::adapter_forward`` and ``peft_ops::adapter_backward``.
 
-Both are ``torch.library.triton_op``s, so ``torch.compile(model, fullgraph=True)`` traces straight
+:func:`adapted_linear` resolves the backend and validates every argument once, then calls the forward
+op. Both ops are ``torch.library.triton_op``s, so ``torch.compile(model, fullgraph=True)`` traces straight
 through them: on a GPU Inductor sees the Triton kernels themselves; on the CPU (and for
 ``backend="reference"``) the same algorithm runs over :mod:`peft_ops.reference_kernels`, the kernels'
-contracts in plain PyTorch. DESIGN.md §1 gives every formula.
+contracts in plain PyTorch. :mod:`peft_ops.dispatch` picks the implementation of each GEMM step.
 
-Forward: ``y = x Wᵀ + b + s·drop((drop(x) D)(U C)ᵀ)``: the core folds into the expand factor ``E = U C``
-(N×r) first, then one fused GEMM does the rest. Backward, with ``v = drop(g) U`` and ``t = drop(x) D``
-(saved, M×r):
+The formulas (``y = x Wᵀ + b + s·((x D) Cᵀ) Uᵀ``; ``t = x D``, ``g = ∂L/∂y``): forward
+``y = x Wᵀ + b + s·drop((drop(x) D)(U C)ᵀ)``: the core folds into the expand factor ``E = U C`` (N×r)
+first, then one GEMM step does the rest. Backward, with ``v = drop(g) U`` and ``t = drop(x) D`` (saved, M×r):
 
-* ``dx = g W + s·drop(v (D Cᵀ)ᵀ)``: the same fused GEMM with the roles swapped, ``v`` from its shrink;
+* ``dx = g W + s·drop(v (D Cᵀ)ᵀ)``: the same GEMM step with the roles swapped, ``v`` from its shrink;
 * ``P = vᵀ t`` (r×r): ``dC = s·P`` (``s·diag P`` for a diagonal core), ``ds = ⟨P, C⟩``;
 * ``dU = s·(drop(g)ᵀ t) Cᵀ`` and ``dD = s·(drop(x)ᵀ v) C``, where those factors train.
 
@@ -23,17 +25,9 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from . import reference_kernels
+from . import dispatch
 
-__all__ = ["lowrank_linear"]
-
-
-def _implementation(use_kernels: bool):
-    if use_kernels:
-        from peft_ops import kernels
-
-        return kernels
-    return reference_kernels
+__all__ = ["adapted_linear"]
 
 
 def _fold(factor: Tensor, core: Optional[Tensor], scale) -> Tensor:
@@ -47,23 +41,23 @@ def _core_transpose(core: Optional[Tensor]) -> Optional[Tensor]:
     return core.T if core is not None and core.dim() == 2 else core
 
 
-@triton_op("peft_ops::lowrank_linear", mutates_args=())
+@triton_op("peft_ops::adapter_forward", mutates_args=())
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor], down: Tensor,
              scale: Optional[Tensor], scale_value: float, seed: Optional[Tensor], dropout_p: float,
-             dropout_site: str, use_kernels: bool, store_t: bool) -> tuple[Tensor, Tensor]:
-    """(y, t) for a 2-D x; t is empty unless ``store_t``."""
-    y, t = _implementation(use_kernels).lowrank_linear(
-        x, weight, bias, down, _fold(up, core, scale), scale_value, dropout_p=dropout_p, dropout_site=dropout_site,
-        seed=seed, store_t=store_t)
+             dropout_site: str, backend: str, store_t: bool) -> tuple[Tensor, Tensor]:
+    """(y, t) for a 2-D x; t is empty unless ``store_t``. ``backend`` is resolved (not "auto")."""
+    y, t = dispatch.run_lowrank_linear(
+        backend, "forward", x, weight, bias, down, _fold(up, core, scale), scale_value, dropout_p=dropout_p,
+        dropout_site=dropout_site, seed=seed, store_t=store_t)
     return y, t if t is not None else x.new_empty(0, dtype=torch.float32)
 
 
-@triton_op("peft_ops::lowrank_linear_backward", mutates_args=())
+@triton_op("peft_ops::adapter_backward", mutates_args=())
 def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tensor, up: Tensor, core: Optional[Tensor],
               down: Tensor, scale: Optional[Tensor], scale_value: float, seed: Optional[Tensor], dropout_p: float,
-              dropout_site: str, use_kernels: bool, needs: list[bool]) -> list[Tensor]:
+              dropout_site: str, backend: str, needs: list[bool]) -> list[Tensor]:
     """[dx, d_bias, d_up, d_core, d_down, d_scale]; entries not asked for in ``needs`` are empty."""
-    impl = _implementation(use_kernels)
+    impl = dispatch.kernel_module(backend)
     need_x, need_bias, need_up, need_core, need_down, need_scale = needs
     s = scale if scale is not None else scale_value
     p_in = dropout_p if dropout_site == "input" else 0.0  # dropout on x, the adapter's input
@@ -74,10 +68,10 @@ def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tenso
 
     v = None
     if need_x:  # one fused GEMM: dx = g W + s·drop(v (D Cᵀ)ᵀ), with v = drop(g) U from its shrink
-        dx, v = impl.lowrank_linear(g, weight.T, None, up, _fold(down, _core_transpose(core), scale),
-                                    scale_value, dropout_p=dropout_p,
-                                    dropout_site="output" if dropout_site == "input" else "input", seed=seed,
-                                    store_t=need_v)
+        dx, v = dispatch.run_lowrank_linear(backend, "dx", g, weight.T, None, up,
+                                            _fold(down, _core_transpose(core), scale), scale_value,
+                                            dropout_p=dropout_p, seed=seed, store_t=need_v,
+                                            dropout_site="output" if dropout_site == "input" else "input")
     elif need_v:
         v = impl.shrink(g, up, dropout_p=p_out, seed=seed)
     if need_core or need_scale:
@@ -98,21 +92,21 @@ def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tenso
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, up, core, down, scale, scale_value, seed, dropout_p, dropout_site, use_kernels, store_t = inputs
+    x, weight, bias, up, core, down, scale, scale_value, seed, dropout_p, dropout_site, backend, store_t = inputs
     t = output[1]
     ctx.mark_non_differentiable(t)
     ctx.save_for_backward(t if store_t else None, x if down.requires_grad else None, weight, up, core, down,
                           scale, seed)
-    ctx.scale_value, ctx.dropout_p, ctx.dropout_site, ctx.use_kernels = scale_value, dropout_p, dropout_site, use_kernels
+    ctx.scale_value, ctx.dropout_p, ctx.dropout_site, ctx.backend = scale_value, dropout_p, dropout_site, backend
 
 
 def _differentiate(ctx, grad_y, grad_t):
     t, x, weight, up, core, down, scale, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     needs = [need[0], need[2], need[3], need[4], need[5], need[6]]  # x, bias, up, core, down, scale
-    grads = torch.ops.peft_ops.lowrank_linear_backward(
+    grads = torch.ops.peft_ops.adapter_backward(
         grad_y, t, x, weight, up, core, down, scale, ctx.scale_value, seed, ctx.dropout_p, ctx.dropout_site,
-        ctx.use_kernels, needs)
+        ctx.backend, needs)
     dx, d_bias, d_up, d_core, d_down, d_scale = (grad if wanted else None for grad, wanted in zip(grads, needs))
     return dx, None, d_bias, d_up, d_core, d_down, d_scale, None, None, None, None, None, None
 
@@ -122,33 +116,31 @@ def _refuse_double_backward(ctx, *grads):
                        "fused kernels that are not themselves differentiated (create_graph=True)")
 
 
-torch.library.register_autograd("peft_ops::lowrank_linear", _differentiate, setup_context=_setup_context)
-torch.library.register_autograd("peft_ops::lowrank_linear_backward", _refuse_double_backward,
+torch.library.register_autograd("peft_ops::adapter_forward", _differentiate, setup_context=_setup_context)
+torch.library.register_autograd("peft_ops::adapter_backward", _refuse_double_backward,
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor],
-                   down: Tensor, scale, *, dropout_p: float = 0.0, dropout_site: str = "input",
-                   use_kernels: bool = True, seed=None) -> Tensor:
-    """``y = x Wᵀ + b + s·((x D) Cᵀ) Uᵀ`` through the custom op, for x of any leading dimensions.
+def adapted_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor],
+                   down: Tensor, scale, *, dropout_p: float = 0.0, dropout_site: str = "input", backend: str = "auto",
+                   seed=None) -> Tensor:
+    """``y = x Wᵀ + b + s·((x D) Cᵀ) Uᵀ`` with dropout on the adapter's input or output, for x of any
+    leading dimensions: the one entry point every layer calls.
 
-    Differentiable in ``x``, ``bias``, ``up``, ``core``, ``down`` and a tensor ``scale``; the base weight is
-    frozen (asking for its gradient is an error). ``use_kernels`` picks the Triton kernels or their
-    PyTorch twins. ``seed`` fixes the dropout mask (default: drawn on x's device from torch's generator,
-    so ``torch.manual_seed`` reproduces it); ``peft_ops.kernels.dropout_mask`` returns it."""
-    if use_kernels and x.device.type == "cpu" and torch.compiler.is_compiling():
-        raise RuntimeError("backend='triton' on the CPU runs the Triton interpreter, which torch.compile "
-                           "cannot trace; compile with backend='reference' (or 'auto') on the CPU")
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("peft_ops layers do not compute the base weight's gradient; freeze it "
-                           "(weight.requires_grad_(False), as peft_ops.inject does)")
-    if torch.is_autocast_enabled(x.device.type):
+    ``weight``: the frozen N×K base weight (asking for its gradient is an error); ``up``: N×r; ``core``:
+    None (identity), r (diagonal) or r×r; ``down``: K×r; ``scale``: a float or a 0-d/1-element tensor.
+    Differentiable in ``x``, ``bias``, ``up``, ``core``, ``down`` and a tensor ``scale``. ``dropout_p`` is
+    the effective rate (pass 0 in eval mode). ``backend``: see :mod:`peft_ops.dispatch`. ``seed`` fixes the
+    dropout mask (default: drawn on x's device from torch's generator, so ``torch.manual_seed`` reproduces
+    it); ``peft_ops.kernels.dropout_mask`` returns it. Every argument is checked here, once."""
+    if _check_arguments(x, weight, bias, up, core, down, scale):  # under autocast
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if x.dtype != weight.dtype:
-        raise TypeError(f"input dtype {x.dtype} differs from the weight's {weight.dtype}")
-    _check_factors(x, weight, bias, up, core, down, scale)
+    backend = dispatch.resolve_backend(backend, x, down.shape[-1])
+    if backend != "reference" and x.device.type == "cpu" and torch.compiler.is_compiling():
+        raise RuntimeError(f"backend={backend!r} on the CPU runs the Triton interpreter, which torch.compile "
+                           f"cannot trace; compile with backend='reference' (or 'auto') on the CPU")
     scale_tensor = scale if isinstance(scale, Tensor) else None
     if dropout_p:
         seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
@@ -158,24 +150,36 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor
     store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
     # inputs are cast to the autocast dtype above; inside, the rank-r work stays float32 (E = U·C, t)
     with torch.autocast(x.device.type, enabled=False):
-        y, _ = torch.ops.peft_ops.lowrank_linear(
+        y, _ = torch.ops.peft_ops.adapter_forward(
             x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
-            1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, use_kernels,
-            store_t)
+            1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, backend, store_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _check_factors(x, weight, bias, up, core, down, scale) -> None:
-    """Shapes and devices that the kernels would otherwise read out of bounds with."""
+def _check_arguments(x, weight, bias, up, core, down, scale) -> bool:
+    """Every argument, with an error that names it: what the kernels would otherwise read out of bounds,
+    compute in the wrong dtype, or differentiate wrongly. Returns whether autocast is on for x's device."""
     n, k = weight.shape
+    if not x.is_floating_point():
+        raise TypeError(f"input dtype {x.dtype}: expected a floating-point tensor (as nn.Linear, which autocast "
+                        f"does not cast integer inputs for either)")
+    if x.shape[-1:] != (k,):
+        raise ValueError(f"input: shape {tuple(x.shape)}; expected a last dimension of in_features={k}")
+    if x.device != weight.device:
+        raise RuntimeError(f"input is on {x.device} but the layer's weights are on {weight.device}")
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.dtype != weight.dtype and not autocast:
+        raise TypeError(f"input dtype {x.dtype} differs from the base weight's {weight.dtype}; cast one of them "
+                        f"(or run under torch.autocast)")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("peft_ops layers do not compute the base weight's gradient; freeze it "
+                           "(weight.requires_grad_(False), as peft_ops.inject does)")
     r = down.shape[-1] if down.dim() == 2 else -1
     expected = {"up": (up, (n, r)), "down": (down, (k, r)), "bias": (bias, (n,))}
     if core is not None:
         expected["core"] = (core, (r,) if core.dim() == 1 else (r, r))
     if isinstance(scale, Tensor):
         expected["scale"] = (scale, (1,) if scale.dim() == 1 else ())
-    if x.shape[-1] != k:
-        raise ValueError(f"x: last dimension {x.shape[-1]}; expected in_features={k} (weight is {n}×{k})")
     for name, (tensor, shape) in expected.items():
         if tensor is None:
             continue
@@ -183,3 +187,4 @@ def _check_factors(x, weight, bias, up, core, down, scale) -> None:
             raise ValueError(f"{name}: shape {tuple(tensor.shape)}; expected {shape} for a {n}×{k} weight at rank {r}")
         if tensor.device != x.device:
             raise RuntimeError(f"{name} is on {tensor.device} but the input is on {x.device}")
+    return autocast

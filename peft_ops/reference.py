@@ -1,5 +1,5 @@
-"""The plain-PyTorch reference of every method: the oracle the kernels are checked against, and the
-path used where the kernels don't run (the CPU, float64). Autograd provides its gradients.
+"""The oracle: every method in plain PyTorch under autograd, written from the formulas alone. The kernels
+and their PyTorch twins (what ``backend="reference"`` runs) are both checked against it.
 
     y = x Wᵀ + b + s · ((drop(x) D) Cᵀ) Uᵀ          dropout on the adapter input (LoRA, SymLoRA, LoRA-XS)
     y = x Wᵀ + b + drop(s · ((x D) Cᵀ) Uᵀ)          dropout on the adapter output (TLoRA)
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lowrank_linear", "apply_core", "delta_weight"]
+__all__ = ["oracle", "apply_core", "delta_weight"]
 
 
 def apply_core(t: torch.Tensor, core: torch.Tensor | None) -> torch.Tensor:
@@ -26,9 +26,9 @@ def _dropout(z: torch.Tensor, p: float, keep: torch.Tensor | None) -> torch.Tens
     return z * keep.to(z.dtype) / (1.0 - p)
 
 
-def lowrank_linear(x, weight, bias, up, core, down, scale, *, dropout_p: float = 0.0,
-                   dropout_site: str = "input", dropout_mask: torch.Tensor | None = None):
-    """Reference forward. Factors are cast to the input's dtype, as PEFT does; ``scale`` is a float or
+def oracle(x, weight, bias, up, core, down, scale, *, dropout_p: float = 0.0, dropout_site: str = "input",
+           dropout_mask: torch.Tensor | None = None):
+    """The layer's output. Factors are cast to the input's dtype, as PEFT does; ``scale`` is a float or
     a 0-d tensor. With ``dropout_p > 0``, ``dropout_mask`` (bool, True = kept, the shape of ``x`` for
     input-side dropout or of the output for output-side dropout) reproduces a given mask."""
     dtype = x.dtype

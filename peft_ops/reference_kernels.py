@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dropout_mask", "lowrank_linear", "shrink", "rank_reduce"]
+__all__ = ["dropout_mask", "lowrank_linear", "shrink", "rank_reduce", "add_lowrank_"]
 
 _LOW32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -73,15 +73,29 @@ def lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout
     ``t`` replaces ``drop_in(a) D``."""
     if t is None:
         t = shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
-    low_rank = (t @ expand.to(t.dtype).T) * scale
-    if dropout_p and dropout_site == "output":
-        low_rank = torch.where(dropout_mask(seed, *low_rank.shape, dropout_p, a.device),
-                               low_rank / (1.0 - dropout_p), 0.0)
+    low_rank = _low_rank_term(t, expand, scale, dropout_p if dropout_site == "output" else 0.0, seed)
     # like the kernels: accumulate in float32 and round once (a float16 base rounded on its own could
     # overflow where the full sum does not)
     acc = t.dtype
     out = (F.linear(a.to(acc), weight.to(acc), None if bias is None else bias.to(acc)) + low_rank).to(a.dtype)
     return out, (t if store_t else None)
+
+
+def _low_rank_term(t, expand, scale, dropout_p, seed):
+    """``scale · drop(t Eᵀ)`` with the kernels' output-side mask (element (row, col) of the M×N result)."""
+    low_rank = (t @ expand.to(t.dtype).T) * scale
+    if dropout_p:
+        low_rank = torch.where(dropout_mask(seed, *low_rank.shape, dropout_p, t.device), low_rank / (1.0 - dropout_p), 0.0)
+    return low_rank
+
+
+def add_lowrank_(out, t, expand, scale: float = 1.0, *, dropout_p: float = 0.0, seed=None):
+    """In place ``out += scale · drop(t Eᵀ)`` (the output-side mask), summed in float32 (float64 for a
+    float64 ``t``) and rounded once to ``out``'s dtype; returns ``out``."""
+    if out.numel():
+        acc = torch.promote_types(t.dtype, torch.float32)
+        out.copy_(out.to(acc) + _low_rank_term(t.to(acc), expand, scale, dropout_p, seed))
+    return out
 
 
 def rank_reduce(a, b, *, dropout_p: float = 0.0, seed=None) -> torch.Tensor:

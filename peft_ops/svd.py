@@ -6,16 +6,23 @@ a seeded randomised SVD (Halko, Martinsson & Tropp 2011) with 10 power iteration
 ``rank + max(10, rank)`` columns: at least as accurate as the LoRA-XS authors' scikit-learn
 ``randomized_svd`` (10 power iterations, 10 extra columns) — on flat spectra, where a randomised SVD
 is weakest, its top-r subspace is as close to the exact one and it captures as much of the top-r
-energy (``tests/test_svd_fidelity.py`` measures both). ``exact=True`` runs LAPACK's full thin SVD. Signs follow one convention: the largest-magnitude entry of each left
-singular vector is positive.
+energy (``tests/test_svd_fidelity.py`` measures both). ``exact=True`` runs LAPACK's full thin SVD.
+Signs follow one convention: each left singular vector has a positive projection on a fixed random
+probe. (A rule such as "the largest entry is positive" flips when two entries are near-tied, which
+rounding the weight to bfloat16 often causes; the projection moves continuously with the weight.)
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["top_singular_triplets"]
+__all__ = ["top_singular_triplets", "probe"]
 
 _POWER_ITERATIONS = 10
+
+
+def probe(dim: int) -> torch.Tensor:
+    """A fixed random unit-variance direction of length ``dim`` / √dim (float64, the same everywhere)."""
+    return torch.randn(dim, generator=torch.Generator().manual_seed(dim), dtype=torch.float64) / dim**0.5
 
 
 def top_singular_triplets(weight: torch.Tensor, rank: int, *, exact: bool = False, seed: int = 0):
@@ -36,6 +43,5 @@ def top_singular_triplets(weight: torch.Tensor, rank: int, *, exact: bool = Fals
         ub, s, vh = torch.linalg.svd(q.T @ w, full_matrices=False)
         u = q @ ub
     u, s, v = u[:, :rank], s[:rank], vh[:rank].T
-    flip = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
-    flip[flip == 0] = 1
+    flip = torch.where(probe(n) @ u < 0, -1.0, 1.0).to(torch.float64)
     return (u * flip).contiguous(), s.contiguous(), (v * flip).contiguous()

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import peft_ops
 from peft_ops import AdapterFileError
 from test_inject import _assert_unchanged, _snapshot
-from utils import TinyModel, method_options, randomize_adapters
+from utils import TinyModel, method_options, randomize_adapters, rel_error
 
 METHODS = list(peft_ops.METHODS)
 
@@ -346,3 +346,28 @@ def test_loading_in_place_changes_no_requires_grad_flag(tmp_path):
     target.blocks[0].q_proj.loraxs_R.requires_grad_(False)  # and froze one adapter
     peft_ops.load_adapter(target, tmp_path / "a.safetensors")
     assert target.lm_head.weight.requires_grad and not target.blocks[0].q_proj.loraxs_R.requires_grad
+
+
+@pytest.mark.parametrize("saved_dtype, loaded_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["float32-to-bfloat16", "bfloat16-to-float32"])
+def test_loraxs_file_loads_into_a_cast_copy_of_its_base(saved_dtype, loaded_dtype, tmp_path):
+    """The fingerprint accepts a bf16 copy of the base on purpose: so must the regenerated-factor check
+    (its SVD moves by about bf16's precision), and the adapter must compute the same function."""
+    model = _adapted("loraxs").to(saved_dtype)
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = TinyModel(1).to(loaded_dtype)
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors")
+    x = torch.randn(4, 32)
+    assert rel_error(fresh.float()(x), model.float()(x)) < 1e-2
+
+
+def test_a_mismatch_says_which_quantity_differed_by_how_much(saved, monkeypatch):
+    import peft_ops.methods as methods
+
+    _, path = saved
+    svd = methods.top_singular_triplets
+    monkeypatch.setattr(methods, "top_singular_triplets",
+                        lambda w, r, exact, seed: (lambda u, s, v: (u, s * 1.01, v))(*svd(w, r, exact=exact, seed=seed)))
+    _load_refused(path, r"module 'blocks.0.k_proj': the regenerated frozen loraxs factors differ from the ones the "
+                        r"adapter was trained with: column norm 0 of the down factor is [\d.]+, the file says [\d.]+ "
+                        r"\(difference 0.01 of the column's norm, tolerance 0.0001\)")

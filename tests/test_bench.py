@@ -45,7 +45,8 @@ def _rows():
     rows = []
     for m, base in ((16, 0.010), (2048, 0.100)):
         for kernel, provider, factor in (("-", "floor", 0.9), ("linear", "base", 1.0), ("linear", "triton_base", 1.02),
-                                         ("loraxs", "fused", 1.04), ("loraxs", "eager", 1.5),
+                                         ("loraxs", "fused", 1.04), ("loraxs", "composed", 1.06),
+                                         ("loraxs", "dispatch", 1.04), ("loraxs", "eager", 1.5),
                                          ("loraxs", "compile", 1.3), ("peft-lora", "peft", 1.6)):
             for mode in runner.MODES:
                 t = base * factor * (2 if mode == "forward_backward" else 1)
@@ -63,9 +64,9 @@ def test_outputs_csv_markdown_and_plot(tmp_path):
         assert len(list(reader)) == len(_rows())
     table = (tmp_path / "2026-11-22_NVIDIA-H200_sweep.md").read_text()
     assert "NVIDIA H200, torch 2.11, triton 3.6" in table
-    # fused/base, eager/base, compile/base, eager/fused, triton_base/base, peft/base, floor/base
-    assert "| loraxs | forward | 4096x4096 | 16 | 2048 | 0.1040 | 0.1000 | 1.040 | 1.500 | 1.300 | 1.442 | 1.020 | " \
-           "1.600 | 0.900 |" in table
+    # dispatch ms, base ms; fused, composed, dispatch, eager, compile, triton_base, peft and floor over base
+    assert "| loraxs | forward | 4096x4096 | 16 | 2048 | 0.1040 | 0.1000 | 1.040 | 1.060 | 1.040 | 1.500 | 1.300 | " \
+           "1.020 | 1.600 | 0.900 |" in table
     assert (str(stem) + ".png" in written) == (importlib.util.find_spec("matplotlib") is not None)
 
 
@@ -113,6 +114,6 @@ def test_time_budget_stops_between_cells(monkeypatch, capsys):
 
 
 def test_markdown_marks_providers_left_out_of_the_run():
-    rows = [r for r in _rows() if r["provider"] in ("fused", "floor")]
+    rows = [r for r in _rows() if r["provider"] in ("dispatch", "floor")]
     line = next(l for l in runner.markdown(rows).splitlines() if l.startswith("| loraxs | forward | 4096x4096 | 16 | 2048"))
-    assert line == "| loraxs | forward | 4096x4096 | 16 | 2048 | 0.1040 | — | — | — | — | — | — | — | — |"
+    assert line == "| loraxs | forward | 4096x4096 | 16 | 2048 | 0.1040 | — | — | — | — | — | — | — | — | — |"

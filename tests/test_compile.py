@@ -11,11 +11,11 @@ import peft_ops
 import peft_ops.ops  # noqa: F401  (registers torch.ops.peft_ops.*)
 from utils import DEVICE, ON_GPU, TinyModel, randn, randomize_adapters
 
-FORWARD = torch.ops.peft_ops.lowrank_linear.default
-BACKWARD = torch.ops.peft_ops.lowrank_linear_backward.default
+FORWARD = torch.ops.peft_ops.adapter_forward.default
+BACKWARD = torch.ops.peft_ops.adapter_backward.default
 # The Triton kernels go through opcheck's fake-tensor and AOT checks only when compiled: the
 # interpreter cannot run on fake tensors.
-IMPLEMENTATIONS = [False, True] if ON_GPU else [False]
+BACKENDS = ["reference", "fused", "composed", "triton"] if ON_GPU else ["reference"]
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +68,7 @@ def test_fullgraph_compile_with_dropout(monkeypatch):
     _assert_same_step(model, torch.compile(copy.deepcopy(model), fullgraph=True), randn(6, 32, device=DEVICE))
 
 
-def _op_args(core_kind, dropout, use_kernels, dtype=torch.float32):
+def _op_args(core_kind, dropout, backend, dtype=torch.float32):
     m, k, n, r = 7, 40, 24, 3
     grad = dict(device=DEVICE, requires_grad=True)
     x = randn(m, k, device=DEVICE, dtype=dtype, requires_grad=True)
@@ -77,22 +77,22 @@ def _op_args(core_kind, dropout, use_kernels, dtype=torch.float32):
     core = {"identity": None, "diagonal": torch.randn(r, **grad), "full": torch.randn(r, r, **grad)}[core_kind]
     seed = torch.tensor(11, device=DEVICE) if dropout else None
     return (x, weight, bias, torch.randn(n, r, **grad), core, torch.randn(k, r, **grad), torch.tensor(0.7, **grad),
-            1.0, seed, 0.3 if dropout else 0.0, "output" if core_kind == "full" else "input", use_kernels, True)
+            1.0, seed, 0.3 if dropout else 0.0, "output" if core_kind == "full" else "input", backend, True)
 
 
-@pytest.mark.parametrize("use_kernels", IMPLEMENTATIONS, ids=lambda k: "kernels" if k else "reference")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("core_kind", ["identity", "diagonal", "full"])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_opcheck_forward(core_kind, dropout, use_kernels):
-    torch.library.opcheck(FORWARD, _op_args(core_kind, dropout, use_kernels))
+def test_opcheck_forward(core_kind, dropout, backend):
+    torch.library.opcheck(FORWARD, _op_args(core_kind, dropout, backend))
 
 
-@pytest.mark.parametrize("use_kernels", IMPLEMENTATIONS, ids=lambda k: "kernels" if k else "reference")
-def test_opcheck_backward(use_kernels):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward(backend):
     m, k, n, r = 7, 40, 24, 3
     t = lambda *shape: randn(*shape, device=DEVICE)  # noqa: E731
     args = (t(m, n), t(m, r), t(m, k), t(n, k), t(n, r), t(r, r), t(k, r), torch.tensor(0.7, device=DEVICE), 1.0,
-            torch.tensor(3, device=DEVICE), 0.3, "input", use_kernels, [True] * 6)
+            torch.tensor(3, device=DEVICE), 0.3, "input", backend, [True] * 6)
     torch.library.opcheck(BACKWARD, args)
 
 

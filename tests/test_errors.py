@@ -1,6 +1,8 @@
 """Every bad input, one row each: the error names the argument, what it got and what it expected, and
 nothing is changed (the model's modules, values and requires_grad flags are as before).
 Adapter files that don't fit are in test_adapter_file.py."""
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -51,7 +53,7 @@ CASES = [
     ("seed-negative", None, lambda m: peft_ops.LoRALinear(_k(m), 4, seed=-1), ValueError,
      r"seed=-1; expected an integer in \[0, 2\*\*63\)"),
     ("backend-unknown", None, lambda m: peft_ops.LoRALinear(_k(m), 4, backend="cuda"), ValueError,
-     r"backend='cuda' is not known; expected one of 'auto', 'triton', 'reference'"),
+     r"backend='cuda' is not known; expected one of 'auto', 'triton', 'fused', 'composed', 'reference'"),
     ("base-not-linear", None, lambda m: peft_ops.LoRAXSLinear(m.blocks[0].mlp, 1), TypeError,
      r"base_layer: expected a torch.nn.Linear or a transformers Conv1D, got Sequential"),
     ("symlora-non-square", None, lambda m: peft_ops.SymLoRALinear(_k(m), 4), ValueError,
@@ -72,9 +74,10 @@ CASES = [
      lambda m: peft_ops.TLoRALinear(_k(m), 4, frozen_factors={"tlora_A": torch.zeros(31, 4),
                                                               "tlora_C": torch.zeros(4, 16)}), ValueError,
      r"tlora: frozen_factors give factors of shapes \(16, 4\) and \(31, 4\); expected \(16, 4\) and \(32, 4\)"),
-    ("triton-rank-limit", None, lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton"), ValueError,
-     r"loraxs: rank=257 with backend='triton'; the fused kernels take ranks up to 256 \(backend='auto' or "
-     r"'reference' runs any rank\)"),
+    ("triton-rank-limit", None,
+     lambda m: peft_ops.LoRAXSLinear(_linear(300, 270), 257, backend="triton")(torch.randn(2, 270)), ValueError,
+     r"backend='triton': rank=257; the Triton kernels take ranks up to 256 \(backend='auto' or 'reference' runs "
+     r"any rank\)"),
     ("method-unknown", None, lambda m: peft_ops.get_method("dora"), ValueError,
      r"method='dora' is not known; expected one of 'lora', 'symlora', 'loraxs', 'tlora'"),
     # inputs
@@ -86,17 +89,17 @@ CASES = [
      r"input is on meta but the layer's weights are on cpu"),
     ("triton-float64", None,
      lambda m: peft_ops.LoRALinear(_linear(dtype=torch.float64), 2, backend="triton")(torch.randn(2, 40, dtype=torch.float64)),
-     TypeError, r"backend='triton': input dtype is torch.float64; the fused kernels take float32, float16 or bfloat16"),
+     TypeError, r"backend='triton': input dtype is torch.float64; the Triton kernels take float32, float16 or bfloat16"),
     ("kernel-rank-limit", None,
      lambda m: kernels.lowrank_linear(torch.randn(2, 270), torch.randn(300, 270), None, torch.randn(270, 257),
                                       torch.randn(300, 257)), ValueError,
      r"rank=257: the fused kernels take ranks from 1 to 256; use backend='reference'"),
     ("factor-shape", None,
-     lambda m: peft_ops.lowrank_linear(torch.randn(2, 40), torch.randn(48, 40), None, torch.randn(48, 3), None,
+     lambda m: peft_ops.adapted_linear(torch.randn(2, 40), torch.randn(48, 40), None, torch.randn(48, 3), None,
                                        torch.randn(40, 2), 1.0), ValueError,
      r"up: shape \(48, 3\); expected \(48, 2\) for a 48×40 weight at rank 2"),
     ("core-shape", None,
-     lambda m: peft_ops.lowrank_linear(torch.randn(2, 40), torch.randn(48, 40), None, torch.randn(48, 2),
+     lambda m: peft_ops.adapted_linear(torch.randn(2, 40), torch.randn(48, 40), None, torch.randn(48, 2),
                                        torch.randn(3, 3), torch.randn(40, 2), 1.0), ValueError,
      r"core: shape \(3, 3\); expected \(2, 2\)"),
     ("trainable-base-weight", None, lambda m: _forward_with_trainable_base(), RuntimeError,
@@ -133,6 +136,53 @@ CASES = [
      TypeError, r"module 'attn.out_proj' is the out_proj of an nn.MultiheadAttention, which reads its weight directly"),
     ("save-without-adapters", None, lambda m: peft_ops.save_adapter(m, "/nonexistent/a.safetensors"), ValueError,
      r"model has no peft-ops adapter layers to save"),
+]
+
+
+def _nan_q(model):
+    with torch.no_grad():
+        model.blocks[0].q_proj.weight[0, 0] = float("nan")
+
+
+def _zero_q(model):
+    with torch.no_grad():
+        model.blocks[0].q_proj.weight.zero_()
+
+
+def _on_meta(model):
+    model.to_empty(device="meta")
+
+
+def _integer_input_under_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return peft_ops.LoRALinear(_linear(), 4)(torch.ones(2, 40, dtype=torch.long))
+
+
+CASES += [
+    # found by a new user (each fixed with its test)
+    ("load-backend-unknown", _adapted_q, lambda m: peft_ops.load_adapter(m, "/nonexistent.safetensors", backend="gpu"),
+     ValueError, r"backend='gpu' is not known; expected one of"),  # the argument, before the file is read
+    ("save-to-directory", _adapted_q, lambda m: peft_ops.save_adapter(m, tempfile.gettempdir()), IsADirectoryError,
+     r"path='.*' is a directory; expected the path of an adapter file \(e.g. '.*adapter.safetensors'\)"),
+    ("save-into-missing-directory", _adapted_q, lambda m: peft_ops.save_adapter(m, "/nonexistent/a.safetensors"),
+     FileNotFoundError, r"path='/nonexistent/a.safetensors': the directory '/nonexistent' does not exist"),
+    ("load-from-directory", None, lambda m: peft_ops.load_adapter(m, tempfile.gettempdir()), IsADirectoryError,
+     r"path='.*' is a directory; expected the path of an adapter file"),
+    ("load-missing-file", None, lambda m: peft_ops.load_adapter(m, "/nonexistent/a.safetensors"), FileNotFoundError,
+     r"path='/nonexistent/a.safetensors': no such adapter file"),
+    ("autocast-integer-input", None, lambda m: _integer_input_under_autocast(), TypeError,
+     r"input dtype torch.int64: expected a floating-point tensor"),
+    ("loraxs-nan-weight", _nan_q, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': loraxs: the base weight has non-finite values \(NaN or inf\)"),
+    ("loraxs-zero-weight", _zero_q, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': loraxs: the base weight is all zero; .* would stay zero forever"),
+    ("tlora-alpha-zero", None, lambda m: peft_ops.inject(m, "tlora", 4, target_modules=["q_proj"], alpha=0), ValueError,
+     r"module 'blocks.0.q_proj': tlora: alpha=0; expected a non-zero number: with alpha = 0 .* could never train"),
+    ("lora-alpha-zero", None, lambda m: peft_ops.LoRALinear(_k(m), 4, alpha=0.0), ValueError, r"lora: alpha=0.0; expected"),
+    ("loraxs-meta-device", _on_meta, lambda m: peft_ops.inject(m, "loraxs", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': loraxs: the base weight is on the meta device \(no values\); materialise the model first"),
+    ("lora-meta-device", _on_meta, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["q_proj"]), ValueError,
+     r"module 'blocks.0.q_proj': lora: the base weight is on the meta device"),
 ]
 
 

@@ -70,12 +70,12 @@ def test_rank_beyond_the_kernels_runs_on_the_reference():
     """Ranks above the kernels' 256: backend='triton' is refused (test_errors.py), 'auto' runs the reference."""
     layer = peft_ops.LoRAXSLinear(nn.Linear(270, 300).to(DEVICE), 257, alpha=257.0 * 3)
     randomize_adapters(layer, 1.0)
-    assert peft_ops.functional.resolve_backend("auto", randn(1, 270, device=DEVICE), 257) == "reference"
+    assert peft_ops.dispatch.resolve_backend("auto", randn(1, 270, device=DEVICE), 257) == "reference"
     check_forward(layer, oracle_twin(layer), randn(4, 270, device=DEVICE))
 
 
 def test_auto_backend_picks_the_kernels_on_cuda_only():
-    resolve = peft_ops.functional.resolve_backend
+    resolve = peft_ops.dispatch.resolve_backend
     assert resolve("auto", torch.randn(2, 8)) == "reference"
     assert resolve("auto", randn(2, 8, dtype=torch.float64, device=DEVICE)) == "reference"
     assert resolve("auto", randn(2, 8, device=DEVICE)) == ("triton" if DEVICE.type == "cuda" else "reference")
@@ -113,13 +113,13 @@ def test_kernel_paths_and_dropout(shrink_in_loop, dtype, site, m):
                                     store_t=True, shrink_in_loop=shrink_in_loop)
     mask = kernels.dropout_mask(seed, m, k if site == "input" else n, p, DEVICE)
     assert 0.6 < mask.float().mean().item() < 0.8  # the mask keeps about 1 - p
-    expected = reference.lowrank_linear(a.double(), w.double(), bias.double(), expand.double(), None, down.double(),
+    expected = reference.oracle(a.double(), w.double(), bias.double(), expand.double(), None, down.double(),
                                         scale, dropout_p=p, dropout_site=site, dropout_mask=mask)
     assert rel_error(out, expected) < TOLERANCE[dtype]
     a_in = a.double() * mask / (1 - p) if site == "input" else a.double()
     assert rel_error(t, a_in @ down.double()) < TOLERANCE[dtype]
     # without the mask the reference would disagree: the mask really is the kernel's
-    unmasked = reference.lowrank_linear(a.double(), w.double(), bias.double(), expand.double(), None,
+    unmasked = reference.oracle(a.double(), w.double(), bias.double(), expand.double(), None,
                                         down.double(), scale)
     assert rel_error(out, unmasked) > 5 * TOLERANCE[dtype]
 
@@ -163,17 +163,17 @@ def test_dropout_mask_past_two_to_the_32():
 @pytest.mark.parametrize("method", METHODS)
 def test_module_dropout_matches_reference_with_kernel_mask(method):
     """Dropout through the module: the fused path with a fixed seed equals the reference fed the mask."""
-    from peft_ops.ops import lowrank_linear as fused_lowrank_linear
+    from peft_ops.ops import adapted_linear
 
     layer, ref = make_pair(method, 90, 70, 4, torch.float32)
     x = randn(33, 70, device=DEVICE)
     up, core, down, scale = layer.factors()
     site = layer.method.dropout_site
-    y = fused_lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
-                             dropout_p=0.4, dropout_site=site, seed=77)
+    y = adapted_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
+                             dropout_p=0.4, dropout_site=site, seed=77, backend="triton")
     mask = kernels.dropout_mask(77, 33, 70 if site == "input" else 90, 0.4, DEVICE)
     u, c, d, s = ref.factors()
-    expected = reference.lowrank_linear(x.double(), ref.base_layer.weight, ref.base_layer.bias, u, c, d, s,
+    expected = reference.oracle(x.double(), ref.base_layer.weight, ref.base_layer.bias, u, c, d, s,
                                         dropout_p=0.4, dropout_site=site, dropout_mask=mask)
     assert rel_error(y, expected) < TOLERANCE[torch.float32]
 

@@ -18,7 +18,10 @@ def _assert_unchanged(model, snapshot):
     now = dict(model.named_parameters())
     assert now.keys() == params.keys()
     for name, (value, flag) in params.items():
-        assert torch.equal(now[name], value) and now[name].requires_grad == flag, name
+        # exact equality, NaN included (a refused weight may hold NaN); meta tensors have no values
+        same = now[name].shape == value.shape if value.is_meta else torch.allclose(now[name], value, rtol=0, atol=0,
+                                                                                 equal_nan=True)
+        assert same and now[name].is_meta == value.is_meta and now[name].requires_grad == flag, name
 
 
 def test_inject_by_suffix_freezes_the_rest():
@@ -105,3 +108,15 @@ def test_all_linear_leaves_out_what_is_never_called():
     would silently never run)."""
     layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32)
     assert peft_ops.inject(layer, "lora", 4, target_modules="all-linear") == ["linear1", "linear2"]
+
+
+def test_integral_arguments_of_any_integer_type():
+    """numpy integers are accepted wherever Python ints are (seed, rank, svd_seed), and give the same adapter."""
+    import numpy as np
+
+    a, b = TinyModel(), TinyModel()
+    peft_ops.inject(a, "loraxs", 4, target_modules=["q_proj"], seed=1, svd_seed=2)
+    peft_ops.inject(b, "loraxs", np.int64(4), target_modules=["q_proj"], seed=np.int64(1), svd_seed=np.int32(2))
+    for (_, x), (_, y) in zip(peft_ops.adapter_layers(a), peft_ops.adapter_layers(b)):
+        assert torch.equal(x.loraxs_R, y.loraxs_R) and torch.equal(x.loraxs_B, y.loraxs_B)
+        assert type(y.seed) is int and type(y.options["svd_seed"]) is int and type(y.rank) is int

@@ -101,7 +101,7 @@ def test_triton_backend_without_gpu_or_interpreter_is_an_error():
     env["CUDA_VISIBLE_DEVICES"] = ""
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "backend='triton': input is on cpu; the fused kernels need a CUDA tensor" in result.stderr
+    assert "backend='triton': input is on cpu; the Triton kernels need a CUDA tensor" in result.stderr
 
 
 def test_repr_names_the_method():
@@ -130,3 +130,80 @@ def test_state_dict_of_a_merged_layer_holds_the_original_weight():
     fresh = _layer("tlora")
     fresh.load_state_dict(state)
     assert torch.equal(fresh(x), expected)  # ΔW applied once, not twice
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_merged_model_survives_a_state_dict_round_trip(method):
+    """Loading a state_dict into merged layers unmerges, loads, and merges again with the loaded adapter."""
+    model = nn.Sequential(_layer(method).eval(), nn.ReLU(), _layer(method, nn.Linear(48, 40)).eval())
+    x = torch.randn(5, 40)
+    expected = model(x)
+    peft_ops.merge(model)
+    model.load_state_dict(model.state_dict())
+    assert all(layer.merged for _, layer in peft_ops.adapter_layers(model))
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)  # ΔW kept (it was lost before)
+    # the values loaded are the ones that merge: another model's adapter replaces this one's
+    other = nn.Sequential(_layer(method).eval(), nn.ReLU(), _layer(method, nn.Linear(48, 40)).eval())
+    other.load_state_dict(model.state_dict())  # the weights are equal, the adapters differ
+    peft_ops.merge(other)
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-6)
+    peft_ops.unmerge(other)
+    torch.testing.assert_close(other(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "symlora", "loraxs"])
+def test_changing_alpha_changes_the_forward(method, tmp_path):
+    """The scale is derived from alpha: forward and the saved file can't disagree."""
+    layer = _layer(method)
+    x = torch.randn(5, 40)
+    base, before = layer.base_layer(x), layer(x)
+    layer.alpha *= 3
+    assert layer.scaling == layer.alpha / layer.rank
+    torch.testing.assert_close(layer(x) - base, 3 * (before - base), rtol=1e-4, atol=1e-6)
+    model = nn.Sequential(layer)
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = nn.Sequential(nn.Linear(40, 48))
+    fresh[0].load_state_dict(layer.base_layer.state_dict())
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors", backend="reference")
+    assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapter_dtype_as_documented(method):
+    """Adapters are created float32 on a 16-bit base; casting the model afterwards casts them like any
+    module's tensors (the README says so), and the layer still computes its method."""
+    layer = _layer(method, nn.Linear(40, 48).to(torch.bfloat16))
+    assert {t.dtype for t in [*layer.parameters(recurse=False), *layer.buffers(recurse=False)]} == {torch.float32}
+    layer.half()
+    adapter = [*layer.parameters(recurse=False), *(getattr(layer, n) for n in layer.method.frozen)]
+    assert {t.dtype for t in adapter} == {torch.float16}
+    x = torch.randn(6, 40, dtype=torch.float16)
+    up, core, down, scale = layer.factors()
+    expected = peft_ops.reference.oracle(x.double(), layer.weight.double(), layer.bias.double(), up.double(),
+                                                 None if core is None else core.double(), down.double(),
+                                                 scale.double() if torch.is_tensor(scale) else scale)
+    assert rel_error(layer(x), expected) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stored_factors_have_one_layout_whatever_their_origin(method, tmp_path):
+    """Generated, loaded, moved and cast: every adapter tensor is contiguous, so bit-for-bit results never
+    depend on strides (a transposed-view factor made the CPU BLAS sum in another order)."""
+    def layouts(model):
+        return {f"{n}.{t}": (tuple(v.shape), v.stride()) for n, layer in peft_ops.adapter_layers(model)
+                for t, v in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+                if v is not None}
+
+    model = nn.Sequential(_layer(method), nn.ReLU(), _layer(method, nn.Linear(48, 40)))
+    generated = layouts(model)
+    assert all(stride == torch.empty(shape).stride() for shape, stride in generated.values()), generated
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors", include_frozen=method in ("loraxs", "tlora"))
+    fresh = nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 40))
+    fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items()
+                           if "base_layer" in k})
+    peft_ops.load_adapter(fresh, tmp_path / "a.safetensors")
+    assert layouts(fresh) == generated
+    assert layouts(fresh.to(torch.float64)) == generated
+    x = torch.randn(3, 40, dtype=torch.float64)
+    assert torch.equal(fresh(x), model.to(torch.float64)(x))

@@ -10,7 +10,7 @@ from torch import nn
 
 import peft_ops
 from peft_ops import kernels, reference
-from peft_ops.ops import lowrank_linear
+from peft_ops.ops import adapted_linear
 from utils import DEVICE, TOLERANCE, randn, randn_like, rel_error
 
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -48,8 +48,8 @@ def test_fused_matches_the_oracle(p):
     g = randn(*p["leading"], p["n"], device=DEVICE, dtype=p["dtype"])
     site, rate = layer.method.dropout_site, p["dropout"]
     up, core, down, scale = layer.factors()
-    y = lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
-                       dropout_p=rate, dropout_site=site, seed=p["seed"])
+    y = adapted_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
+                       dropout_p=rate, dropout_site=site, seed=p["seed"], backend="triton")
     y.backward(g)
 
     ref = copy.deepcopy(layer).double()
@@ -57,7 +57,7 @@ def test_fused_matches_the_oracle(p):
     mask = kernels.dropout_mask(p["seed"], rows, p["k"] if site == "input" else p["n"], rate, DEVICE) if rate else None
     x64 = x.detach().double().reshape(rows, p["k"]).requires_grad_()
     u, c, d, s = ref.factors()
-    y64 = reference.lowrank_linear(x64, ref.base_layer.weight, ref.base_layer.bias, u, c, d, s,
+    y64 = reference.oracle(x64, ref.base_layer.weight, ref.base_layer.bias, u, c, d, s,
                                    dropout_p=rate, dropout_site=site, dropout_mask=mask)
     y64.backward(g.double().reshape(rows, p["n"]))
     tol = 2 * TOLERANCE[p["dtype"]]  # tiny shapes: a few rounding errors weigh more in the norm
@@ -74,7 +74,7 @@ def test_fused_matches_the_oracle(p):
         for t in [*magnitude.parameters(), *magnitude.buffers()]:
             t.abs_()
     u, c, d, s = magnitude.factors()
-    reference.lowrank_linear(x64.detach().abs(), magnitude.base_layer.weight, magnitude.base_layer.bias, u, c, d, s,
+    reference.oracle(x64.detach().abs(), magnitude.base_layer.weight, magnitude.base_layer.bias, u, c, d, s,
                              dropout_p=rate, dropout_site=site, dropout_mask=mask
                              ).backward(g.double().abs().reshape(rows, p["n"]))
     for name, t in layer.named_parameters():

@@ -6,6 +6,7 @@ from torch.func import functional_call
 
 import peft_ops
 from peft_ops import reference
+from peft_ops.svd import probe
 from utils import randomize_adapters, rel_error
 
 N, K, R, ALPHA = 12, 12, 4, 6.0
@@ -29,7 +30,7 @@ def _paper_delta_y(method, layer, x):
     if method == "loraxs":  # s · U_r R Σ_r V_rᵀ x with the SVD of W recomputed here
         u, sig, vh = torch.linalg.svd(layer.base_layer.weight.detach())
         u, sig, v = u[:, :R], sig[:R], vh[:R].T
-        flip = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))
+        flip = torch.where(probe(u.shape[0]) @ u < 0, -1.0, 1.0).to(u.dtype)  # the sign convention
         u, v = u * flip, v * flip
         return s * x @ (u @ layer.loraxs_R @ torch.diag(sig) @ v.T).T
     if method == "tlora":  # α · x A B C
@@ -87,7 +88,7 @@ def test_reference_dropout_uses_given_mask(site):
                       torch.randn(R, R, dtype=torch.float64))
     p = 0.25
     mask = torch.rand(5, K if site == "input" else N) > p
-    y = reference.lowrank_linear(x, w, b, up, core, down, 0.5, dropout_p=p, dropout_site=site, dropout_mask=mask)
+    y = reference.oracle(x, w, b, up, core, down, 0.5, dropout_p=p, dropout_site=site, dropout_mask=mask)
     if site == "input":
         expected = x @ w.T + b + 0.5 * ((x * mask / (1 - p)) @ down @ core.T) @ up.T
     else:
@@ -110,19 +111,19 @@ def test_reference_backend_dropout_is_the_oracles_with_the_same_mask(method):
     """The CPU default path (the op over reference_kernels) drops, and rescales, exactly as the oracle
     does when fed the mask for the same seed."""
     from peft_ops import reference_kernels
-    from peft_ops.ops import lowrank_linear
+    from peft_ops.ops import adapted_linear
 
     layer = _layer(method, **({"allow_non_square": True} if method == "symlora" else {}))
     x = torch.randn(20, K, dtype=torch.float64, requires_grad=True)
     up, core, down, scale = layer.factors()
     site = layer.method.dropout_site
-    y = lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale, dropout_p=0.4,
-                       dropout_site=site, use_kernels=False, seed=99)
+    y = adapted_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale, dropout_p=0.4,
+                       dropout_site=site, backend="reference", seed=99)
     mask = reference_kernels.dropout_mask(99, 20, K if site == "input" else N, 0.4, "cpu")
-    expected = reference.lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
-                                        dropout_p=0.4, dropout_site=site, dropout_mask=mask)
+    expected = reference.oracle(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale,
+                                dropout_p=0.4, dropout_site=site, dropout_mask=mask)
     assert rel_error(y, expected) < 1e-12
-    unmasked = reference.lowrank_linear(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale)
+    unmasked = reference.oracle(x, layer.base_layer.weight, layer.base_layer.bias, up, core, down, scale)
     assert rel_error(y, unmasked) > 1e-3  # the mask did something
     (gy,) = torch.autograd.grad(y.sum(), x)
     (ge,) = torch.autograd.grad(expected.sum(), x)

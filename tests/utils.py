@@ -1,4 +1,4 @@
-"""Shared test helpers: devices, tolerances (DESIGN.md §5), relative errors, the oracle, random models."""
+"""Shared test helpers: devices, tolerances (docs/DESIGN.md §4), relative errors, the oracle, random models."""
 from __future__ import annotations
 
 import copy
@@ -92,13 +92,13 @@ def _oracle_forward(self, x, dropout_p=0.0, dropout_mask=None):
     base = self.base_layer
     weight = base.weight.T if is_conv1d(base) else base.weight
     up, core, down, scale = self.factors()
-    return reference.lowrank_linear(x, weight, base.bias, up, core, down, scale, dropout_p=dropout_p,
+    return reference.oracle(x, weight, base.bias, up, core, down, scale, dropout_p=dropout_p,
                                     dropout_site=self.method.dropout_site, dropout_mask=dropout_mask)
 
 
 def oracle_twin(layer: nn.Module) -> nn.Module:
     """A float64 copy of ``layer`` whose forward is the autograd-only oracle,
-    ``peft_ops.reference.lowrank_linear`` — independent of the custom op and its hand-written backward,
+    ``peft_ops.reference.oracle`` — independent of the custom op and its hand-written backward,
     which both backends share. Same parameter names as ``layer``."""
     twin = copy.deepcopy(layer).double()
     twin.forward = types.MethodType(_oracle_forward, twin)

@@ -1,0 +1,98 @@
+"""The rank-r term added in place into an existing output: ``out += scale · drop(t Eᵀ)``.
+
+For the composition of a cuBLAS GEMM (``F.linear``) with the low-rank adapter: ``out`` is cuBLAS's
+M×N result, ``t`` (M×r, float32) the shrink, ``E`` (N×r) the expand factor. Each tile of ``out`` is
+read once and written once; the rank-r dot runs on float32 operands and the sum is rounded once to
+``out``'s dtype. Output-side dropout drops element ``(row, col)`` of the M×N output with the same
+Philox mask as the fused kernel's (:func:`keep_mask` at ``(row, col)``), so
+``F.linear(a, W, b)`` followed by :func:`add_lowrank_` drops exactly the elements that
+``lowrank_linear(..., dropout_site="output")`` drops.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import dot_precision, rank_block, seed_arg, wrap_triton
+from .dropout import dropout_threshold, keep_mask
+
+__all__ = ["add_lowrank_", "lowrank_add_config"]
+
+_MAX_RANK = 256
+_GRID_AXIS_LIMIT = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+@triton.jit
+def _add_lowrank_kernel(out_ptr, t_ptr, expand_ptr, M, N, R,
+                        stride_om, stride_on, stride_tm, stride_tr, stride_en, stride_er,
+                        scale, seed_ptr, drop_threshold, drop_scale,
+                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    # row blocks on axis 0: M (tokens) is the dimension that can pass axis 1's 65535 blocks
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_start = tl.program_id(1).to(tl.int64) * BLOCK_N
+    offs_n = col_start + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_m, in_n, in_r = offs_m < M, offs_n < N, offs_r < R
+
+    t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                mask=in_m[:, None] & in_r[None, :], other=0.0)
+    e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
+                mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+    inside = in_m[:, None] & in_n[None, :]
+    out_tile = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    acc = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32)
+    if DROPOUT:  # the fused kernel's output-side dropout, element for element
+        low_rank = tl.dot(t, e, input_precision=PRECISION) * (scale * drop_scale)
+        keep = keep_mask(tl.load(seed_ptr), offs_m, col_start, N, drop_threshold, BLOCK_N)
+        acc += tl.where(keep, low_rank, 0.0)
+    else:
+        acc = tl.dot(t * scale, e, acc, input_precision=PRECISION)
+    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def lowrank_add_config(block_r: int) -> triton.Config:
+    """The tile for a rank block: 64 rows and as many columns as keep the float32 ``t`` and ``E`` tiles
+    within shared memory at rank 256 (staged twice over under tf32x3: (64 + 32)·256·4·2 = 192 KiB).
+    Columns are a multiple of 4, as the dropout mask's Philox groups need."""
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": max(32, min(128, 8192 // block_r))}, num_warps=4,
+                         num_stages=1)
+
+
+def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale: float = 1.0, *,
+                 dropout_p: float = 0.0, seed=None) -> torch.Tensor:
+    """In place ``out += scale · drop(t Eᵀ)``; returns ``out``.
+
+    ``out``: M×N (float32, float16 or bfloat16, any strides), ``t``: M×r float32, ``expand``: N×r (any
+    float dtype, any strides), r from 1 to 256. The sum is float32, rounded once to ``out``'s dtype.
+    With ``dropout_p`` > 0, element ``(row, col)`` is kept (and scaled by 1/(1 − p)) where
+    ``dropout_mask(seed, M, N, p)`` is True; ``seed``: an int or a 0-d int64 tensor (read on the device)."""
+    if out.dim() != 2 or out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"out: expected a 2-D float32, float16 or bfloat16 tensor, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    m, n = out.shape
+    if t.dim() != 2 or t.shape[0] != m or t.dtype != torch.float32:
+        raise ValueError(f"t: expected float32 of shape ({m}, r), got {t.dtype} {tuple(t.shape)}")
+    rank = t.shape[1]
+    if not 1 <= rank <= _MAX_RANK:
+        raise ValueError(f"t: rank {rank}, expected 1 to {_MAX_RANK}")
+    if expand.dim() != 2 or tuple(expand.shape) != (n, rank) or not expand.is_floating_point():
+        raise ValueError(f"expand: expected a float tensor of shape {(n, rank)}, got {expand.dtype} "
+                         f"{tuple(expand.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
+    if m == 0 or n == 0:
+        return out
+    block_r = rank_block(rank)
+    config = lowrank_add_config(block_r)
+    grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
+    if grid[1] > _GRID_AXIS_LIMIT:
+        raise ValueError(f"out: {n} columns need {grid[1]} column blocks, more than the grid's {_GRID_AXIS_LIMIT}")
+    wrap_triton(_add_lowrank_kernel)[grid](
+        out, t, expand, m, n, rank,
+        out.stride(0), out.stride(1), t.stride(0), t.stride(1), expand.stride(0), expand.stride(1),
+        float(scale), seed_arg(seed, dropout_p, out), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
+        DROPOUT=dropout_p > 0, PRECISION=dot_precision(out.dtype), BLOCK_R=block_r, **config.kwargs,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out

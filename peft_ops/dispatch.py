@@ -1,0 +1,246 @@
+"""Which code computes the low-rank linear: the backends a user picks, and per shape the faster of two
+implementations of the same step, chosen by timing them on the user's GPU.
+
+Backends (``backend=`` of every layer, of ``inject`` and of :func:`peft_ops.adapted_linear`):
+
+* ``"auto"`` (default): ``"triton"`` for CUDA tensors of the dtypes and ranks the kernels take, else
+  ``"reference"``;
+* ``"triton"``: the Triton kernels, and per shape the faster of the two implementations below;
+* ``"fused"`` or ``"composed"``: one of the two, forced;
+* ``"reference"``: the kernels' PyTorch twins (:mod:`peft_ops.reference_kernels`), any device and dtype.
+
+Both implementations compute ``out = a Wᵀ + bias + s·drop_out((drop_in(a) D) Eᵀ)`` (the forward, and
+with roles swapped the backward's ``dx``) with the same dropout masks and the same ``t``:
+
+* ``fused``: one Triton GEMM whose epilogue adds the rank-r term (:func:`peft_ops.kernels.lowrank_linear`);
+* ``composed``: cuBLAS (``F.linear``) for the base, the shrink kernel for ``t``, then the rank-r term
+  added in place into cuBLAS's output by a small kernel (:func:`peft_ops.kernels.add_lowrank_`): what a
+  user could write, so a layer on ``"triton"`` is never slower than that composition.
+
+The choice is keyed like an autotuner (:class:`Key`). The first time a key is seen on a GPU both are
+timed on the call's own arguments (``triton.testing.do_bench``, a few ms) and the faster is kept for the
+process and in a file beside Triton's cache. Nothing is timed while ``torch.compile`` traces or a CUDA
+graph is captured, nor with ``PEFT_OPS_AUTOTUNE=0``: then :func:`rule` decides. :func:`decisions` lists
+what was chosen and why.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference_kernels
+
+__all__ = ["BACKENDS", "IMPLEMENTATIONS", "Key", "check_backend", "resolve_backend", "rule", "decisions",
+           "clear_decisions", "composed_lowrank_linear", "run_lowrank_linear", "kernel_module"]
+
+BACKENDS = ("auto", "triton", "fused", "composed", "reference")
+IMPLEMENTATIONS = ("fused", "composed")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DECODE_ROWS = 16  # the rule's crossover: at most this many rows, one fused launch beats three
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not known; expected one of {', '.join(map(repr, BACKENDS))}")
+    return backend
+
+
+def _interpreting() -> bool:
+    """Whether the Triton kernels run under the interpreter (decided when they were first imported)."""
+    from peft_ops import kernels
+
+    return kernels.INTERPRET
+
+
+def resolve_backend(backend: str, x: torch.Tensor, rank: int) -> str:
+    """The backend that runs for input ``x`` and an adapter of ``rank``: ``"auto"`` resolved, the others
+    checked (an error, never a silent fallback, where they can't run)."""
+    if check_backend(backend) == "auto":
+        from peft_ops.kernels import MAX_RANK
+
+        return "triton" if x.is_cuda and x.dtype in KERNEL_DTYPES and rank <= MAX_RANK else "reference"
+    if backend == "reference":
+        return backend
+    from peft_ops.kernels import MAX_RANK
+
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"backend={backend!r}: input dtype is {x.dtype}; the Triton kernels take float32, float16 "
+                        f"or bfloat16 (backend='reference' runs others)")
+    if rank > MAX_RANK:
+        raise ValueError(f"backend={backend!r}: rank={rank}; the Triton kernels take ranks up to {MAX_RANK} "
+                         f"(backend='auto' or 'reference' runs any rank)")
+    if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+        raise RuntimeError(
+            f"backend={backend!r}: input is on {x.device}; the Triton kernels need a CUDA tensor, or a CPU tensor "
+            f"with TRITON_INTERPRET=1 set before peft_ops.kernels is first imported. Use backend='reference' (or "
+            f"'auto') to run the plain PyTorch path here.")
+    return backend
+
+
+def kernel_module(backend: str):
+    """The module whose ``shrink``, ``rank_reduce`` and ``lowrank_linear`` a resolved backend runs."""
+    if backend == "reference":
+        return reference_kernels
+    from peft_ops import kernels
+
+    return kernels
+
+
+def composed_lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout_p: float = 0.0,
+                            dropout_site: str = "input", seed=None, store_t: bool = False, t=None):
+    """:func:`peft_ops.kernels.lowrank_linear`'s contract as cuBLAS plus two small Triton kernels: ``F.linear``,
+    the shrink ``t = drop_in(a) D``, and ``out += scale·drop_out(t Eᵀ)`` in place."""
+    from peft_ops import kernels
+
+    out = F.linear(a, weight, bias)
+    if t is None:
+        t = kernels.shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
+    kernels.add_lowrank_(out, t, expand, scale, dropout_p=dropout_p if dropout_site == "output" else 0.0, seed=seed)
+    return out, (t if store_t else None)
+
+
+@dataclass(frozen=True)
+class Key:
+    """What the faster implementation depends on (the M bucket is M's next power of two, at most 8192)."""
+
+    m_bucket: int
+    n: int
+    k: int
+    rank_block: int
+    dtype: str
+    dropout: str  # "none", "input" or "output"
+    bias: bool
+    role: str  # "forward" or "dx"
+
+    @classmethod
+    def of(cls, role, a, weight, bias, rank, dropout_p, dropout_site) -> "Key":
+        import triton
+
+        from peft_ops.kernels._config import rank_block
+
+        return cls(min(triton.next_power_of_2(a.shape[0]), 8192), weight.shape[0], a.shape[1], rank_block(rank),
+                   str(a.dtype).removeprefix("torch."), dropout_site if dropout_p else "none", bias is not None, role)
+
+
+def rule(key: Key) -> str:
+    """The choice without timing (``PEFT_OPS_AUTOTUNE=0``, tracing, capture): fused for decode-sized batches
+    (M ≤ 16: one launch instead of three, and a fused GEMM reads W once like cuBLAS), composed otherwise
+    (cuBLAS's GEMM plus the rank-r term: never slower than what a user would write)."""
+    return "fused" if key.m_bucket <= DECODE_ROWS else "composed"
+
+
+@dataclass
+class Decision:
+    choice: str
+    reason: str  # "measured", "measured (from the disk cache)" or "rule"
+    fused_ms: float | None = None
+    composed_ms: float | None = None
+
+
+_decisions: dict[Key, Decision] = {}
+_disk_loaded: set[str] = set()
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Median time of ``fn`` in ms: a few ms of warm-up and repeats, enough to tell the two apart."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+TIMER: Callable[[Callable[[], object]], float] = _time_ms  # tests substitute a fake timer
+
+
+def _measuring_allowed(device: torch.device) -> bool:
+    from peft_ops.kernels._config import AUTOTUNE
+
+    if not AUTOTUNE or device.type != "cuda" or torch.compiler.is_compiling():
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _cache_path(device: torch.device) -> str:
+    import triton
+
+    folder = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    tag = f"{name}-torch{torch.__version__}-triton{triton.__version__}".replace(" ", "_").replace("/", "_")
+    return os.path.join(folder, "peft_ops", f"dispatch-{tag}.json")
+
+
+def _load_disk(device: torch.device) -> None:
+    path = _cache_path(device)
+    if path in _disk_loaded:
+        return
+    _disk_loaded.add(path)
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+        for row in rows:
+            key = Key(**row["key"])
+            _decisions.setdefault(key, Decision(row["choice"], "measured (from the disk cache)", row.get("fused_ms"),
+                                                row.get("composed_ms")))
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # no cache, or one from another version: measure again
+
+
+def _save_disk(device: torch.device) -> None:
+    path = _cache_path(device)
+    rows = [{"key": asdict(k), **asdict(d)} for k, d in _decisions.items() if d.reason.startswith("measured")]
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
+            json.dump(rows, f)
+        os.replace(f.name, path)
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement in the next process
+
+
+def choose(key: Key, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:
+    """The implementation for ``key``: decided before, else timed (``candidates`` run the call), else the rule."""
+    _load_disk(device)
+    decision = _decisions.get(key)
+    if decision is not None:
+        return decision.choice
+    if not _measuring_allowed(device):
+        if not torch.compiler.is_compiling():  # a traced call records nothing: eager calls may still measure
+            _decisions[key] = Decision(rule(key), "rule")
+        return rule(key)
+    times = {name: TIMER(fn) for name, fn in candidates.items()}
+    choice = min(times, key=times.get)
+    _decisions[key] = Decision(choice, "measured", times.get("fused"), times.get("composed"))
+    _save_disk(device)
+    return choice
+
+
+def decisions() -> list[dict]:
+    """Every choice made in this process: the key's fields, ``choice``, ``reason`` and the measured times."""
+    return [{**asdict(k), **asdict(d)} for k, d in _decisions.items()]
+
+
+def clear_decisions() -> None:
+    """Forget this process's choices (the disk cache is read again on the next call)."""
+    _decisions.clear()
+    _disk_loaded.clear()
+
+
+def run_lowrank_linear(backend: str, role: str, a, weight, bias, down, expand, scale: float = 1.0, *,
+                       dropout_p: float = 0.0, dropout_site: str = "input", seed=None, store_t: bool = False):
+    """``(out, t)`` of the launcher contract (:func:`peft_ops.kernels.lowrank_linear`) through the
+    implementation that the resolved ``backend`` stands for; ``role`` ("forward" or "dx") is part of the key."""
+    kwargs = dict(dropout_p=dropout_p, dropout_site=dropout_site, seed=seed, store_t=store_t)
+    if backend == "reference":
+        return reference_kernels.lowrank_linear(a, weight, bias, down, expand, scale, **kwargs)
+    from peft_ops import kernels
+
+    run = {"fused": lambda: kernels.lowrank_linear(a, weight, bias, down, expand, scale, **kwargs),
+           "composed": lambda: composed_lowrank_linear(a, weight, bias, down, expand, scale, **kwargs)}
+    if backend == "triton":
+        backend = choose(Key.of(role, a, weight, bias, down.shape[1], dropout_p, dropout_site), run, a.device)
+    return run[backend]()
