@@ -4,13 +4,17 @@
     names = peft_ops.inject(model, "loraxs", rank=16, target_modules=["q_proj", "v_proj"])
     peft_ops.save_adapter(model, "adapter.safetensors"); peft_ops.load_adapter(model, "adapter.safetensors")
 """
+from . import hf
 from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
 from .bank import AdapterBank, adapter_banks, bank_adapters, load_adapter_bank, remove_adapters, use_adapters
 from .dispatch import BACKENDS, IMPLEMENTATIONS, clear_decisions, decisions
-from .inject import adapter_layers, inject, layer_seed, merge, unload, unmerge
+from .inject import adapter_layers, disable_adapters, inject, layer_seed, merge, unload, unmerge
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
-from .methods import METHODS, Method, get_method
+from .methods import METHODS, RECOMMENDED, Method, get_method
+from .modules_to_save import modules_to_save
 from .ops import adapted_linear
+from .peft_format import PeftFormatError, export_peft, import_peft, import_tlora
+from .summary import AdapterDescription, TrainableSummary, read_adapter_info, trainable_summary
 
 __version__ = "0.1.0"
 
@@ -19,6 +23,8 @@ __all__ = [
     "inject", "unload", "merge", "unmerge", "adapter_layers", "layer_seed",
     "save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo",
     "load_adapter_bank", "use_adapters", "remove_adapters", "bank_adapters", "adapter_banks", "AdapterBank",
-    "adapted_linear", "BACKENDS", "IMPLEMENTATIONS", "decisions", "clear_decisions", "METHODS", "Method",
-    "get_method",
+    "adapted_linear", "BACKENDS", "IMPLEMENTATIONS", "decisions", "clear_decisions", "METHODS", "RECOMMENDED",
+    "Method", "get_method",
+    "modules_to_save", "export_peft", "import_peft", "import_tlora", "PeftFormatError", "disable_adapters", "hf",
+    "trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription",
 ]

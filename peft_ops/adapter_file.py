@@ -29,6 +29,8 @@ from .inject import _swap_in, adapter_layers, preserved_on_error
 from .layers import LAYER_CLASSES, LowRankLinear, _base_weight, is_adaptable, is_conv1d
 from .dispatch import check_backend
 from .methods import get_method
+from .modules_to_save import check_module_tensors, load_module_tensors, module_tensors, modules_to_save, \
+    register_modules_to_save, unsaved_trainable
 from .svd import probe
 
 __all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo"]
@@ -113,14 +115,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     """Write the adapters of ``model`` to a safetensors file at ``path``.
 
     Only trainable tensors are stored; frozen factors are regenerated at load unless
-    ``include_frozen=True``. Returns sizes: the file against the tensor bytes. On a model sharded with
-    FSDP2, call it on every rank (it gathers the shards); give rank 0 the real path."""
+    ``include_frozen=True``. The modules registered with ``modules_to_save`` are stored whole. Any
+    other trainable parameter is refused, naming it: the file would silently lose it. Returns sizes:
+    the file against the tensor bytes. On a model sharded with FSDP2, call it on every rank (it
+    gathers the shards); give rank 0 the real path."""
     from safetensors.torch import save_file
 
     layers = list(adapter_layers(model))
     if not layers:
         raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
     path = _checked_path(path, writing=True)
+    lost = unsaved_trainable(model)
+    if lost:
+        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
+        raise ValueError(
+            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
+            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
+            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
     modules, tensors = {}, {}
     for name, layer in layers:
         stored = [n for n, _ in layer.named_parameters(recurse=False)]
@@ -139,11 +150,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
             "tensors": stored,
             **({"frozen_signature": _signature(layer)} if frozen else {}),
         }
-    adapter_json = json.dumps({"modules": modules}, sort_keys=True)
+    saved_modules = {}
+    for name in modules_to_save(model):
+        states = module_tensors(model, name)
+        tensors.update({k: _full(v).detach().cpu().contiguous() for k, v in states.items()})
+        saved_modules[name] = sorted(k.removeprefix(name + ".") for k in states)
+    adapter_json = json.dumps({"modules": modules, **({"modules_to_save": saved_modules} if saved_modules else {})},
+                              sort_keys=True)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": adapter_json,
                 "checksum": _checksum(adapter_json, tensors)}
     save_file(tensors, os.fspath(path), metadata=metadata)
-    trainable = sum(p.numel() for _, layer in layers for p in layer.parameters(recurse=False))
+    trainable = sum(p.numel() for _, layer in layers for p in layer.parameters(recurse=False)) + \
+        sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
     return AdapterFileInfo(os.fspath(path), len(layers), trainable,
                            sum(t.numel() * t.element_size() for t in tensors.values()), os.path.getsize(path))
 
@@ -165,7 +183,7 @@ def _checked_path(path, *, writing: bool) -> str:
     return path
 
 
-def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
+def _read(path) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[str]]]:
     from safetensors import safe_open
 
     path = _checked_path(path, writing=False)
@@ -185,12 +203,16 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     if metadata.get("checksum") != _checksum(adapter_json, tensors):
         raise AdapterFileError(f"{os.fspath(path)}: checksum mismatch: the file is damaged or was edited")
     try:
-        modules = json.loads(adapter_json)["modules"]
+        adapter = json.loads(adapter_json)
+        modules, saved_modules = adapter["modules"], adapter.get("modules_to_save", {})
     except (ValueError, KeyError, TypeError) as e:
         raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is unreadable ({e})") from None
     if not isinstance(modules, dict) or not all(isinstance(e, dict) for e in modules.values()):
         raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is malformed (modules must map names to entries)")
-    return modules, tensors
+    if not isinstance(saved_modules, dict) or not all(isinstance(v, list) for v in saved_modules.values()):
+        raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is malformed (modules_to_save must map names "
+                               f"to tensor lists)")
+    return modules, tensors, saved_modules
 
 
 def _close(a: list[float], b: list[float], rtol: float) -> bool:
@@ -310,8 +332,9 @@ def _metadata_errors(path, name: str):
                                f"inconsistent ({type(e).__name__}: {e})") from None
 
 
-def _check_every_tensor_used(path, entries: dict, tensors: dict) -> None:
-    extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]}
+def _check_every_tensor_used(path, entries: dict, tensors: dict, also_used: set[str] = frozenset()) -> None:
+    """Refuse a file with tensors that no module entry (nor ``also_used``: modules_to_save) accounts for."""
+    extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]} - also_used
     if extra:
         raise AdapterFileError(f"{os.fspath(path)}: tensors {sorted(extra)} belong to no module in the metadata")
     if not entries:
@@ -338,9 +361,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "a
     ``requires_grad`` flag left as they were. Everything is
     checked first — file integrity, module names and shapes, base-weight fingerprints, regenerated
     frozen factors, and that the model has no adapter the file lacks — and on any error the model is
-    left untouched."""
+    left untouched. Modules saved whole (``modules_to_save``) get the file's tensors in place and
+    are registered and made trainable."""
     check_backend(backend)
-    entries, tensors = _read(path)
+    entries, tensors, saved_modules = _read(path)
+    module_states = {f"{m}.{t}": tensors.get(f"{m}.{t}") for m, names in saved_modules.items() for t in names}
     named = dict(model.named_modules())
     existing = dict(adapter_layers(model))
     built: dict[str, LowRankLinear] = {}
@@ -352,9 +377,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "a
             with _metadata_errors(path, name):
                 base = _base_for(path, name, entry, named.get(name) if name else None)
                 built[name] = _build(path, name, entry, base, tensors, backend)
-        _check_every_tensor_used(path, entries, tensors)
+        missing = sorted(k for k, v in module_states.items() if v is None)
+        if missing:
+            raise AdapterFileError(f"{os.fspath(path)}: modules_to_save tensors {missing} are missing from the file")
+        check_module_tensors(model, module_states, os.fspath(path))
+        _check_every_tensor_used(path, entries, tensors, also_used=set(module_states))
     for name in built.keys() & existing.keys():
         _load_into(existing[name], built.pop(name))
     if built:  # new adapter layers: freeze the model around them, as inject does
         _swap_in(model, built)
+    load_module_tensors(model, module_states)
+    register_modules_to_save(model, list(saved_modules))
     return list(entries)

@@ -257,7 +257,11 @@ def load_adapter_bank(model: nn.Module, paths: Mapping[str, str | os.PathLike], 
     pending: dict[str, _PendingBank] = {}
     with preserved_on_error(model):
         for adapter, path in paths.items():
-            entries, tensors = _read(path)
+            entries, tensors, saved_modules = _read(path)
+            if saved_modules:
+                raise AdapterFileError(f"{os.fspath(path)}: the file carries whole modules ({sorted(saved_modules)}, "
+                                       f"modules_to_save); a bank serves per-row adapters only, one set of "
+                                       f"modules for all rows cannot follow them")
             for module_name, entry in entries.items():
                 with _metadata_errors(path, module_name):
                     _add_entry(path, adapter, module_name, entry, tensors, named, pending, backend)

@@ -8,10 +8,25 @@ from collections.abc import Iterator, Sequence
 
 from torch import nn
 
+from .hf import guard_save_pretrained
 from .layers import LAYER_CLASSES, LowRankLinear, is_adaptable
 from .methods import check_seed, get_method
+from .modules_to_save import match_modules_to_save, modules_to_save as registered_modules_to_save, \
+    register_modules_to_save
 
-__all__ = ["inject", "adapter_layers", "merge", "unmerge", "unload", "layer_seed", "preserved_on_error"]
+__all__ = ["inject", "adapter_layers", "merge", "unmerge", "unload", "disable_adapters", "layer_seed",
+           "preserved_on_error",
+           "DEFAULT_TARGET_MODULES", "HEAD_NAMES"]
+
+# What PEFT adapts when target_modules is not given, by transformers' config.model_type
+DEFAULT_TARGET_MODULES = {
+    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"], ["q_proj", "v_proj"]),
+    "gpt2": ["c_attn"],
+    **dict.fromkeys(["bert", "roberta", "xlm-roberta"], ["query", "value"]),
+}
+# Task heads that "all-linear" leaves out (a name component of the module's name): they are trained
+# whole, with modules_to_save, not adapted
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "cls", "qa_outputs"})
 
 
 def layer_seed(seed: int, module_name: str) -> int:
@@ -64,7 +79,8 @@ def _match(target_modules, model: nn.Module) -> list[tuple[str, nn.Module]]:
     if isinstance(target_modules, str) and target_modules == "all-linear":
         head, skipped = _output_head(model), _read_directly(model)
         return [(n, m) for n, m in modules
-                if (is_adaptable(m) or isinstance(m, LowRankLinear)) and m is not head and n not in skipped]
+                if (is_adaptable(m) or isinstance(m, LowRankLinear)) and m is not head and n not in skipped
+                and not HEAD_NAMES.intersection(n.split("."))]
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -91,28 +107,54 @@ def preserved_on_error(model: nn.Module):
 
 
 def _swap_in(model: nn.Module, layers: dict[str, LowRankLinear]) -> None:
+    """Put built layers in place. A model without adapters yet is frozen around them (as PEFT does);
+    once it has some, the ``requires_grad`` flags the user set are theirs: only the new adapters'
+    tensors are made trainable (and their base layers frozen)."""
+    first = next(adapter_layers(model), None) is None
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, layer)
-    model.requires_grad_(False)
-    for _, layer in adapter_layers(model):
+    if first:
+        model.requires_grad_(False)
+        register_modules_to_save(model, registered_modules_to_save(model))
+    guard_save_pretrained(model)
+    for layer in layers.values():
+        layer.train(layer.base_layer.training)  # an adapter in a model in eval mode is in eval mode (no dropout)
         layer.requires_grad_(False)
         for p in layer.parameters(recurse=False):
             p.requires_grad_(True)
 
 
-def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: float | None = None,
-           dropout: float = 0.0, seed: int = 0, backend: str = "auto", **method_options) -> list[str]:
+def _default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise ValueError(f"target_modules not given and there is no default for this model (config.model_type="
+                         f"{model_type!r}; defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}); pass "
+                         f"target_modules, e.g. 'all-linear' or a list of module-name suffixes")
+    return DEFAULT_TARGET_MODULES[model_type]
+
+
+def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alpha: float | None = None,
+           dropout: float = 0.0, seed: int = 0, backend: str = "auto", modules_to_save=None,
+           **method_options) -> list[str]:
     """Replace the linear layers of ``model`` named by ``target_modules`` with ``method`` adapters, in
-    place, and freeze everything but the adapters. Returns the replaced module names.
+    place. Returns the replaced module names.
 
     ``target_modules``: a list of name suffixes (``["q_proj", "v_proj"]``), a regular expression
-    matched against whole names, or ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the
-    output head). Every target is checked and every layer built before the model is changed; on any
-    error the model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
+    matched against whole names, ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the output
+    head and task heads: any module under a name in :data:`HEAD_NAMES`), or None: PEFT's default
+    for the transformers architecture (:data:`DEFAULT_TARGET_MODULES`). ``modules_to_save``: name
+    suffixes of whole modules (a classification head) trained beside the adapters and saved with
+    them by ``save_adapter``. A model without adapters is frozen but for the adapters and
+    ``modules_to_save``; injecting into a model that has adapters changes no flag the user set.
+    Every target is checked and every layer built before the model is changed; on any error the
+    model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
     """
     layer_cls = LAYER_CLASSES[get_method(method).name]
     seed = check_seed(seed)
+    if target_modules is None:
+        target_modules = _default_targets(model)
+    saved = match_modules_to_save(model, modules_to_save) if modules_to_save is not None else []
     matched = _match(target_modules, model)
     if not matched:
         candidates = [n for n, m in _visible_modules(model) if is_adaptable(m)]
@@ -138,6 +180,10 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
         if len(names[id(module)]) > 1:
             raise ValueError(f"module {name!r} is shared: the model also reaches it as "
                              f"{[n for n in names[id(module)] if n != name]}; an adapter would apply on one path only")
+        inside = [s for s in saved if name.startswith(s + ".")]
+        if inside:
+            raise ValueError(f"module {name!r} is inside modules_to_save {inside[0]!r}: it is saved whole, "
+                             f"don't adapt it too")
     layers = {}
     with preserved_on_error(model):
         for name, module in matched:
@@ -147,6 +193,7 @@ def inject(model: nn.Module, method: str, rank: int, target_modules, *, alpha: f
             except (TypeError, ValueError, RuntimeError) as e:  # name the module whose layer failed
                 raise type(e)(f"module {name!r}: {e}") from e
     _swap_in(model, layers)
+    register_modules_to_save(model, saved)
     return list(layers)
 
 
@@ -176,3 +223,22 @@ def unload(model: nn.Module, *, merge: bool = False) -> list[str]:
         setattr(model.get_submodule(parent_name), child, layer.base_layer)
         names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model):`` the model computes as its base model (every method, TLoRA's
+    learned α included); merged adapters are unmerged for the block and merged again after it."""
+    layers = [layer for _, layer in adapter_layers(model) if not layer.disabled]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()

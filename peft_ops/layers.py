@@ -52,6 +52,7 @@ class LowRankLinear(nn.Module):
     """
 
     method: Method
+    disabled = False  # set by peft_ops.disable_adapters: the layer computes its (unmerged) base layer alone
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  seed: int = 0, backend: str = "auto", *, frozen_factors=None, **method_options):
@@ -143,6 +144,8 @@ class LowRankLinear(nn.Module):
         return self.method.factors(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            return self.base_layer(x)
         if self.merged:
             if self.training and torch.is_grad_enabled() and not self._warned_merged_training:
                 warnings.warn(f"{self.method.name} layer is merged: its adapter gets no gradient in this forward; "

@@ -23,7 +23,8 @@ import torch
 
 from .svd import top_singular_triplets
 
-__all__ = ["Method", "InitContext", "METHODS", "get_method", "LORA", "SYMLORA", "LORAXS", "TLORA"]
+__all__ = ["Method", "InitContext", "METHODS", "get_method", "LORA", "SYMLORA", "LORAXS", "TLORA", "RECOMMENDED",
+           "Recommendation"]
 
 
 def check_seed(value, context: str = "", name: str = "seed") -> int:
@@ -229,3 +230,27 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except (KeyError, TypeError):
         raise ValueError(f"method={name!r} is not known; expected one of {', '.join(map(repr, METHODS))}") from None
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The settings a method's authors used, as ``inject`` keyword arguments, and where they come from."""
+
+    kwargs: Mapping[str, Any]
+    source: str
+
+
+# The papers' settings, in one place; the defaults stay PEFT-compatible (alpha = rank, no dropout):
+#     peft_ops.inject(model, "tlora", 8, targets, **peft_ops.RECOMMENDED["tlora"].kwargs)
+RECOMMENDED: dict[str, Recommendation] = {
+    "lora": Recommendation({}, "PEFT's defaults (lora_alpha = r, so s = 1; no dropout) are ours"),
+    "symlora": Recommendation({}, "no settings beyond LoRA's known to us: LoRA's defaults"),
+    "loraxs": Recommendation(
+        {"alpha": 16.0, "dropout": 0.0},
+        "the authors' GLUE scripts: lora_alpha 16 (s = 16/r), no dropout, ranks 4-25, targets query, value, "
+        "attention.output.dense and output.dense, classifier trained beside them (modules_to_save); their SVD "
+        "(randomised, 10 power iterations) is matched by our default svd='randomized'"),
+    "tlora": Recommendation(
+        {"dropout": 0.5, "alpha": 1.0},
+        "the paper and its code: dropout 0.5 on the adapter's output, the learnable α starting at 1"),
+}

@@ -1,0 +1,131 @@
+"""Hugging Face transformers: saving a model that has adapters, and adapter-only Trainer checkpoints.
+
+An injected model's ``state_dict`` names each adapted layer's weight ``<name>.base_layer.weight``
+(beside the adapter's tensors); ``from_pretrained`` of the plain architecture would not find
+``<name>.weight`` and would initialise those layers randomly. So ``inject`` (and ``load_adapter``)
+put a guard on a transformers model's ``save_pretrained``: it saves as before (the checkpoint
+reloads into a model with the same adapters, as the Trainer resumes) but warns, once per model,
+with the two ways to a checkpoint that reloads anywhere: :func:`save_pretrained_merged` (or
+``peft_ops.unload(model, merge=True)`` then ``save_pretrained``), or ``peft_ops.save_adapter``.
+Nothing here imports transformers until it is used.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["merged_state_dict", "save_pretrained_merged", "AdapterCheckpointCallback", "guard_save_pretrained"]
+
+ADAPTER_FILENAME = "adapter.safetensors"
+_MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                       "pytorch_model.bin.index.json")
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of ``model`` as the plain model would have it: each adapter layer's entries
+    replaced by ``<name>.weight`` = W + ΔW (summed in float32, in the weight's dtype) and
+    ``<name>.bias``. The model is not changed."""
+    from .inject import adapter_layers
+    from .layers import is_conv1d
+
+    layers = dict(adapter_layers(model))
+    state = {}
+    for key, value in model.state_dict().items():
+        owner = next((n for n in layers if key.startswith(n + ".")), None)
+        if owner is None:
+            state[key] = value
+            continue
+        if key.removeprefix(owner + ".") != "base_layer.weight":
+            if key.removeprefix(owner + ".") == "base_layer.bias":
+                state[f"{owner}.bias"] = value
+            continue
+        layer = layers[owner]
+        delta = layer.delta_weight()  # the state dict's weight is the unmerged one, even if the layer is merged
+        weight = (value.to(delta.dtype) + (delta.T if is_conv1d(layer.base_layer) else delta)).to(value.dtype)
+        state[f"{owner}.weight"] = weight
+    return state
+
+
+def save_pretrained_merged(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
+    """``model.save_pretrained`` of the model with its adapters folded in, without changing the model:
+    ``from_pretrained`` of the plain architecture reloads it (the adapters themselves are not kept:
+    save them with ``peft_ops.save_adapter``)."""
+    type(model).save_pretrained(model, save_directory, state_dict=merged_state_dict(model), **kwargs)
+
+
+class _GuardedSavePretrained:
+    """``model.save_pretrained`` that warns while the model has adapters. An object holding the model
+    (not a closure), so ``copy.deepcopy`` and pickling give the copy a guard of its own."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.warned = model, False
+
+    def __call__(self, save_directory, *args, **kwargs):
+        from .inject import adapter_layers
+
+        count = sum(1 for _ in adapter_layers(self.model))
+        if count and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"save_pretrained: this model has {count} peft-ops adapter layers; the checkpoint stores their base "
+                f"weights as '<name>.base_layer.weight', which from_pretrained of the plain model will NOT load (it "
+                f"initialises those layers randomly); it reloads only into a model with the same adapters injected. "
+                f"For a checkpoint that reloads anywhere use peft_ops.hf.save_pretrained_merged(model, directory) "
+                f"(or peft_ops.unload(model, merge=True) first); to keep the adapter, peft_ops.save_adapter(model, "
+                f"path).", UserWarning, stacklevel=2)
+        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (a transformers model's) warn while the model has adapters."""
+    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        object.__setattr__(model, "save_pretrained", _GuardedSavePretrained(model))
+
+
+class _AdapterCheckpointSaving:
+    """A ``transformers.Trainer`` callback: at each checkpoint, write the adapter file
+    (``checkpoint-<step>/adapter.safetensors``, with ``modules_to_save``) and, with
+    ``remove_model_weights=True`` (the default), delete the full model weights the Trainer wrote
+    there, so a checkpoint costs the adapter's size. To resume: inject as before,
+    ``peft_ops.load_adapter(model, ".../checkpoint-N/adapter.safetensors")``, then train (the
+    Trainer's own ``resume_from_checkpoint`` needs the full weights: keep them for it).
+
+        trainer = Trainer(model, args, train_dataset=ds, callbacks=[peft_ops.hf.AdapterCheckpointCallback()])
+    """
+
+    def __init__(self, filename: str = ADAPTER_FILENAME, *, remove_model_weights: bool = True,
+                 include_frozen: bool = False):
+        self.filename, self.remove_model_weights, self.include_frozen = filename, remove_model_weights, include_frozen
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        from .adapter_file import save_adapter
+
+        if model is None:
+            raise ValueError("AdapterCheckpointCallback.on_save: the Trainer passed no model")
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        if getattr(state, "is_world_process_zero", True):
+            save_adapter(model, checkpoint / self.filename, include_frozen=self.include_frozen)
+            if self.remove_model_weights:
+                for path in checkpoint.iterdir():
+                    if path.name in _MODEL_WEIGHT_FILES or (path.name.startswith("model-") and
+                                                            path.name.endswith(".safetensors")):
+                        path.unlink()
+        return control
+
+
+def __getattr__(name: str):
+    # the callback subclasses transformers.TrainerCallback: built on first use, so importing peft_ops
+    # does not import transformers
+    if name == "AdapterCheckpointCallback":
+        from transformers import TrainerCallback
+
+        cls = type("AdapterCheckpointCallback", (_AdapterCheckpointSaving, TrainerCallback),
+                   {"__doc__": _AdapterCheckpointSaving.__doc__, "__module__": __name__})
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
