@@ -13,6 +13,8 @@ Run by tests/test_sm90_compile.py in a subprocess without TRITON_INTERPRET:
 the group; ``python tests/sm90_compile.py table [paths|configs]`` prints the markdown table of
 bench/NOTES.md (our variants beside the tutorial kernels of bench/tutorial_gemms.py).
 """
+import contextlib
+import io
 import json
 import os
 import re
@@ -21,12 +23,14 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, run as a script
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench import tutorial_gemms  # noqa: E402
 from peft_ops.kernels import dropout, fused_linear, lowrank_add, reductions  # noqa: E402
 from peft_ops.kernels._config import dot_precision  # noqa: E402
 
@@ -154,9 +158,25 @@ def variants(which: str):
     return out
 
 
+def tutorial_variants():
+    """The tutorial-style GEMMs of bench/tutorial_gemms.py in bfloat16, on the 16-bit forward's default
+    tile and on the largest autotune tile, specialised as our "forward" layout is (unit K-strides,
+    16-divisible sizes)."""
+    out = []
+    for config in (fused_linear._PREFERRED_GEMM[0], fused_linear.GEMM_CONFIGS[0]):
+        out.append(_variant(tutorial_gemms.pointer_matmul_kernel, config, "bfloat16", {}, {},
+                            unit=("stride_ak", "stride_wk", "stride_cn"),
+                            aligned=("K", "N", "stride_am", "stride_wn", "stride_cm")))
+        out.append(_variant(tutorial_gemms.persistent_descriptor_matmul_kernel, config, "bfloat16", {},
+                            dict(NUM_PROGRAMS=132), aligned=("K", "N")))
+        out[-1]["tma"] = True
+    return out
+
+
 KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    reductions._rank_reduce_kernel, dropout._dropout_mask_kernel,
-                                   lowrank_add._add_lowrank_kernel)}
+                                   lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
+                                   tutorial_gemms.persistent_descriptor_matmul_kernel)}
 # the dimension of a kernel's main-loop dot that the MMA's M is (rows per warpgroup instruction: 64 for
 # wgmma); kernels without a K-loop are absent. Kernels not named here: BLOCK_M.
 MAIN_LOOP_ROWS = {"_rank_reduce_kernel": "BLOCK_P", "_dropout_mask_kernel": None, "_add_lowrank_kernel": None}
@@ -167,10 +187,20 @@ def _tool(name: str) -> str:
     return getattr(triton.knobs.nvidia, name).path
 
 
+def _compile_with_log(source, options):
+    """The compiled kernel and ptxas's messages (its advisories, e.g. C7510/C7512 "wgmma.mma_async
+    instructions are serialized ..."): Triton prints them only while ``dump_ptxas_log`` is set, and
+    not at all on a cache hit, where ptxas runs again here."""
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=TARGET, options=options)
+    log = log.getvalue()
+    return compiled, log if "ptxas" in log else _ptxas_log(compiled.asm["ptx"], compiled.metadata)
+
+
 def _ptxas_log(ptx: str, options) -> str:
-    """ptxas's messages for ``ptx`` (its advisories, e.g. C7510/C7512 "wgmma.mma_async instructions
-    are serialized ..."), run as Triton runs it: Triton keeps them only while
-    TRITON_DUMP_PTXAS_LOG is set, and not at all on a cache hit."""
+    """ptxas's messages for ``ptx``, run as Triton runs it."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")
@@ -231,15 +261,14 @@ def main_loop(instructions, labels):
     return min(loops, key=len) if loops else None
 
 
-def read_compiled(compiled) -> dict:
+def read_compiled(compiled, log: str) -> dict:
     """What the cubin says about speed: registers, stack and local memory, spill instructions, and the
     main loop's MMA kind, loads and instruction count per K-step (one iteration: Triton does not unroll
-    it), plus ptxas's advisories."""
+    it), and ptxas's advisories from its ``log``."""
     usage = _run_tool("cuobjdump", ["-res-usage"], compiled.asm["cubin"])
     registers, stack, local = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
     instructions, labels = read_sass(_run_tool("nvdisasm", ["-c"], compiled.asm["cubin"]))
     opcodes = [op for _, op, _ in instructions]
-    log = _ptxas_log(compiled.asm["ptx"], compiled.metadata)
     report = dict(registers=registers, stack=stack, local=local, spill_ld=opcodes.count("LDL"),
                   spill_st=opcodes.count("STL"), utmaldg="UTMALDG" in opcodes,
                   serialized=bool(re.search(r"wgmma\.mma_async instructions are serialized", log)),
@@ -267,22 +296,58 @@ def compile_variant(v) -> dict:
     source = ASTSource(kernel, v["signature"], constexprs={**v["constexprs"], **v["config"]},
                        attrs={(int(k),): a for k, a in v["attrs"].items()})
     try:
-        compiled = triton.compile(source, target=TARGET, options=dict(num_warps=v["warps"], num_stages=v["stages"]))
+        compiled, log = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"]))
     except Exception as e:  # report every failure, not just the first
         return {"error": f"{type(e).__name__}: {e}"[:3000]}
     return {"shared": compiled.metadata.shared, "estimate": v["estimate"], "tma": bool(v.get("tma")),
-            "rows": main_loop_rows(v), **read_compiled(compiled)}
+            "rows": main_loop_rows(v), **read_compiled(compiled, log)}
 
 
 def label(v) -> str:
     return f"{v['kernel']} {v['dtype']} {v['config']} w{v['warps']}s{v['stages']} {v['constexprs']}"
 
 
+def _variants(which: str):
+    return tutorial_variants() if which == "tutorials" else variants(which)
+
+
+def table_row(v, r) -> str:
+    """A markdown row: the variant in short, then what its compiled code says."""
+    c = {**v["constexprs"], **v["config"]}
+    tile = "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P") if k in c)
+    flags = [f"{k.lower()}={c[k]}" for k in ("HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "DROPOUT_INPUT", "BLOCK_R")
+             if k in c]
+    flags += ["unit strides"] * any(k.startswith("stride_") for k in c) + ["tma"] * bool(v.get("tma"))
+    kernel = v["kernel"].strip("_").removesuffix("_kernel")
+    name = f"{kernel} {TYPE[v['dtype']]} {tile} w{v['warps']}s{v['stages']} {' '.join(flags)}"
+    if "error" in r:
+        return f"| {name} | compile error | | | | | | |"
+    loop = r["main_loop"] or {}
+    loads = " ".join(f"{k}×{n}" for k, n in loop.get("loads", {}).items()) or "–"
+    per_step = f"{loop['instructions']} ({loop['integer']} int)" if loop else "no K-loop"
+    mma = f"{loop['mma']}×{loop['mma_count']}" if loop.get("mma") else "–"
+    local = f"{r['stack']} B, {r['spill_ld']}/{r['spill_st']}" if r["stack"] or r["spill_ld"] or r["spill_st"] else "0"
+    return (f"| {name} | {r['registers']} | {r['shared'] // 1024} | {local} | {per_step} | {mma} | {loads} | "
+            f"{' '.join(r['advisories']) or '–'} |")
+
+
+def table(which: str = "paths") -> None:
+    """The markdown table of bench/NOTES.md: our variants of ``which``, then the tutorial GEMMs."""
+    print("| variant | registers | shared KiB | stack, LDL/STL | instructions per K-step (integer) "
+          "| main-loop MMA | main-loop loads | ptxas advisories |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in variants(which) + tutorial_variants():
+        print(table_row(v, compile_variant(v)), flush=True)
+
+
 def main(which: str, group: int, groups: int) -> None:
-    for index, v in enumerate(variants(which)):
+    for index, v in enumerate(_variants(which)):
         if index % groups == group:
             print(json.dumps({"label": label(v), **compile_variant(v)}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    if sys.argv[1] == "table":
+        table(*sys.argv[2:])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
