@@ -304,7 +304,10 @@ def compile_variant(v) -> dict:
 
 
 def label(v) -> str:
-    return f"{v['kernel']} {v['dtype']} {v['config']} w{v['warps']}s{v['stages']} {v['constexprs']}"
+    """Names a variant uniquely: kernel, dtype, config, constexprs and the integers widened to int64."""
+    wide = [name for name, kind in v["signature"].items() if kind == "i64"]
+    return (f"{v['kernel']} {v['dtype']} {v['config']} w{v['warps']}s{v['stages']} {v['constexprs']}"
+            + (f" i64 {wide}" if wide else ""))
 
 
 def _variants(which: str):
@@ -314,12 +317,16 @@ def _variants(which: str):
 def table_row(v, r) -> str:
     """A markdown row: the variant in short, then what its compiled code says."""
     c = {**v["constexprs"], **v["config"]}
-    tile = "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P") if k in c)
-    flags = [f"{k.lower()}={c[k]}" for k in ("HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "DROPOUT_INPUT", "BLOCK_R")
-             if k in c]
-    flags += ["unit strides"] * any(k.startswith("stride_") for k in c) + ["tma"] * bool(v.get("tma"))
     kernel = v["kernel"].strip("_").removesuffix("_kernel")
-    name = f"{kernel} {TYPE[v['dtype']]} {tile} w{v['warps']}s{v['stages']} {' '.join(flags)}"
+    tile = "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P") if k in c)
+    drop = c.get("DROPOUT", c.get("DROPOUT_INPUT", 0))
+    output_drop = drop == 2 or (bool(drop) and kernel == "add_lowrank")
+    flags = {"no adapter": c.get("HAS_LOW_RANK") is False, "in-loop shrink": c.get("SHRINK_IN_LOOP"),
+             "out dropout": output_drop, "in dropout": bool(drop) and not output_drop,
+             f"r≤{c.get('BLOCK_R')}": "BLOCK_R" in c, "unit strides": any(k.startswith("stride_") for k in c),
+             "i64 sizes": "i64" in v["signature"].values(), "tma": v.get("tma")}
+    flags = [flag for flag, shown in flags.items() if shown]
+    name = " ".join(part for part in [kernel, TYPE[v["dtype"]], tile, f"w{v['warps']}s{v['stages']}", *flags] if part)
     if "error" in r:
         return f"| {name} | compile error | | | | | | |"
     loop = r["main_loop"] or {}
