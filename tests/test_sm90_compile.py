@@ -16,9 +16,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import triton
 
+from bench import tutorial_gemms
 from peft_ops.kernels import fused_linear
-from utils import ON_GPU
+from utils import DEVICE, ON_GPU, randn, rel_error
 
 GROUPS = 4
 HERE = os.path.dirname(__file__)
@@ -102,3 +105,21 @@ def test_gate_reads_known_fast_kernels():
         assert loop["mma"] == "HGMMA" and loop["mma_count"] >= 4, r
         assert list(loop["loads"]) == (["UTMALDG"] if r["tma"] else ["LDGSTS"]), r
         assert r["utmaldg"] == r["tma"], r
+
+
+def test_tutorial_gemms_compute_a_times_w_transposed(poisoned):
+    """The yardstick kernels are GEMMs indeed: ``a Wᵀ`` on ragged sizes (the descriptor kernel needs
+    16-byte-aligned rows: N and K multiples of 4 in float32)."""
+    m, n, k, block = 70, 92, 48, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+    a, w = randn(m, k, device=DEVICE), randn(n, k, device=DEVICE)
+    expected = a.double() @ w.double().T
+    out = torch.empty(m, n, device=DEVICE)
+    tiles = triton.cdiv(m, 32) * triton.cdiv(n, 32)
+    tutorial_gemms.pointer_matmul_kernel[(tiles,)](a, w, out, m, n, k, *a.stride(), *w.stride(), *out.stride(), **block)
+    tolerance = 1e-2 if ON_GPU else 1e-6  # tf32 dots on a GPU
+    assert rel_error(out, expected) < tolerance
+    # device-side descriptors take their scratch memory from Triton's allocator
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
+    out = torch.empty(m, n, device=DEVICE)
+    tutorial_gemms.persistent_descriptor_matmul_kernel[(3,)](a, w, out, m, n, k, **block, NUM_PROGRAMS=3)
+    assert rel_error(out, expected) < tolerance
