@@ -16,10 +16,10 @@ import triton.language as tl
 
 from ._config import dot_precision, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
+from .fused_linear import MAX_RANK
 
 __all__ = ["add_lowrank_", "ADD_LOWRANK_CONFIG"]
 
-_MAX_RANK = 256
 _GRID_AXIS_LIMIT = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -76,8 +76,8 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
     if t.dim() != 2 or t.shape[0] != m or t.dtype != torch.float32:
         raise ValueError(f"t: expected float32 of shape ({m}, r), got {t.dtype} {tuple(t.shape)}")
     rank = t.shape[1]
-    if not 1 <= rank <= _MAX_RANK:
-        raise ValueError(f"t: rank {rank}, expected 1 to {_MAX_RANK}")
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"t: rank {rank}, expected 1 to {MAX_RANK}")
     if expand.dim() != 2 or tuple(expand.shape) != (n, rank) or not expand.is_floating_point():
         raise ValueError(f"expand: expected a float tensor of shape {(n, rank)}, got {expand.dtype} "
                          f"{tuple(expand.shape)}")
