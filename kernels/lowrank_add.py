@@ -16,10 +16,10 @@ import triton.language as tl
 
 from ._config import dot_precision, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
+from .fused_linear import MAX_RANK
 
-__all__ = ["add_lowrank_", "lowrank_add_config"]
+__all__ = ["add_lowrank_", "ADD_LOWRANK_CONFIG"]
 
-_MAX_RANK = 256
 _GRID_AXIS_LIMIT = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -33,31 +33,32 @@ def _add_lowrank_kernel(out_ptr, t_ptr, expand_ptr, M, N, R,
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_start = tl.program_id(1).to(tl.int64) * BLOCK_N
     offs_n = col_start + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    in_m, in_n, in_r = offs_m < M, offs_n < N, offs_r < R
-
-    t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                mask=in_m[:, None] & in_r[None, :], other=0.0)
-    e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
-                mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+    in_m, in_n = offs_m < M, offs_n < N
+    # the rank in steps of at most 64: whole float32 t and E tiles at rank 256 (split in two for tf32x3)
+    # would not fit in registers
+    RANK_STEP: tl.constexpr = min(BLOCK_R, 64)
+    low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, RANK_STEP):
+        offs_r = r0 + tl.arange(0, RANK_STEP)
+        in_r = offs_r < R
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=in_m[:, None] & in_r[None, :], other=0.0)
+        e = tl.load(expand_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
+                    mask=in_r[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+        low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
+    low_rank *= scale
+    if DROPOUT:  # the fused kernel's output-side mask, element for element
+        keep = keep_mask(tl.load(seed_ptr), offs_m, col_start, N, drop_threshold, BLOCK_N)
+        low_rank = tl.where(keep, low_rank * drop_scale, 0.0)
     inside = in_m[:, None] & in_n[None, :]
     out_tile = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    acc = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32)
-    if DROPOUT:  # the fused kernel's output-side dropout, element for element
-        low_rank = tl.dot(t, e, input_precision=PRECISION) * (scale * drop_scale)
-        keep = keep_mask(tl.load(seed_ptr), offs_m, col_start, N, drop_threshold, BLOCK_N)
-        acc += tl.where(keep, low_rank, 0.0)
-    else:
-        acc = tl.dot(t * scale, e, acc, input_precision=PRECISION)
-    tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=inside)
+    out = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32) + low_rank
+    tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def lowrank_add_config(block_r: int) -> triton.Config:
-    """The tile for a rank block: 64 rows and as many columns as keep the float32 ``t`` and ``E`` tiles
-    within shared memory at rank 256 (staged twice over under tf32x3: (64 + 32)·256·4·2 = 192 KiB).
-    Columns are a multiple of 4, as the dropout mask's Philox groups need."""
-    return triton.Config({"BLOCK_M": 64, "BLOCK_N": max(32, min(128, 8192 // block_r))}, num_warps=4,
-                         num_stages=1)
+# 64×64 tiles over 8 warps: no spills at any rank and dtype, and no ptxas serialization advisory
+# (tests/test_sm90_compile.py checks); the output tile is a multiple of 4 columns, as the mask needs
+ADD_LOWRANK_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1)
 
 
 def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale: float = 1.0, *,
@@ -75,8 +76,8 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
     if t.dim() != 2 or t.shape[0] != m or t.dtype != torch.float32:
         raise ValueError(f"t: expected float32 of shape ({m}, r), got {t.dtype} {tuple(t.shape)}")
     rank = t.shape[1]
-    if not 1 <= rank <= _MAX_RANK:
-        raise ValueError(f"t: rank {rank}, expected 1 to {_MAX_RANK}")
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"t: rank {rank}, expected 1 to {MAX_RANK}")
     if expand.dim() != 2 or tuple(expand.shape) != (n, rank) or not expand.is_floating_point():
         raise ValueError(f"expand: expected a float tensor of shape {(n, rank)}, got {expand.dtype} "
                          f"{tuple(expand.shape)}")
@@ -84,8 +85,7 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
         raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
     if m == 0 or n == 0:
         return out
-    block_r = rank_block(rank)
-    config = lowrank_add_config(block_r)
+    config = ADD_LOWRANK_CONFIG
     grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
     if grid[1] > _GRID_AXIS_LIMIT:
         raise ValueError(f"out: {n} columns need {grid[1]} column blocks, more than the grid's {_GRID_AXIS_LIMIT}")
@@ -93,6 +93,6 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
         out, t, expand, m, n, rank,
         out.stride(0), out.stride(1), t.stride(0), t.stride(1), expand.stride(0), expand.stride(1),
         float(scale), seed_arg(seed, dropout_p, out), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout_p > 0, PRECISION=dot_precision(out.dtype), BLOCK_R=block_r, **config.kwargs,
+        DROPOUT=dropout_p > 0, PRECISION=dot_precision(out.dtype), BLOCK_R=rank_block(rank), **config.kwargs,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -85,7 +85,8 @@ def _low_rank_term(t, expand, scale, dropout_p, seed):
     """``scale · drop(t Eᵀ)`` with the kernels' output-side mask (element (row, col) of the M×N result)."""
     low_rank = (t @ expand.to(t.dtype).T) * scale
     if dropout_p:
-        low_rank = torch.where(dropout_mask(seed, *low_rank.shape, dropout_p, t.device), low_rank / (1.0 - dropout_p), 0.0)
+        keep = dropout_mask(seed, *low_rank.shape, dropout_p, t.device)
+        low_rank = torch.where(keep, low_rank / (1.0 - dropout_p), 0.0)
     return low_rank
 
 

@@ -1,25 +1,37 @@
-"""Compile kernel variants ahead of time for a Hopper GPU (sm_90) on a machine without one.
+"""Compile kernel variants ahead of time for a Hopper GPU (sm_90) on a machine without one, and read
+the compiled code.
 
 Triton's own compiler (frontend, MLIR passes, LLVM, ptxas) runs on the CPU given an explicit target,
 so what the interpreter forgives — non-constexpr globals, dot shapes, type mismatches, shared memory
-beyond the chip's 227 KiB per block — fails here as it would on the GPU. It cannot catch what only
-running shows (wrong results, illegal accesses, register spills); the GPU session does that.
+beyond the chip's 227 KiB per block — fails here as it would on the GPU. The compiled code also shows
+what decides speed without running it: registers, spills (local memory), the instructions of the main
+loop (HGMMA/wgmma or HMMA/mma.sync; TMA loads UTMALDG, cp.async LDGSTS or plain LDG) and ptxas's
+advisories. It cannot catch what only running shows (wrong results, illegal accesses, timings).
 
 Run by tests/test_sm90_compile.py in a subprocess without TRITON_INTERPRET:
-``python tests/sm90_compile.py paths|configs GROUP GROUPS`` prints a JSON line per variant of the group.
+``python tests/sm90_compile.py paths|configs|tutorials GROUP GROUPS`` prints a JSON line per variant of
+the group; ``python tests/sm90_compile.py table [paths|configs]`` prints the markdown table of
+bench/NOTES.md (our variants beside the tutorial kernels of bench/tutorial_gemms.py).
 """
+import contextlib
+import io
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, run as a script
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from peft_ops.kernels import dropout, fused_linear, reductions  # noqa: E402
+from bench import tutorial_gemms  # noqa: E402
+from peft_ops.kernels import dropout, fused_linear, lowrank_add, reductions  # noqa: E402
 from peft_ops.kernels._config import dot_precision  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -134,14 +146,149 @@ def variants(which: str):
                                 dtype, BLOCK_R=256, PRECISION=PRECISION[dtype]))
     out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, PRECISION["float32"]),
                               "float32", 256, False))
+    # the in-place low-rank add at its largest rank, with and without dropout
+    for dtype in TYPE:
+        for drop in (False, True):
+            out.append(_variant(lowrank_add._add_lowrank_kernel, lowrank_add.ADD_LOWRANK_CONFIG, dtype,
+                                {"t_ptr": "*fp32", "expand_ptr": "*bf16", "seed_ptr": "*i64"},
+                                dict(DROPOUT=drop, PRECISION=PRECISION[dtype], BLOCK_R=256)))
     # dropout masks
     out.append(_variant(dropout._dropout_mask_kernel, triton.Config({}), "float32",
                         {"out_ptr": "*i8", "seed_ptr": "*i64"}, dict(BLOCK_ROWS=32, BLOCK_COLS=64)))
     return out
 
 
+def tutorial_variants():
+    """The tutorial-style GEMMs of bench/tutorial_gemms.py in bfloat16, on the 16-bit forward's default
+    tile and on the largest autotune tile, specialised as our "forward" layout is (unit K-strides,
+    16-divisible sizes)."""
+    out = []
+    for config in (fused_linear._PREFERRED_GEMM[0], fused_linear.GEMM_CONFIGS[0]):
+        out.append(_variant(tutorial_gemms.pointer_matmul_kernel, config, "bfloat16", {}, {},
+                            unit=("stride_ak", "stride_wk", "stride_cn"),
+                            aligned=("K", "N", "stride_am", "stride_wn", "stride_cm")))
+        out.append(_variant(tutorial_gemms.persistent_descriptor_matmul_kernel, config, "bfloat16", {},
+                            dict(NUM_PROGRAMS=132), aligned=("K", "N")))
+        out[-1]["tma"] = True
+    return out
+
+
 KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
-                                   reductions._rank_reduce_kernel, dropout._dropout_mask_kernel)}
+                                   reductions._rank_reduce_kernel, dropout._dropout_mask_kernel,
+                                   lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
+                                   tutorial_gemms.persistent_descriptor_matmul_kernel)}
+# the dimension of a kernel's main-loop dot that the MMA's M is (rows per warpgroup instruction: 64 for
+# wgmma); kernels without a K-loop are absent. Kernels not named here: BLOCK_M.
+MAIN_LOOP_ROWS = {"_rank_reduce_kernel": "BLOCK_P", "_dropout_mask_kernel": None, "_add_lowrank_kernel": None}
+
+
+def _tool(name: str) -> str:
+    """A CUDA tool from Triton's wheel, or where TRITON_<NAME>_PATH points (as Triton resolves it)."""
+    return getattr(triton.knobs.nvidia, name).path
+
+
+def _compile_with_log(source, options):
+    """The compiled kernel and ptxas's messages (its advisories, e.g. C7510/C7512 "wgmma.mma_async
+    instructions are serialized ..."): Triton prints them only while ``dump_ptxas_log`` is set, and
+    not at all on a cache hit, where ptxas runs again here."""
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=TARGET, options=options)
+    log = log.getvalue()
+    return compiled, log if "ptxas" in log else _ptxas_log(compiled.asm["ptx"], compiled.metadata)
+
+
+def _ptxas_log(ptx: str, options) -> str:
+    """ptxas's messages for ``ptx``, run as Triton runs it."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
+        result = subprocess.run([get_ptxas(TARGET.arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2", *fmad,
+                                 f"--gpu-name={sm_arch_from_capability(TARGET.arch)}", source,
+                                 "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    return result.stdout + result.stderr
+
+
+def _run_tool(name: str, args, cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([_tool(name), *args, path], capture_output=True, text=True, check=True).stdout
+
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([^;]*?)\s*;")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+_BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+MMA = ("HGMMA", "HMMA")
+GLOBAL_LOADS = ("UTMALDG", "LDGSTS", "LDG")
+# integer and address arithmetic, vector and uniform datapaths (the loop's overhead besides MMA and loads)
+_INTEGER = re.compile(r"^(U?I[A-Z]|U?LEA|U?LOP|U?SHF|U?SEL|VI)")
+
+
+def read_sass(sass: str):
+    """The instructions of ``nvdisasm -c`` output as (address, opcode, text), predicates dropped, and the
+    address of each label."""
+    instructions, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = _INSTRUCTION.search(line)
+        if found:
+            address, text = int(found.group(1), 16), found.group(2)
+            labels.update({name: address for name in pending})
+            pending = []
+            instructions.append((address, text.split()[0].split(".")[0], text))
+    return instructions, labels
+
+
+def main_loop(instructions, labels):
+    """The K-loop: the innermost loop (a backward branch's span) that holds an MMA instruction; None if
+    no loop does. Returns its instructions."""
+    loops = []
+    for address, opcode, text in instructions:
+        target = _BRANCH_TARGET.search(text)
+        if opcode == "BRA" and target and labels.get(target.group(1), address + 1) < address:
+            body = [i for i in instructions if labels[target.group(1)] <= i[0] <= address]
+            if any(op in MMA for _, op, _ in body):
+                loops.append(body)
+    return min(loops, key=len) if loops else None
+
+
+def read_compiled(compiled, log: str) -> dict:
+    """What the cubin says about speed: registers, stack and local memory, spill instructions, and the
+    main loop's MMA kind, loads and instruction count per K-step (one iteration: Triton does not unroll
+    it), and ptxas's advisories from its ``log``."""
+    usage = _run_tool("cuobjdump", ["-res-usage"], compiled.asm["cubin"])
+    registers, stack, local = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
+    instructions, labels = read_sass(_run_tool("nvdisasm", ["-c"], compiled.asm["cubin"]))
+    opcodes = [op for _, op, _ in instructions]
+    report = dict(registers=registers, stack=stack, local=local, spill_ld=opcodes.count("LDL"),
+                  spill_st=opcodes.count("STL"), utmaldg="UTMALDG" in opcodes,
+                  serialized=bool(re.search(r"wgmma\.mma_async instructions are serialized", log)),
+                  advisories=sorted(set(re.findall(r"\((C\d{4})\)", log))), main_loop=None)
+    loop = main_loop(instructions, labels)
+    if loop is not None:
+        ops = [op for _, op, _ in loop]
+        report["main_loop"] = dict(
+            instructions=len(ops), integer=sum(bool(_INTEGER.match(op)) for op in ops),
+            mma=next((kind for kind in MMA if kind in ops), None), mma_count=sum(op in MMA for op in ops),
+            loads={kind: ops.count(kind) for kind in GLOBAL_LOADS if kind in ops},
+            waits=sum(text.startswith("WARPGROUP.DEPBAR") for _, _, text in loop),
+            spills=ops.count("LDL") + ops.count("STL"))
+    return report
+
+
+def main_loop_rows(v):
+    """Rows of the main loop's MMA tile (None: the kernel has no K-loop)."""
+    key = MAIN_LOOP_ROWS.get(v["kernel"], "BLOCK_M")
+    return None if key is None else {**v["constexprs"], **v["config"]}.get(key)
 
 
 def compile_variant(v) -> dict:
@@ -149,18 +296,68 @@ def compile_variant(v) -> dict:
     source = ASTSource(kernel, v["signature"], constexprs={**v["constexprs"], **v["config"]},
                        attrs={(int(k),): a for k, a in v["attrs"].items()})
     try:
-        compiled = triton.compile(source, target=TARGET, options=dict(num_warps=v["warps"], num_stages=v["stages"]))
+        compiled, log = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"]))
     except Exception as e:  # report every failure, not just the first
         return {"error": f"{type(e).__name__}: {e}"[:3000]}
-    return {"shared": compiled.metadata.shared, "estimate": v["estimate"]}
+    return {"shared": compiled.metadata.shared, "estimate": v["estimate"], "tma": bool(v.get("tma")),
+            "rows": main_loop_rows(v), **read_compiled(compiled, log)}
+
+
+def label(v) -> str:
+    """Names a variant uniquely: kernel, dtype, config, constexprs, the integers widened to int64, TMA."""
+    wide = [name for name, kind in v["signature"].items() if kind == "i64"]
+    return (f"{v['kernel']} {v['dtype']} {v['config']} w{v['warps']}s{v['stages']} {v['constexprs']}"
+            + (f" i64 {wide}" if wide else "") + (" tma" if v.get("tma") else ""))
+
+
+def _variants(which: str):
+    return tutorial_variants() if which == "tutorials" else variants(which)
+
+
+def table_row(v, r) -> str:
+    """A markdown row: the variant in short, then what its compiled code says."""
+    c = {**v["constexprs"], **v["config"]}
+    kernel = v["kernel"].strip("_").removesuffix("_kernel")
+    tile = "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P") if k in c)
+    drop = c.get("DROPOUT", c.get("DROPOUT_INPUT", 0))
+    output_drop = drop == 2 or (bool(drop) and kernel == "add_lowrank")
+    flags = {"no adapter": c.get("HAS_LOW_RANK") is False, "in-loop shrink": c.get("SHRINK_IN_LOOP"),
+             "out dropout": output_drop, "in dropout": bool(drop) and not output_drop,
+             f"r≤{c.get('BLOCK_R')}": "BLOCK_R" in c, "unit strides": any(k.startswith("stride_") for k in c),
+             "i64 sizes": "i64" in v["signature"].values(), "tma": v.get("tma")}
+    flags = [flag for flag, shown in flags.items() if shown]
+    name = " ".join(part for part in [kernel, TYPE[v["dtype"]], tile, f"w{v['warps']}s{v['stages']}", *flags] if part)
+    if "error" in r:
+        return f"| {name} | compile error | | | | | | |"
+    loop = r["main_loop"] or {}
+    loads = " ".join(f"{k}×{n}" for k, n in loop.get("loads", {}).items()) or "–"
+    per_step = f"{loop['instructions']} ({loop['integer']} int)" if loop else "no K-loop"
+    mma = f"{loop['mma']}×{loop['mma_count']}" if loop.get("mma") else "–"
+    local = f"{r['stack']} B, {r['spill_ld']}/{r['spill_st']}" if r["stack"] or r["spill_ld"] or r["spill_st"] else "0"
+    return (f"| {name} | {r['registers']} | {r['shared'] // 1024} | {local} | {per_step} | {mma} | {loads} | "
+            f"{' '.join(r['advisories']) or '–'} |")
+
+
+def table(which: str = "paths") -> None:
+    """The markdown table of bench/NOTES.md: our variants of ``which``, then the tutorial GEMMs."""
+    print("| variant | registers | shared KiB | stack, LDL/STL | instructions per K-step (integer) "
+          "| main-loop MMA | main-loop loads | ptxas advisories |")
+    print("|---|---|---|---|---|---|---|---|")
+    for v in variants(which) + tutorial_variants():
+        print(table_row(v, compile_variant(v)), flush=True)
 
 
 def main(which: str, group: int, groups: int) -> None:
-    for index, v in enumerate(variants(which)):
+    every = _variants(which)
+    labels = [label(v) for v in every]
+    assert len(set(labels)) == len(labels), "two variants share a label (the gate's known failures are keyed by it)"
+    for index, v in enumerate(every):
         if index % groups == group:
-            label = f"{v['kernel']} {v['dtype']} {v['config']} w{v['warps']}s{v['stages']} {v['constexprs']}"
-            print(json.dumps({"label": label, **compile_variant(v)}), flush=True)
+            print(json.dumps({"label": label(v), **compile_variant(v)}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    if sys.argv[1] == "table":
+        table(*sys.argv[2:])
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

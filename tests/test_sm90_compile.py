@@ -1,18 +1,33 @@
-"""Every kernel variant compiles for a Hopper GPU (sm_90) and fits its shared memory, checked without
-one: Triton's compiler runs on the CPU for an explicit target (tests/sm90_compile.py). On a GPU the
-ordinary tests compile the kernels for real."""
+"""Every kernel variant compiles for a Hopper GPU (sm_90), fits its shared memory and passes the
+compiled-code gate, checked without one: Triton's compiler runs on the CPU for an explicit target and
+the cubin is read with the cuobjdump/nvdisasm that Triton's wheel ships (tests/sm90_compile.py). On a
+GPU the ordinary tests compile the kernels for real.
+
+The gate, for every variant the launchers can pick (a subset by default, every autotune config with
+``-m slow``): HGMMA (wgmma) in the main loop of GEMM tiles with at least 64 rows (16- and 32-row tiles
+use HMMA: the table in bench/NOTES.md records it); UTMALDG (TMA) in variants marked "tma"; no local
+memory (no LDL/STL, stack frame 0); no ptxas advisory that wgmma was serialized; shared memory within
+the chip's 227 KiB and within the launchers' bound. Variants of today's kernels known to fail a check
+are listed by exact label and check in sm90_gate_known_failures.json: they are reported as xfail, and a
+listed check that passes (or a check not listed that fails) fails the test."""
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+import triton
 
+from bench import tutorial_gemms
 from peft_ops.kernels import fused_linear
-from utils import ON_GPU
+from utils import DEVICE, ON_GPU, randn, rel_error
 
 GROUPS = 4
-HELPER = os.path.join(os.path.dirname(__file__), "sm90_compile.py")
+HERE = os.path.dirname(__file__)
+HELPER = os.path.join(HERE, "sm90_compile.py")
+with open(os.path.join(HERE, "sm90_gate_known_failures.json")) as f:
+    KNOWN_FAILURES = json.load(f)["failures"]
 
 
 def _compile(which, group, groups):
@@ -21,7 +36,7 @@ def _compile(which, group, groups):
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) >= 3
+    assert reports
     failures = [f"{r['label']}: {r['error']}" for r in reports if "error" in r]
     assert not failures, "\n\n".join(failures)
     too_big = [f"{r['label']}: {r['shared']} bytes" for r in reports if r["shared"] > fused_linear.SHARED_MEMORY]
@@ -30,13 +45,44 @@ def _compile(which, group, groups):
     underestimated = [f"{r['label']}: compiled {r['shared']} > estimated {r['estimate']}" for r in reports
                       if r["estimate"] is not None and r["shared"] > r["estimate"]]
     assert not underestimated, "\n".join(underestimated)
+    return reports
+
+
+def gate_failures(report) -> dict:
+    """The gate's checks that ``report`` fails, each with what the compiled code showed."""
+    failed = {}
+    if report["stack"] or report["local"] or report["spill_ld"] or report["spill_st"]:
+        failed["local memory"] = (f"{report['registers']} registers, stack frame {report['stack']} B, "
+                                  f"{report['spill_ld']} LDL + {report['spill_st']} STL")
+    if report["serialized"]:
+        failed["serialized wgmma"] = f"ptxas advisories {report['advisories']}"
+    loop = report["main_loop"]
+    if report["rows"] is not None and report["rows"] >= 64 and (loop is None or loop["mma"] != "HGMMA"):
+        failed["HGMMA in main loop"] = f"main loop: {loop}"
+    if report["tma"] and not report["utmaldg"]:
+        failed["UTMALDG"] = "no TMA load in the kernel"
+    return failed
+
+
+def _gate(reports):
+    """Assert the gate; known failures of today's kernels end the test as xfail, naming them."""
+    unexpected, known, fixed = [], [], []
+    for r in reports:
+        failed, listed = gate_failures(r), KNOWN_FAILURES.get(r["label"], [])
+        unexpected += [f"{r['label']}: {check}: {why}" for check, why in failed.items() if check not in listed]
+        known += [f"{r['label']}: {check}: {why}" for check, why in failed.items() if check in listed]
+        fixed += [f"{r['label']}: {check}" for check in listed if check not in failed]
+    assert not unexpected, "compiled-code gate:\n" + "\n".join(unexpected)
+    assert not fixed, "passes the gate now: remove it from sm90_gate_known_failures.json\n" + "\n".join(fixed)
+    if known:
+        pytest.xfail(f"{len(known)} known gate failures (sm90_gate_known_failures.json):\n" + "\n".join(known))
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run every kernel")
 @pytest.mark.parametrize("group", range(GROUPS))
 def test_every_code_path_compiles_for_sm90(group):
     """Every branch of every kernel in float32, float16 and bfloat16, with the launchers' default configs."""
-    _compile("paths", group, GROUPS)
+    _gate(_compile("paths", group, GROUPS))
 
 
 @pytest.mark.slow
@@ -44,4 +90,36 @@ def test_every_code_path_compiles_for_sm90(group):
 @pytest.mark.parametrize("group", range(GROUPS))
 def test_every_autotune_config_compiles_for_sm90(group):
     """Every autotune config that survives pruning (a few minutes: run with -m slow after changing them)."""
-    _compile("configs", group, GROUPS)
+    _gate(_compile("configs", group, GROUPS))
+
+
+@pytest.mark.skipif(ON_GPU, reason="reads compiled code only; a GPU session runs the kernels")
+def test_gate_reads_known_fast_kernels():
+    """The gate's SASS reading on Triton's tutorial-style GEMMs (bench/tutorial_gemms.py): both pass the
+    gate with HGMMA in the K-loop, the pipelined one fed by cp.async (LDGSTS), the persistent one by TMA."""
+    reports = _compile("tutorials", 0, 1)
+    assert len(reports) == 4
+    for r in reports:
+        assert not gate_failures(r), (r["label"], gate_failures(r))
+        loop = r["main_loop"]
+        assert loop["mma"] == "HGMMA" and loop["mma_count"] >= 4, r
+        assert list(loop["loads"]) == (["UTMALDG"] if r["tma"] else ["LDGSTS"]), r
+        assert r["utmaldg"] == r["tma"], r
+
+
+def test_tutorial_gemms_compute_a_times_w_transposed(poisoned):
+    """The yardstick kernels are GEMMs indeed: ``a Wᵀ`` on ragged sizes (the descriptor kernel needs
+    16-byte-aligned rows: N and K multiples of 4 in float32)."""
+    m, n, k, block = 70, 92, 48, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+    a, w = randn(m, k, device=DEVICE), randn(n, k, device=DEVICE)
+    expected = a.double() @ w.double().T
+    out = torch.empty(m, n, device=DEVICE)
+    tiles = triton.cdiv(m, 32) * triton.cdiv(n, 32)
+    tutorial_gemms.pointer_matmul_kernel[(tiles,)](a, w, out, m, n, k, *a.stride(), *w.stride(), *out.stride(), **block)
+    tolerance = 1e-2 if ON_GPU else 1e-6  # tf32 dots on a GPU
+    assert rel_error(out, expected) < tolerance
+    # device-side descriptors take their scratch memory from Triton's allocator
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
+    out = torch.empty(m, n, device=DEVICE)
+    tutorial_gemms.persistent_descriptor_matmul_kernel[(3,)](a, w, out, m, n, k, **block, NUM_PROGRAMS=3)
+    assert rel_error(out, expected) < tolerance
