@@ -23,8 +23,17 @@ from .fused_linear import _check_rank, _load_tile, _mma
 
 __all__ = ["bank_core", "sgmv_shrink", "sgmv_expand_add"]
 
-_BLOCK_M = 16  # rows per program: the smallest tl.dot tile; decode segments are often a single row
-_BLOCK_K, _BLOCK_N = 64, 64
+# The launchers' tiles and warps; tests/test_sm90_compile.py compiles these for sm_90 and checks that no
+# rank block spills. 16 rows per program: the smallest tl.dot tile (decode segments are often one row).
+# At 64 rank columns a float32 shrink with 64-wide K-steps and a 4-warp expand (tf32x3) each took 253
+# of 255 registers; 32-wide K-steps and 8 warps leave room (159 and 145 at most).
+BANK_CORE_CONFIG = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=3)
+SGMV_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=4)
+SGMV_EXPAND_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+# the most rank columns the shrink and the expand hold at once: whole float32 tiles at rank 256 (split
+# in two for tf32x3) spill, as kernels/lowrank_add.py found
+MAX_RANK_STEP = 64
+_GRID_AXIS_LIMIT = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 @triton.jit
@@ -64,9 +73,10 @@ def _sgmv_shrink_kernel(a_ptr, downs_ptr, order_ptr, starts_ptr, adapters_ptr, t
                         stride_am, stride_ak, stride_da, stride_dk, stride_dr, stride_tm,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``t = a D`` for a block of a segment's rows and the ``BLOCK_R`` rank columns of grid axis 2."""
     slots, in_m, rows = _segment_rows(order_ptr, starts_ptr, BLOCK_M)
     down_ptr = downs_ptr + tl.load(adapters_ptr + tl.program_id(1)).to(tl.int64) * stride_da
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_r = offs_r < R
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if tl.max(in_m.to(tl.int32), axis=0) > 0:  # blocks past the segment's end do nothing
@@ -74,6 +84,7 @@ def _sgmv_shrink_kernel(a_ptr, downs_ptr, order_ptr, starts_ptr, adapters_ptr, t
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             in_k = offs_k < K
             a = _load_tile(a_ptr, rows, offs_k, stride_am, stride_ak, in_m, in_k)
+            # D goes to a's dtype in the dot, not on the host (that would copy the whole bank every call)
             t = _mma(a, _load_tile(down_ptr, offs_k, offs_r, stride_dk, stride_dr, in_k, in_r), t, UPCAST, PRECISION)
         tl.store(t_ptr + slots[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
 
@@ -83,19 +94,44 @@ def _sgmv_expand_kernel(out_ptr, t_ptr, expands_ptr, order_ptr, starts_ptr, adap
                         stride_om, stride_on, stride_tm, stride_ea, stride_en, stride_er,
                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_R: tl.constexpr):
+    """``out += t Eᵀ`` for a block of a segment's rows and the columns of grid axis 2, the rank walked in
+    steps of ``BLOCK_R``."""
     slots, in_m, rows = _segment_rows(order_ptr, starts_ptr, BLOCK_M)
     if tl.max(in_m.to(tl.int32), axis=0) > 0:
         expand_ptr = expands_ptr + tl.load(adapters_ptr + tl.program_id(1)).to(tl.int64) * stride_ea
         offs_n = tl.program_id(2).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_r = tl.arange(0, BLOCK_R)
-        in_n, in_r = offs_n < N, offs_r < R
-        t = tl.load(t_ptr + slots[:, None] * stride_tm + offs_r[None, :], mask=in_m[:, None] & in_r[None, :],
-                    other=0.0)
-        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+        in_n = offs_n < N
+        low_rank = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            in_r = offs_r < R
+            t = tl.load(t_ptr + slots[:, None] * stride_tm + offs_r[None, :], mask=in_m[:, None] & in_r[None, :],
+                        other=0.0)
+            e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+            low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
         out_tile = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         inside = in_m[:, None] & in_n[None, :]
-        acc = tl.dot(t, e, tl.load(out_tile, mask=inside, other=0.0).to(tl.float32), input_precision=PRECISION)
-        tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=inside)
+        out = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32) + low_rank
+        tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _rank_step(rank: int) -> int:
+    """The rank columns the shrink and the expand hold at once (their ``BLOCK_R``) for ``rank``."""
+    return min(rank_block(rank), MAX_RANK_STEP)
+
+
+def _segment_grid(config: triton.Config, max_segment_rows: int, seg_adapters: torch.Tensor, blocks: int):
+    """Row blocks of the longest segment on axis 0 (the dimension that can grow past 65535), the
+    segments on axis 1, ``blocks`` (rank or column blocks) on axis 2."""
+    grid = (triton.cdiv(max_segment_rows, config.kwargs["BLOCK_M"]), seg_adapters.shape[0], blocks)
+    if max(grid[1:]) > _GRID_AXIS_LIMIT:
+        raise ValueError(f"seg_adapters: {grid[1]} segments with {grid[2]} column or rank blocks each; the grid "
+                         f"takes at most {_GRID_AXIS_LIMIT} of either")
+    return grid
+
+
+def _launch(kernel, grid, config: triton.Config, *args, **meta) -> None:
+    kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def bank_core(t: torch.Tensor, cores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -105,25 +141,27 @@ def bank_core(t: torch.Tensor, cores: torch.Tensor, rows: torch.Tensor) -> torch
     _check_rank(rank)
     h = torch.empty(m, rank, device=t.device, dtype=torch.float32)
     if m:
-        _bank_core_kernel[(triton.cdiv(m, _BLOCK_M),)](
-            t, cores, rows, h, m, rank, t.stride(0), t.stride(1), cores.stride(0), cores.stride(1), cores.stride(2),
-            h.stride(0), BLOCK_M=_BLOCK_M, BLOCK_R=rank_block(rank))
+        _launch(_bank_core_kernel, (triton.cdiv(m, BANK_CORE_CONFIG.kwargs["BLOCK_M"]),), BANK_CORE_CONFIG,
+                t, cores, rows, h, m, rank, t.stride(0), t.stride(1), cores.stride(0), cores.stride(1),
+                cores.stride(2), h.stride(0), BLOCK_R=rank_block(rank))
     return h
 
 
 def sgmv_shrink(a: torch.Tensor, downs: torch.Tensor, order: torch.Tensor, seg_starts: torch.Tensor,
                 seg_adapters: torch.Tensor, max_segment_rows: int) -> torch.Tensor:
     """``t[j] = a[order[j]] D_{adapter of j's segment}`` (len(order)×r, float32); ``a``: M×K, ``downs``:
-    A×K×r, ``max_segment_rows``: the longest segment (sizes the grid without reading the device)."""
+    A×K×r (any float dtype: the dot runs in ``a``'s), ``max_segment_rows``: the longest segment (sizes
+    the grid without reading the device)."""
     rank = downs.shape[2]
     _check_rank(rank)
     t = torch.empty(order.shape[0], rank, device=a.device, dtype=torch.float32)
     if order.shape[0]:
-        downs = downs.to(a.dtype)  # the dot runs in a's dtype
-        _sgmv_shrink_kernel[(triton.cdiv(max_segment_rows, _BLOCK_M), seg_adapters.shape[0])](
-            a, downs, order, seg_starts, seg_adapters, t, a.shape[1], rank, a.stride(0), a.stride(1),
-            downs.stride(0), downs.stride(1), downs.stride(2), t.stride(0), UPCAST=INTERPRET,
-            PRECISION=dot_precision(a.dtype), BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K, BLOCK_R=rank_block(rank))
+        step = _rank_step(rank)
+        grid = _segment_grid(SGMV_SHRINK_CONFIG, max_segment_rows, seg_adapters, triton.cdiv(rank, step))
+        _launch(_sgmv_shrink_kernel, grid, SGMV_SHRINK_CONFIG,
+                a, downs, order, seg_starts, seg_adapters, t, a.shape[1], rank, a.stride(0), a.stride(1),
+                downs.stride(0), downs.stride(1), downs.stride(2), t.stride(0), UPCAST=INTERPRET,
+                PRECISION=dot_precision(a.dtype), BLOCK_R=step)
     return t
 
 
@@ -134,9 +172,10 @@ def sgmv_expand_add(out: torch.Tensor, t: torch.Tensor, expands: torch.Tensor, o
     n, rank = out.shape[1], expands.shape[2]
     _check_rank(rank)
     if order.shape[0]:
-        grid = (triton.cdiv(max_segment_rows, _BLOCK_M), seg_adapters.shape[0], triton.cdiv(n, _BLOCK_N))
-        _sgmv_expand_kernel[grid](
-            out, t, expands, order, seg_starts, seg_adapters, n, rank, out.stride(0), out.stride(1), t.stride(0),
-            expands.stride(0), expands.stride(1), expands.stride(2), PRECISION=dot_precision(torch.float32),
-            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_R=rank_block(rank))
+        grid = _segment_grid(SGMV_EXPAND_CONFIG, max_segment_rows, seg_adapters,
+                             triton.cdiv(n, SGMV_EXPAND_CONFIG.kwargs["BLOCK_N"]))
+        _launch(_sgmv_expand_kernel, grid, SGMV_EXPAND_CONFIG,
+                out, t, expands, order, seg_starts, seg_adapters, n, rank, out.stride(0), out.stride(1),
+                t.stride(0), expands.stride(0), expands.stride(1), expands.stride(2),
+                PRECISION=dot_precision(torch.float32), BLOCK_R=_rank_step(rank))
     return out

@@ -73,7 +73,7 @@ def _segments(rows: list[int]):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rank", [3, 16, 20])
+@pytest.mark.parametrize("rank", [3, 16, 20, 100])  # 100: two rank steps, the second partly masked
 def test_kernels_match_their_twins(rank, dtype, poisoned):
     adapters, m, k, n = 5, 70, 48, 80
     rows = [(i * 7) % (adapters + 1) - 1 for i in range(m)]  # every adapter, and -1, scattered; segment of >16 rows
