@@ -31,7 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench import tutorial_gemms  # noqa: E402
-from peft_ops.kernels import dropout, fused_linear, lowrank_add, reductions  # noqa: E402
+from peft_ops.kernels import bank, dropout, fused_linear, lowrank_add, reductions  # noqa: E402
 from peft_ops.kernels._config import dot_precision  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -173,6 +173,23 @@ def tutorial_variants():
     return out
 
 
+def bank_variants():
+    """The adapter-bank kernels (kernels/bank.py) with the launchers' configs, at the smallest and the
+    largest rank block the launchers pass: the shrink and the sum in every dtype of the activations and
+    the output (the bank's factors, cores and ``t`` are float32), the per-row core in float32 only."""
+    index = {"rows_ptr": "*i64", "order_ptr": "*i64", "starts_ptr": "*i64", "adapters_ptr": "*i64"}
+    factors = dict(index, downs_ptr="*fp32", expands_ptr="*fp32", t_ptr="*fp32")
+    out = [_variant(bank._bank_core_kernel, bank.BANK_CORE_CONFIG, "float32", index, dict(BLOCK_R=block_r))
+           for block_r in (16, fused_linear.MAX_RANK)]
+    for dtype in TYPE:
+        for block_r in (16, bank._rank_step(fused_linear.MAX_RANK)):
+            out.append(_variant(bank._sgmv_shrink_kernel, bank.SGMV_SHRINK_CONFIG, dtype, factors,
+                                dict(UPCAST=False, PRECISION=PRECISION[dtype], BLOCK_R=block_r)))
+            out.append(_variant(bank._sgmv_expand_kernel, bank.SGMV_EXPAND_CONFIG, dtype, factors,
+                                dict(PRECISION=PRECISION["float32"], BLOCK_R=block_r)))
+    return out
+
+
 KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    reductions._rank_reduce_kernel, dropout._dropout_mask_kernel,
                                    lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
@@ -180,6 +197,8 @@ KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_li
 # the dimension of a kernel's main-loop dot that the MMA's M is (rows per warpgroup instruction: 64 for
 # wgmma); kernels without a K-loop are absent. Kernels not named here: BLOCK_M.
 MAIN_LOOP_ROWS = {"_rank_reduce_kernel": "BLOCK_P", "_dropout_mask_kernel": None, "_add_lowrank_kernel": None}
+KERNELS.update({k.__name__: k for k in (bank._bank_core_kernel, bank._sgmv_shrink_kernel, bank._sgmv_expand_kernel)})
+MAIN_LOOP_ROWS["_bank_core_kernel"] = None  # rank-1 updates, no MMA
 
 
 def _tool(name: str) -> str:
@@ -311,7 +330,8 @@ def label(v) -> str:
 
 
 def _variants(which: str):
-    return tutorial_variants() if which == "tutorials" else variants(which)
+    """The variants of ``which``: "paths", "configs", "tutorials" or "bank"."""
+    return {"tutorials": tutorial_variants, "bank": bank_variants}.get(which, lambda: variants(which))()
 
 
 def table_row(v, r) -> str:
@@ -343,7 +363,7 @@ def table(which: str = "paths") -> None:
     print("| variant | registers | shared KiB | stack, LDL/STL | instructions per K-step (integer) "
           "| main-loop MMA | main-loop loads | ptxas advisories |")
     print("|---|---|---|---|---|---|---|---|")
-    for v in variants(which) + tutorial_variants():
+    for v in _variants(which) + tutorial_variants():
         print(table_row(v, compile_variant(v)), flush=True)
 
 

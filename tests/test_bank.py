@@ -1,10 +1,6 @@
 """Adapter banks: every row of a mixed batch equals running its adapter alone (None rows: the base
 model), for each method, dtype and input shape, through the reference and the kernels; the kernels
 on their own against their PyTorch twins; refusals with the model untouched; HF generate()."""
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +8,7 @@ import torch
 import peft_ops
 from peft_ops import AdapterFileError, bank_kernels, kernels
 from test_inject import _assert_unchanged, _snapshot
-from utils import DEVICE, ON_GPU, TOLERANCE, Conv1D, TinyModel, method_options, randn, randomize_adapters, rel_error
+from utils import DEVICE, TOLERANCE, Conv1D, TinyModel, method_options, randn, randomize_adapters, rel_error
 
 METHODS = list(peft_ops.METHODS)
 NAMES = ["a", None, "c", "a", "b", None, "c", "a"]  # rows of one adapter scattered through the batch
@@ -93,20 +89,6 @@ def test_kernels_match_their_twins(rank, dtype, poisoned):
     expected = bank_kernels.sgmv_expand_add(base.double(), s.double(), expands.double(), *segments)
     assert rel_error(out, expected) < TOLERANCE[dtype]
     assert torch.equal(out[index < 0], base[index < 0])  # rows without an adapter are left alone
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
-def test_bank_kernels_compile_for_sm90():
-    """Triton's compiler for an explicit sm_90 target catches what the interpreter forgives (dot shapes,
-    types, shared memory beyond 227 KiB); see tests/sm90_compile.py."""
-    helper = os.path.join(os.path.dirname(__file__), "sm90_compile_bank.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, helper], env=env, capture_output=True, text=True, timeout=600,
-                            cwd=os.path.dirname(__file__))
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(reports) == 18
-    assert not [r for r in reports if "error" in r or r["shared"] > 227 * 1024], reports
 
 
 def test_adapters_are_added_and_removed_without_reloading_the_others(tmp_path):

@@ -85,6 +85,17 @@ def test_every_code_path_compiles_for_sm90(group):
     _gate(_compile("paths", group, GROUPS))
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run every kernel")
+def test_bank_kernels_pass_the_gate():
+    """The adapter-bank kernels (kernels/bank.py) in every dtype at the smallest and largest rank block,
+    with the launchers' configs: the per-row core without MMA, the shrink and the sum on HMMA (16-row
+    tiles: decode segments are often one row)."""
+    reports = _compile("bank", 0, 1)
+    assert len(reports) == 14
+    _gate(reports)
+    assert all(r["main_loop"]["mma"] == "HMMA" for r in reports if "sgmv" in r["label"]), reports
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="on a GPU, test_gpu_only.py compiles and runs every config")
 @pytest.mark.parametrize("group", range(GROUPS))
