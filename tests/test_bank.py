@@ -91,6 +91,18 @@ def test_kernels_match_their_twins(rank, dtype, poisoned):
     assert torch.equal(out[index < 0], base[index < 0])  # rows without an adapter are left alone
 
 
+def test_more_segments_than_the_grid_takes_are_refused():
+    """Segments sit on grid axis 1 (at most 65535 blocks): more are refused before anything launches."""
+    segments, k, n, rank = 65536, 16, 16, 4
+    order = torch.arange(segments, device=DEVICE)
+    starts = torch.arange(segments + 1, device=DEVICE)
+    with pytest.raises(ValueError, match="seg_adapters: 65536 segments .* at most 65535"):
+        kernels.sgmv_shrink(randn(segments, k), randn(segments, k, rank), order, starts, order, 1)
+    with pytest.raises(ValueError, match="seg_adapters: 65536 segments .* at most 65535"):
+        kernels.sgmv_expand_add(randn(segments, n), randn(segments, rank), randn(segments, n, rank), order, starts,
+                                order, 1)
+
+
 def test_adapters_are_added_and_removed_without_reloading_the_others(tmp_path):
     paths, alone = _adapter_files(tmp_path, "loraxs", count=3)
     model = TinyModel(1).to(DEVICE)
