@@ -9,8 +9,8 @@ loop (HGMMA/wgmma or HMMA/mma.sync; TMA loads UTMALDG, cp.async LDGSTS or plain 
 advisories. It cannot catch what only running shows (wrong results, illegal accesses, timings).
 
 Run by tests/test_sm90_compile.py in a subprocess without TRITON_INTERPRET:
-``python tests/sm90_compile.py paths|configs|tutorials GROUP GROUPS`` prints a JSON line per variant of
-the group; ``python tests/sm90_compile.py table [paths|configs]`` prints the markdown table of
+``python tests/sm90_compile.py paths|configs|tutorials|bank GROUP GROUPS`` prints a JSON line per variant of
+the group; ``python tests/sm90_compile.py table [paths|configs|bank]`` prints the markdown table of
 bench/NOTES.md (our variants beside the tutorial kernels of bench/tutorial_gemms.py).
 """
 import contextlib
