@@ -291,9 +291,9 @@ TMA_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "EPILOGUE_N": 64},
                   num_stages=stages, num_warps=warps)
     for block_n in (128, 256) for block_k in (64, 128) for stages in (3, 4) for warps in (4, 8)] + [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
-                  num_stages=stages, num_warps=4)  # float32 under tf32x3
-    for stages in (3, 4)]
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
+                  num_stages=3, num_warps=4)  # float32 under tf32x3, and large ranks
+    for block_m in (64, 32)]
 # M ≤ 16 (either path): 16-row tiles and narrow N-blocks, for more programs reading W; four warps (with
 # two, pointer loads of general strides spill: they are not asynchronous and stay in registers)
 DECODE_GEMM_CONFIGS = [
@@ -312,7 +312,7 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
     input tiles (D too when t is computed alongside, in a's dtype), plus one more a tile for the
     dropout-masked copy. The epilogue's float32 t and E sub-tiles are staged for their dot, twice over
     under "tf32x3" (each is split into a high and a low tf32 part: 384 KiB for 64×128 tiles at rank
-    256 before the epilogue was subtiled). On the pointer path the epilogue reuses the pipeline's
+    256 before the epilogue was subtiled), and so is their float32 product. On the pointer path the epilogue reuses the pipeline's
     memory once the K-loop is done; on the "tma" path the next tile's loads are in flight during the
     epilogue, so the two add up, plus the staging buffer of the descriptor store. tests/test_sm90_compile.py
     checks the bound against the compiler's own numbers."""
@@ -326,7 +326,8 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
         pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size + masked_a
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
-    epilogue = 0 if kind == "plain" else (bm + sub_n) * block_r * 4 * (2 if precision == "tf32x3" else 1)
+    # t and an E sub-tile (split in two under tf32x3), and the float32 sub-tile of their product
+    epilogue = 0 if kind == "plain" else ((bm + sub_n) * block_r * (2 if precision == "tf32x3" else 1) + bm * sub_n) * 4
     if path == "tma":  # plus the pipeline's barriers (a few bytes a stage)
         return pipeline + epilogue + bm * sub_n * element_size + 1024
     return max(pipeline, epilogue)
@@ -336,13 +337,17 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
                     output_dropout: bool = False) -> list:
     """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
     spill): tiles larger than 128×128 only without the output-side dropout and the in-loop shrink
-    (128×256 tiles then take 249–255 registers and spill in the main loop); under "tf32x3" (three
-    products per dot) tiles of at most 64×64 and BLOCK_K ≤ 32."""
+    (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
+    float32 values of the tile and of t per thread; under "tf32x3" (three products per dot) tiles of
+    at most 64×64 and BLOCK_K ≤ 32. Ranks above 64 can still spill (the epilogue's t tile)."""
     def registers_fit(c):
         tile = c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0)
         if precision == "tf32x3":
             return tile <= 64 * 64 and c.kwargs["BLOCK_K"] <= 32
-        return tile <= 128 * 128 or not (output_dropout or kind == "gemm_in_loop")
+        if output_dropout or kind == "gemm_in_loop":  # float32 acc and t per thread: 128×128 needs 8 warps
+            per_thread = (tile + c.kwargs.get("BLOCK_M", 0) * block_r) / (32 * c.num_warps)
+            return tile <= 128 * 128 and per_thread <= 96
+        return True
 
     return [c for c in configs if registers_fit(c)
             and shared_memory_bytes(c, kind, block_r, element_size, precision, path) <= SHARED_MEMORY]
@@ -483,7 +488,7 @@ def _descriptor_layout(a: torch.Tensor, weight: torch.Tensor) -> bool | None:
 
 
 def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
-    """The path (see the module's docstring) and whether W is described transposed. ``path=None``:
+    """The path (see the module's docstring) and whether it describes W transposed. ``path=None``:
     "tma" on a GPU of compute capability 9 or more when the operands allow a descriptor, "pointer"
     otherwise and under the interpreter (which runs the pointer path's programs faster)."""
     if path not in (None, *GEMM_PATHS):
@@ -496,7 +501,7 @@ def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
     if path is None:
         hopper = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
         path = "tma" if hopper and not INTERPRET and transposed is not None else "pointer"
-    return path, bool(transposed)
+    return path, path == "tma" and transposed
 
 
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
