@@ -272,20 +272,20 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
 
 
-# Hopper autotune candidates, pruned per launch to the ones whose shared memory fits (see
-# shared_memory_bytes). Epilogues run in sub-tiles of at most 64 columns. The pointer path's:
-GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=3, num_warps=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=3, num_warps=4),
-]
+# Hopper autotune candidates, pruned per launch to the ones whose shared memory and registers fit (see
+# fitting_configs). Epilogues run in sub-tiles of at most 64 columns. The pointer path's:
+GEMM_CONFIGS = [triton.Config({**tile, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=stages, num_warps=warps)
+                for tile, stages, warps in (
+                    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 3, 8),
+                    ({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 3, 8),
+                    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 8),
+                    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, 4, 8),
+                    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4),
+                    ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4))]
 # the descriptor path's: Triton's tutorial 09 family (128-row tiles, 4 or 8 warps)
 TMA_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "EPILOGUE_N": 64},
@@ -312,7 +312,8 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
     input tiles (D too when t is computed alongside, in a's dtype), plus one more a tile for the
     dropout-masked copy. The epilogue's float32 t and E sub-tiles are staged for their dot, twice over
     under "tf32x3" (each is split into a high and a low tf32 part: 384 KiB for 64×128 tiles at rank
-    256 before the epilogue was subtiled), and so is their float32 product. On the pointer path the epilogue reuses the pipeline's
+    256 before the epilogue was subtiled), and so is their float32 product. On the pointer path the
+    epilogue reuses the pipeline's
     memory once the K-loop is done; on the "tma" path the next tile's loads are in flight during the
     epilogue, so the two add up, plus the staging buffer of the descriptor store. tests/test_sm90_compile.py
     checks the bound against the compiler's own numbers."""
@@ -327,7 +328,8 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
     # t and an E sub-tile (split in two under tf32x3), and the float32 sub-tile of their product
-    epilogue = 0 if kind == "plain" else ((bm + sub_n) * block_r * (2 if precision == "tf32x3" else 1) + bm * sub_n) * 4
+    split = 2 if precision == "tf32x3" else 1
+    epilogue = 0 if kind == "plain" else ((bm + sub_n) * block_r * split + bm * sub_n) * 4
     if path == "tma":  # plus the pipeline's barriers (a few bytes a stage)
         return pipeline + epilogue + bm * sub_n * element_size + 1024
     return max(pipeline, epilogue)
@@ -338,16 +340,22 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
     """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
     spill): tiles larger than 128×128 only without the output-side dropout and the in-loop shrink
     (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
-    float32 values of the tile and of t per thread; under "tf32x3" (three products per dot) tiles of
-    at most 64×64 and BLOCK_K ≤ 32. Ranks above 64 can still spill (the epilogue's t tile)."""
+    float32 values of the tile and of t per thread (128 elsewhere); D tiles of at most 128×64 in the
+    K-loop, and at most 64 values of t per thread in the shrink kernel; under "tf32x3" (three products
+    per dot) tiles of at most 64×64 and BLOCK_K ≤ 32. Ranks above 64 can still spill (the GEMM
+    epilogue's t tile)."""
     def registers_fit(c):
-        tile = c.kwargs.get("BLOCK_M", 0) * c.kwargs.get("BLOCK_N", 0)
+        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
         if precision == "tf32x3":
-            return tile <= 64 * 64 and c.kwargs["BLOCK_K"] <= 32
+            return tile <= 64 * 64 and bk <= 32
+        if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
+            return False  # the D tiles in flight
+        if kind == "shrink":
+            return bm * block_r <= 64 * threads
         if output_dropout or kind == "gemm_in_loop":  # float32 acc and t per thread: 128×128 needs 8 warps
-            per_thread = (tile + c.kwargs.get("BLOCK_M", 0) * block_r) / (32 * c.num_warps)
-            return tile <= 128 * 128 and per_thread <= 96
-        return True
+            return tile <= 128 * 128 and tile + bm * block_r <= 96 * threads
+        return tile <= 128 * threads
 
     return [c for c in configs if registers_fit(c)
             and shared_memory_bytes(c, kind, block_r, element_size, precision, path) <= SHARED_MEMORY]
@@ -384,25 +392,17 @@ if INTERPRET:
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "EPILOGUE_N": 32})]
     _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})]
 else:
-    # the last is for float32 at ranks above 128 under tf32x3, whose epilogue needs the most memory
+    # for float32 under tf32x3 and for large ranks, whose epilogues need the most memory and registers
+    _SMALL_TILES = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
+                                  num_stages=3, num_warps=4) for block_m in (64, 32)]
     _PREFERRED_GEMM = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
                       num_stages=3, num_warps=8),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=4)]
+                      num_stages=3, num_warps=4)] + _SMALL_TILES
     _PREFERRED_TMA_GEMM = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
-                      num_stages=3, num_warps=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
-                      num_stages=3, num_warps=4)]
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
+                      num_stages=3, num_warps=8) for block_n in (256, 128)] + _SMALL_TILES
     _PREFERRED_DECODE_GEMM = [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE_N": 32},
                       num_stages=4, num_warps=4),

@@ -136,8 +136,8 @@ def variants(which: str):
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
                 drop = 1 if layout == "forward" else 2
-                out.append(gemm_variant(fl.default_config(preferred, "gemm", 16, size, precision, path, drop == 2), dtype,
-                                        layout, path, DROPOUT=drop, PRECISION=precision))
+                config = fl.default_config(preferred, "gemm", 16, size, precision, path, drop == 2)
+                out.append(gemm_variant(config, dtype, layout, path, DROPOUT=drop, PRECISION=precision))
         if dtype == "float16":
             continue
         for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
