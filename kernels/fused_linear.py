@@ -109,9 +109,9 @@ def _epilogue_part(acc, m0, n0, t, offs_r, in_r, M, N, expand_ptr, stride_en, st
                    ADD_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                    DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr):
     """Columns ``n0 ...`` of the output tile at rows ``m0 ...``: ``acc`` (float32, BLOCK_M × EPILOGUE_N)
-    plus the rank-r term (``t``: float32, already scaled), plus the bias (its first ``bias_cols`` columns:
-    N, or 0 in all splits but the first),
-    stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``, else a pointer."""
+    plus the rank-r term (``t``: float32, already scaled) plus the bias (its first ``bias_cols`` columns:
+    N, or 0 in all splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``,
+    else a pointer."""
     offs_m = m0 + tl.arange(0, acc.shape[0])
     offs_n = n0 + tl.arange(0, acc.shape[1])
     in_m, in_n = offs_m < M, offs_n < N
@@ -197,7 +197,6 @@ def _lowrank_linear_kernel(
                 t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
                                  seed, drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
 
-        rows_of_first_split = M * (split == 0)
         if HAS_LOW_RANK:
             if SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
                 if DROPOUT == DROP_INPUT:
@@ -208,7 +207,7 @@ def _lowrank_linear_kernel(
                                  mask=in_m[:, None] & in_r[None, :])
             else:  # t given: the rank-r term from the first split only
                 t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
-                            mask=(offs_m < rows_of_first_split)[:, None] & in_r[None, :], other=0.0)
+                            mask=(offs_m < M * (split == 0))[:, None] & in_r[None, :], other=0.0)
             t = t * (scale * drop_scale if DROPOUT == DROP_OUTPUT else scale)
         if PARTIAL:
             out = out_ptr + split.to(tl.int64) * M * N
@@ -218,9 +217,7 @@ def _lowrank_linear_kernel(
             out = out_ptr
         # the epilogue in sub-tiles of EPILOGUE_N columns (BLOCK_N / EPILOGUE_N is 1, 2 or 4)
         if EPILOGUE_N == BLOCK_N:
-            _epilogue_part(acc, m0, n0, t, offs_r, in_r, M, N, expand_ptr, stride_en, stride_er, bias_ptr, stride_b,
-                           out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
-                           HAS_LOW_RANK, HAS_BIAS, DROPOUT, TMA and not PARTIAL, PRECISION)
+            parts = (acc,)
         else:
             left, right = _halves(acc)
             if 2 * EPILOGUE_N == BLOCK_N:
@@ -229,10 +226,10 @@ def _lowrank_linear_kernel(
                 left_left, left_right = _halves(left)
                 right_left, right_right = _halves(right)
                 parts = (left_left, left_right, right_left, right_right)
-            for i in tl.static_range(len(parts)):
-                _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, offs_r, in_r, M, N, expand_ptr, stride_en,
-                               stride_er, bias_ptr, stride_b, out, stride_om, stride_on, N * (split == 0), seed,
-                               drop_threshold, HAS_LOW_RANK, HAS_BIAS, DROPOUT, TMA and not PARTIAL, PRECISION)
+        for i in tl.static_range(len(parts)):
+            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, offs_r, in_r, M, N, expand_ptr, stride_en, stride_er,
+                           bias_ptr, stride_b, out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
+                           HAS_LOW_RANK, HAS_BIAS, DROPOUT, TMA and not PARTIAL, PRECISION)
 
 
 @triton.jit
