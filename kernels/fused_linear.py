@@ -475,8 +475,8 @@ def _descriptor_rows(x: torch.Tensor) -> bool:
 def _descriptor_layout(a: torch.Tensor, weight: torch.Tensor) -> bool | None:
     """None where the "tma" path cannot describe the operands, else whether W is described
     transposed (as the K×N tensor it is, when its unit stride runs along N: the backward's ``Wᵀ``)."""
-    if not _descriptor_rows(a) or weight.shape[0] * a.element_size() % 16:
-        return None  # the output (M×N, contiguous) is described too
+    if 0 in weight.shape or not _descriptor_rows(a) or weight.shape[0] * a.element_size() % 16:
+        return None  # empty tensors have no descriptor; the output (M×N, contiguous) is described too
     if _descriptor_rows(weight):
         return False
     if _descriptor_rows(weight.T):
@@ -504,7 +504,7 @@ def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """How many ranges K is cut into at M ≤ 16: enough 32-column programs to fill every multiprocessor,
     keeping at least 256 columns of K per range."""
-    if m > _DECODE_MAX_M:
+    if m > _DECODE_MAX_M or n == 0:
         return 1
     return max(1, min(triton.cdiv(multiprocessors(device), triton.cdiv(n, 32)), k // 256))
 
