@@ -19,7 +19,7 @@ Two ways to move the GEMM's operands (``path``), one kernel:
   the ``a`` and ``W`` tiles and store the output; out-of-bounds parts of a tile load as zeros and are
   clipped on store, so ragged M, N, K need no masks. A persistent grid (about one program per
   multiprocessor) walks the tiles in grouped order, the tile loop flattened with the K-loop so the
-  next tile's loads are in flight during the epilogue. Needs unit stride along K for ``a``, unit
+  next tile's loads can be in flight during the epilogue. Needs unit stride along K for ``a``, unit
   stride along K or N for ``W`` (the backward's transposed ``Wᵀ`` view is described as the K×N tensor
   it is), 16-byte aligned bases and row strides.
 * ``"pointer"``: masked pointer loads, one program per tile: any strides, any GPU.
