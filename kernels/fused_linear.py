@@ -12,6 +12,26 @@ The backward's ``dx = g W + s·(g U)(D Cᵀ)ᵀ`` is the same kernel with ``a = 
 no second read of ``a``, but repeated for every N-block: cheap when M is small) or from a separate
 shrink kernel run first (reads ``a`` once more; the GEMM then only loads ``t``). The launcher picks.
 The M×N output is written once; rank-r intermediates and all accumulation are float32.
+
+Two ways to move the GEMM's operands (``path``), one kernel:
+
+* ``"tma"``: device-side tensor descriptors (``tl.make_tensor_descriptor``; Hopper's TMA unit) load
+  the ``a`` and ``W`` tiles and store the output; out-of-bounds parts of a tile load as zeros and are
+  clipped on store, so ragged M, N, K need no masks. A persistent grid (about one program per
+  multiprocessor) walks the tiles in grouped order, the tile loop flattened with the K-loop so the
+  next tile's loads can be in flight during the epilogue. Needs unit stride along K for ``a``, unit
+  stride along K or N for ``W`` (the backward's transposed ``Wᵀ`` view is described as the K×N tensor
+  it is), 16-byte aligned bases and row strides.
+* ``"pointer"``: masked pointer loads, one program per tile: any strides, any GPU.
+
+Both run the same epilogue in sub-tiles of ``EPILOGUE_N`` columns (the rank-r dot, the dropout mask,
+the bias and the store per sub-tile), so the output-side dropout's mask and its float32 rank-r tile
+are never held for the whole tile (at 128×256 they spilled registers into the main loop).
+
+At M ≤ 16 (decoding) the work is reading W: tiles are 16 rows by 32–64 columns, and the K range may
+be split (``split_k``) so that N = 1024 still gives every multiprocessor a program. Each split
+writes a float32 partial sum (its part of ``a Wᵀ`` and of the rank-r term, which is linear in t;
+split 0 adds the bias) and ``_sum_splits_kernel`` adds the splits in a fixed order: deterministic.
 """
 from __future__ import annotations
 
@@ -19,15 +39,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, autotuned, dot_precision, rank_block, seed_arg, wrap_triton
+from ._config import INTERPRET, autotuned, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 
-__all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_CONFIGS", "DECODE_GEMM_CONFIGS",
-           "SHRINK_CONFIGS", "SHARED_MEMORY", "shared_memory_bytes", "fitting_configs"]
+__all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_PATHS", "GEMM_CONFIGS", "TMA_GEMM_CONFIGS",
+           "DECODE_GEMM_CONFIGS", "SHRINK_CONFIGS", "SHARED_MEMORY", "shared_memory_bytes", "fitting_configs"]
 
 MAX_RANK = 256
+GEMM_PATHS = ("tma", "pointer")
 _LOOP_SHRINK_MAX_M = 64  # heuristic until measured on a GPU: at most this many rows, shrink in the K-loop
 _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R float32 registers
+# At BLOCK_M = 16 the four warps split a dot's columns, 8 each at least: the in-loop shrink's 16×16 dot
+# at BLOCK_R = 16 was computed twice over (84 HMMA per K-loop body for 16×64×128 tiles, compiled for
+# sm_90; 20 for 16×32×128 at BLOCK_R = 32). The launcher pads BLOCK_R to this for the in-loop shrink;
+# padded columns of D load as zeros.
+_LOOP_SHRINK_MIN_BLOCK_R = 32
+_DECODE_MAX_M = 16
 
 # where dropout applies; tl.constexpr because compiled kernels may only read constexpr globals
 NO_DROPOUT, DROP_INPUT, DROP_OUTPUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -60,71 +87,160 @@ def _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stri
     return _mma(a, _load_tile(down_ptr, offs_k, offs_r, stride_dk, stride_dr, in_k, in_r), t, UPCAST, PRECISION)
 
 
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit
+def _halves(x):
+    """The left and right halves of ``x``'s columns."""
+    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-blocks sweep the columns together so W tiles are reused from L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    tiles_per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_pid_m = (tile // tiles_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (tile % tiles_per_group) % group_rows, (tile % tiles_per_group) // group_rows
+
+
+@triton.jit
+def _epilogue_part(acc, m0, n0, t, offs_r, in_r, M, N, expand_ptr, stride_en, stride_er, bias_ptr, stride_b,
+                   out, stride_om, stride_on, bias_cols, seed, drop_threshold,
+                   ADD_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+                   DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr):
+    """Columns ``n0 ...`` of the output tile at rows ``m0 ...``: ``acc`` (float32, BLOCK_M × EPILOGUE_N)
+    plus the rank-r term (``t``: float32, already scaled) plus the bias (its first ``bias_cols`` columns:
+    N, or 0 in all splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``,
+    else a pointer."""
+    offs_m = m0 + tl.arange(0, acc.shape[0])
+    offs_n = n0 + tl.arange(0, acc.shape[1])
+    in_m, in_n = offs_m < M, offs_n < N
+    if ADD_LOW_RANK:
+        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+        if DROPOUT == DROP_OUTPUT:  # the mask of this sub-tile only: a whole tile's spilled registers
+            keep = keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1])
+            acc += tl.where(keep, tl.dot(t, e, input_precision=PRECISION), 0.0)
+        else:  # straight into acc: no second float32 tile
+            acc = tl.dot(t, e, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < bias_cols, other=0.0).to(tl.float32)[None, :]
+    if DESCRIPTOR_STORE:
+        out.store([m0, n0], acc.to(out.dtype))
+    else:
+        tl.store(out + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to(out.dtype.element_ty),
+                 mask=in_m[:, None] & in_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M_BUCKET", "split_k"])
 def _lowrank_linear_kernel(
         a_ptr, w_ptr, bias_ptr, down_ptr, expand_ptr, t_ptr, out_ptr,
         M, N, K, R,
         stride_am, stride_ak, stride_wn, stride_wk, stride_b, stride_dk, stride_dr, stride_en, stride_er,
         stride_tm, stride_om, stride_on,
         scale, seed_ptr, drop_threshold, drop_scale,
+        split_k,  # K is cut into this many ranges of whole BLOCK_K steps
         M_BUCKET,  # autotune key only
         HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
         DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
+        TMA: tl.constexpr, W_TRANSPOSED: tl.constexpr, PARTIAL: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        GROUP_M: tl.constexpr):
-    # grouped tile order: GROUP_M row-blocks sweep the columns together so W tiles are reused from L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
-
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    in_m, in_n, in_r = offs_m < M, offs_n < N, offs_r < R
-
+        GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr):
+    """``TMA``: descriptor loads of a and W (``W_TRANSPOSED``: W has unit stride along N), descriptor
+    stores of the output. ``PARTIAL``: ``out_ptr`` is float32 ``split_k × M × N`` partial sums."""
+    if TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if W_TRANSPOSED:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        if not PARTIAL:
+            out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
+                                                 block_shape=[BLOCK_M, EPILOGUE_N])
     seed = 0
     if DROPOUT != NO_DROPOUT:
         seed = tl.load(seed_ptr)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K-stride may be large (column-major a)
-        in_k = offs_k < K
-        a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
-        acc = _mma(a, _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, in_k, in_n), acc, UPCAST, PRECISION)
-        if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
-            t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
-                             drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < R
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
+    # persistent on the TMA path (grid: about one program per multiprocessor), one work item per
+    # program otherwise; flattened with the K-loop there, so the next tile's loads overlap this epilogue
+    for work in tl.range(tl.program_id(0), tiles * split_k, tl.num_programs(0), flatten=TMA):
+        split = work % split_k
+        pid_m, pid_n = _tile_position(work // split_k, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
+        in_m, in_n = offs_m < M, offs_n < N
+        k_start = split * k_per_split
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(k_start, min(K, k_start + k_per_split), BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K-stride may be large (column-major a)
+            in_k = offs_k < K
+            if TMA:  # out-of-bounds parts of a tile load as zeros
+                a = a_desc.load([m0, k0])
+                if W_TRANSPOSED:
+                    w = w_desc.load([k0, n0])
+                else:
+                    w = w_desc.load([n0, k0]).T
+            else:
+                a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
+                w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, in_k, in_n)
+            acc = _mma(a, w, acc, UPCAST, PRECISION)
+            if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
+                t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
+                                 seed, drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
 
-    if HAS_LOW_RANK:
-        if SHRINK_IN_LOOP:
-            if DROPOUT == DROP_INPUT:
-                t = t * drop_scale
-            if STORE_T:
-                if pid_n == 0:  # every N-block computed the same t; the first one writes it
-                    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
-                             mask=in_m[:, None] & in_r[None, :])
+        if HAS_LOW_RANK:
+            if SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
+                if DROPOUT == DROP_INPUT:
+                    t = t * drop_scale
+                if STORE_T:
+                    if pid_n == 0:  # every N-block computed the same t; the first one writes it (split_k is 1)
+                        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
+                                 mask=in_m[:, None] & in_r[None, :])
+            else:  # t given: the rank-r term from the first split only
+                t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
+                            mask=(offs_m < M * (split == 0))[:, None] & in_r[None, :], other=0.0)
+            t = t * (scale * drop_scale if DROPOUT == DROP_OUTPUT else scale)
+        if PARTIAL:
+            out = out_ptr + split.to(tl.int64) * M * N
+        elif TMA:
+            out = out_desc
         else:
-            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
-                        mask=in_m[:, None] & in_r[None, :], other=0.0)
-        # epilogue: the rank-r term as one more dot (float32 operands), then bias, then the cast
-        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
-        if DROPOUT == DROP_OUTPUT:
-            low_rank = tl.dot(t, e, input_precision=PRECISION) * (scale * drop_scale)
-            keep = keep_mask(seed, offs_m, pid_n * BLOCK_N, N, drop_threshold, BLOCK_N)
-            acc += tl.where(keep, low_rank, 0.0)
-        else:  # straight into acc: a second output-sized float32 tile would spill registers
-            acc = tl.dot(t * scale, e, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_b, mask=in_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=in_m[:, None] & in_n[None, :])
+            out = out_ptr
+        # the epilogue in sub-tiles of EPILOGUE_N columns (BLOCK_N / EPILOGUE_N is 1, 2 or 4)
+        if EPILOGUE_N == BLOCK_N:
+            parts = (acc,)
+        else:
+            left, right = _halves(acc)
+            if 2 * EPILOGUE_N == BLOCK_N:
+                parts = (left, right)
+            else:
+                left_left, left_right = _halves(left)
+                right_left, right_right = _halves(right)
+                parts = (left_left, left_right, right_left, right_right)
+        for i in tl.static_range(len(parts)):
+            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, offs_r, in_r, M, N, expand_ptr, stride_en, stride_er,
+                           bias_ptr, stride_b, out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
+                           HAS_LOW_RANK, HAS_BIAS, DROPOUT, TMA and not PARTIAL, PRECISION)
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, size, split_k, BLOCK: tl.constexpr):
+    """``out = Σ_s partial[s]`` over the splits in order (fixed, so deterministic), cast to out's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < size
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(split_k):
+        total += tl.load(partial_ptr + s * size + offs, mask=inside, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
@@ -153,49 +269,93 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
 
 
-def _configs(rows, names):
-    return [triton.Config(dict(zip(names, row[:-2])), num_stages=row[-2], num_warps=row[-1]) for row in rows]
-
-
-_GEMM_NAMES = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
-# Hopper autotune candidates (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, stages, warps); the decode family has
-# BLOCK_M = 16 and narrow N-blocks, for more programs reading W when M ≤ 16. Pruned per launch to the
-# ones whose shared memory fits (see shared_memory_bytes).
-GEMM_CONFIGS = _configs([(128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 128, 64, 8, 4, 8),
-                         (128, 128, 64, 8, 4, 4), (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4),
-                         (64, 64, 64, 8, 4, 4), (128, 256, 32, 8, 4, 8), (64, 64, 32, 8, 3, 4),
-                         (32, 64, 32, 8, 3, 4)], _GEMM_NAMES)
-DECODE_GEMM_CONFIGS = _configs([(16, n, k, 8, s, 4) for n in (32, 64, 128) for k in (64, 128, 256) for s in (3, 4)],
-                               _GEMM_NAMES)
-SHRINK_CONFIGS = _configs([(m, k, s, 4) for m in (16, 32, 64) for k in (32, 64, 128) for s in (3, 4)],
-                          ("BLOCK_M", "BLOCK_K"))
+# Hopper autotune candidates, pruned per launch to the ones whose shared memory and registers fit (see
+# fitting_configs). Epilogues run in sub-tiles of at most 64 columns. The pointer path's:
+GEMM_CONFIGS = [triton.Config({**tile, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=stages, num_warps=warps)
+                for tile, stages, warps in (
+                    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 3, 8),
+                    ({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 3, 8),
+                    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 8),
+                    ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
+                    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, 4, 8),
+                    ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4),
+                    ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4))]
+# the descriptor path's: Triton's tutorial 09 family (128-row tiles, 4 or 8 warps)
+TMA_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "EPILOGUE_N": 64},
+                  num_stages=stages, num_warps=warps)
+    for block_n in (128, 256) for block_k in (64, 128) for stages in (3, 4) for warps in (4, 8)] + [
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
+                  num_stages=3, num_warps=4)  # float32 under tf32x3, and large ranks
+    for block_m in (64, 32)]
+# M ≤ 16 (either path): 16-row tiles and narrow N-blocks, for more programs reading W; four warps (with
+# two, pointer loads of general strides spill: they are not asynchronous and stay in registers)
+DECODE_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "EPILOGUE_N": block_n},
+                  num_stages=stages, num_warps=4)
+    for block_n in (32, 64) for block_k in (32, 64, 128, 256) for stages in (3, 4)]
+SHRINK_CONFIGS = [triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_stages=stages, num_warps=4)
+                  for block_m in (16, 32, 64) for block_k in (32, 64, 128) for stages in (3, 4)]
 SHARED_MEMORY = 227 * 1024  # bytes of shared memory a Hopper block may use
 
 
-def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_size: int, precision: str) -> int:
+def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_size: int, precision: str,
+                        path: str = "pointer") -> int:
     """An upper bound on a config's shared memory. ``kind``: "shrink", "gemm" (t from the shrink kernel),
     "gemm_in_loop" (t computed in the K-loop) or "plain" (no adapter). Each pipeline stage holds its
     input tiles (D too when t is computed alongside, in a's dtype), plus one more a tile for the
-    dropout-masked copy; the epilogue's float32 t and E tiles reuse the pipeline's memory once the
-    K-loop is done, twice over under "tf32x3" (each is split into a high and a low tf32 part, staged
-    separately: 384 KiB for 64×128 tiles at rank 256). tests/test_sm90_compile.py checks the bound
-    against the compiler's own numbers."""
+    dropout-masked copy. The epilogue's float32 t and E sub-tiles are staged for their dot, twice over
+    under "tf32x3" (each is split into a high and a low tf32 part: 384 KiB for 64×128 tiles at rank
+    256 before the epilogue was subtiled), and so is their float32 product. On the pointer path the
+    epilogue reuses the pipeline's
+    memory once the K-loop is done; on the "tma" path the next tile's loads are in flight during the
+    epilogue, so the two add up, plus the staging buffer of the descriptor store. tests/test_sm90_compile.py
+    checks the bound against the compiler's own numbers."""
     c = config.kwargs
     bm, bk = c["BLOCK_M"], c["BLOCK_K"]
     masked_a = bm * bk * element_size  # a tile rewritten by the dropout mask is staged again for the dot
     if kind == "shrink":
         return config.num_stages * (bm + block_r) * bk * element_size + masked_a
-    bn = c["BLOCK_N"]
+    bn, sub_n = c["BLOCK_N"], c["EPILOGUE_N"]
     if kind == "gemm_in_loop":
         pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size + masked_a
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
-    epilogue = (bm + bn) * block_r * 4 * (2 if precision == "tf32x3" else 1)
-    return max(pipeline, 0 if kind == "plain" else epilogue)
+    # t and an E sub-tile (split in two under tf32x3), and the float32 sub-tile of their product
+    split = 2 if precision == "tf32x3" else 1
+    epilogue = 0 if kind == "plain" else ((bm + sub_n) * block_r * split + bm * sub_n) * 4
+    if path == "tma":  # plus the pipeline's barriers (a few bytes a stage)
+        return pipeline + epilogue + bm * sub_n * element_size + 1024
+    return max(pipeline, epilogue)
 
 
-def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str) -> list:
-    return [c for c in configs if shared_memory_bytes(c, kind, block_r, element_size, precision) <= SHARED_MEMORY]
+def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str, path: str = "pointer",
+                    output_dropout: bool = False) -> list:
+    """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
+    spill): tiles larger than 128×128 only without the output-side dropout and the in-loop shrink
+    (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
+    float32 values of the tile and of t per thread (128 elsewhere); D tiles of at most 128×64 in the
+    K-loop, and at most 64 values of t per thread in the shrink kernel; under "tf32x3" (three products
+    per dot) tiles of at most 64×64 and BLOCK_K ≤ 32. Ranks above 64 can still spill (the GEMM
+    epilogue's t tile)."""
+    def registers_fit(c):
+        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
+        tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
+        if precision == "tf32x3":
+            return tile <= 64 * 64 and bk <= 32
+        if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
+            return False  # the D tiles in flight
+        if kind == "shrink":
+            return bm * block_r <= 64 * threads
+        if output_dropout or kind == "gemm_in_loop":  # float32 acc and t per thread: 128×128 needs 8 warps
+            return tile <= 128 * 128 and tile + bm * block_r <= 96 * threads
+        return tile <= 128 * threads
+
+    return [c for c in configs if registers_fit(c)
+            and shared_memory_bytes(c, kind, block_r, element_size, precision, path) <= SHARED_MEMORY]
 
 
 def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
@@ -204,38 +364,61 @@ def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
 
 def _prune_gemm(configs, named_args, **meta):
     kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
-    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"])
+    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"],
+                           "tma" if meta["TMA"] else "pointer", meta["DROPOUT"] == DROP_OUTPUT.value)
 
 
 def _prune_shrink(configs, named_args, **meta):
     return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"])
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION"]
-_gemm_large = autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY, _prune_gemm)
-_gemm_small = autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm)
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION",
+             "TMA", "W_TRANSPOSED", "split_k"]
+_gemm_tuned = {("pointer", False): autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
+               ("tma", False): autotuned(_lowrank_linear_kernel, TMA_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
+               ("pointer", True): autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
+               ("tma", True): autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm)}
 _shrink_tuned = autotuned(_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"], _prune_shrink)
 
 # Where nothing is autotuned: the first config of each list that fits. Under the interpreter, big tiles
 # keep the number of (slow, Python-level) programs low and nothing limits shared memory.
 if INTERPRET:
-    _PREFERRED_GEMM = _PREFERRED_DECODE_GEMM = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64,
-                                                               "GROUP_M": 4})]
+    _PREFERRED_GEMM = _PREFERRED_TMA_GEMM = [
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4, "EPILOGUE_N": 32})]
+    _PREFERRED_DECODE_GEMM = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "EPILOGUE_N": 32})]
     _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})]
 else:
-    # the last is for float32 at ranks above 128 under tf32x3, whose epilogue needs the most memory
-    _PREFERRED_GEMM = _configs([(128, 128, 64, 8, 3, 8), (64, 128, 64, 8, 3, 4), (64, 64, 32, 8, 3, 4),
-                                (32, 64, 32, 8, 3, 4)], _GEMM_NAMES)
-    _PREFERRED_DECODE_GEMM = _configs([(16, 64, 128, 8, 4, 4), (16, 64, 64, 8, 3, 4), (16, 32, 64, 8, 3, 4)],
-                                      _GEMM_NAMES)
-    _PREFERRED_SHRINK = _configs([(32, 128, 3, 4), (32, 64, 3, 4), (16, 32, 3, 4)], ("BLOCK_M", "BLOCK_K"))
+    # for float32 under tf32x3 and for large ranks, whose epilogues need the most memory and registers
+    _SMALL_TILES = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
+                                  num_stages=3, num_warps=4) for block_m in (64, 32)]
+    _PREFERRED_GEMM = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
+                      num_stages=3, num_warps=8),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
+                      num_stages=3, num_warps=4)] + _SMALL_TILES
+    _PREFERRED_TMA_GEMM = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
+                      num_stages=3, num_warps=8) for block_n in (256, 128)] + _SMALL_TILES
+    _PREFERRED_DECODE_GEMM = [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "GROUP_M": 8, "EPILOGUE_N": 32},
+                      num_stages=4, num_warps=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 32},
+                      num_stages=3, num_warps=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
+                      num_stages=3, num_warps=4)]
+    _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4),
+                         triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_stages=3, num_warps=4),
+                         triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=3, num_warps=4),
+                         triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=3, num_warps=4)]
 
 
-def default_config(preferred, kind: str, block_r: int, element_size: int, precision: str) -> triton.Config:
-    """The first preferred config whose shared memory fits (the interpreter's has no limit)."""
+def default_config(preferred, kind: str, block_r: int, element_size: int, precision: str,
+                   path: str = "pointer", output_dropout: bool = False) -> triton.Config:
+    """The first preferred config that fits (see fitting_configs; the interpreter has no limits)."""
     if INTERPRET:
         return preferred[0]
-    return fitting_configs(preferred, kind, block_r, element_size, precision)[0]
+    return fitting_configs(preferred, kind, block_r, element_size, precision, path, output_dropout)[0]
 
 
 def _m_bucket(m: int) -> int:
@@ -248,14 +431,14 @@ def _check_rank(rank: int) -> None:
                          f"use backend='reference' for larger ranks")
 
 
-def _run(kernel, tuned, grid, args, meta, config, default):
-    """Launch ``kernel`` with ``config`` when one is given, else autotuned (``tuned``) where autotuning
-    is on, else with ``default()``."""
+def _run(kernel, tuned, grid, kwargs, config, default):
+    """Launch ``kernel`` with its arguments by name, with ``config`` when one is given, else autotuned
+    (``tuned``) where autotuning is on, else with ``default()``."""
     if config is None and tuned is not None:
-        wrap_triton(tuned)[grid](*args, **meta)
+        wrap_triton(tuned)[grid](**kwargs)
         return
     config = config or default()
-    wrap_triton(kernel)[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+    wrap_triton(kernel)[grid(config.kwargs)](**kwargs, **config.kwargs, num_warps=config.num_warps,
                                              num_stages=config.num_stages)
 
 
@@ -270,40 +453,111 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=
     if m == 0:
         return t
     down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
-    args = (a, down, t, m, k, rank, a.stride(0), a.stride(1), down.stride(0), down.stride(1), t.stride(0),
-            seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p), _m_bucket(m))
-    meta = dict(DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
-                BLOCK_R=rank_block(rank))
-    _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), args, meta, config,
-         lambda: default_config(_PREFERRED_SHRINK, "shrink", meta["BLOCK_R"], a.element_size(), meta["PRECISION"]))
+    kwargs = dict(a_ptr=a, down_ptr=down, t_ptr=t, M=m, K=k, R=rank,
+                  stride_am=a.stride(0), stride_ak=a.stride(1), stride_dk=down.stride(0), stride_dr=down.stride(1),
+                  stride_tm=t.stride(0), seed_ptr=seed_arg(seed, dropout_p, a),
+                  drop_threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p),
+                  M_BUCKET=_m_bucket(m), DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET,
+                  PRECISION=dot_precision(a.dtype), BLOCK_R=rank_block(rank))
+    _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), kwargs, config,
+         lambda: default_config(_PREFERRED_SHRINK, "shrink", kwargs["BLOCK_R"], a.element_size(),
+                                kwargs["PRECISION"]))
     return t
 
 
+def _descriptor_rows(x: torch.Tensor) -> bool:
+    """Whether a 2-D tensor with unit stride along its columns can be described for TMA: 16-byte
+    aligned base and row stride."""
+    size = x.element_size()
+    return x.stride(1) == 1 and x.data_ptr() % 16 == 0 and x.stride(0) * size % 16 == 0
+
+
+def _descriptor_layout(a: torch.Tensor, weight: torch.Tensor) -> bool | None:
+    """None where the "tma" path cannot describe the operands, else whether W is described
+    transposed (as the K×N tensor it is, when its unit stride runs along N: the backward's ``Wᵀ``)."""
+    if 0 in weight.shape or not _descriptor_rows(a) or weight.shape[0] * a.element_size() % 16:
+        return None  # empty tensors have no descriptor; the output (M×N, contiguous) is described too
+    if _descriptor_rows(weight):
+        return False
+    if _descriptor_rows(weight.T):
+        return True
+    return None
+
+
+def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
+    """The path (see the module's docstring) and whether it describes W transposed. ``path=None``:
+    "tma" on a GPU of compute capability 9 or more when the operands allow a descriptor, "pointer"
+    otherwise and under the interpreter (which runs the pointer path's programs faster)."""
+    if path not in (None, *GEMM_PATHS):
+        raise ValueError(f"path: expected one of {GEMM_PATHS} or None, got {path!r}")
+    transposed = _descriptor_layout(a, weight)
+    if path == "tma" and transposed is None:
+        raise ValueError(f"path='tma': the operands cannot be described (a: strides {a.stride()}, weight: strides "
+                         f"{weight.stride()}, N={weight.shape[0]}); expected unit stride along K for a and along K "
+                         f"or N for weight, 16-byte aligned bases, row strides and output rows")
+    if path is None:
+        hopper = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
+        path = "tma" if hopper and not INTERPRET and transposed is not None else "pointer"
+    return path, path == "tma" and transposed
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """How many ranges K is cut into at M ≤ 16: enough 32-column programs to fill every multiprocessor,
+    keeping at least 256 columns of K per range."""
+    if m > _DECODE_MAX_M or n == 0:
+        return 1
+    return max(1, min(triton.cdiv(multiprocessors(device), triton.cdiv(n, 32)), k // 256))
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    """Global memory where each program writes its tensor descriptors (``triton.set_allocator``)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, *, has_low_rank, shrink_in_loop,
-                 dropout, store_t, block_r, config):
+                 dropout, store_t, block_r, config, path):
     m, k = a.shape
     n = weight.shape[0]
-    args = (a, weight, bias if bias is not None else out, down, expand, t, out, m, n, k, down.shape[1],
-            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1), bias.stride(0) if bias is not None else 0,
-            down.stride(0), down.stride(1), expand.stride(0), expand.stride(1), t.stride(0), out.stride(0),
-            out.stride(1),
-            float(scale), seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-            _m_bucket(m))
-    meta = dict(HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
-                DROPOUT=dropout, STORE_T=store_t, UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype),
-                BLOCK_R=block_r)
-    decode = m <= 16
+    path, w_transposed = _gemm_path(path, a, weight)
+    tma = path == "tma"
+    decode = m <= _DECODE_MAX_M
+    split_k = 1 if shrink_in_loop and store_t else _split_k(m, n, k, a.device)
+    partial = torch.empty(split_k, m, n, device=a.device, dtype=torch.float32) if split_k > 1 else out
+    if tma and not INTERPRET:  # per launch: the allocator is per thread (autograd's backward has its own)
+        triton.set_allocator(_descriptor_scratch)
+    kwargs = dict(
+        a_ptr=a, w_ptr=weight, bias_ptr=bias if bias is not None else out, down_ptr=down, expand_ptr=expand, t_ptr=t,
+        out_ptr=partial, M=m, N=n, K=k, R=down.shape[1],
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_b=bias.stride(0) if bias is not None else 0, stride_dk=down.stride(0), stride_dr=down.stride(1),
+        stride_en=expand.stride(0), stride_er=expand.stride(1), stride_tm=t.stride(0),
+        stride_om=partial.stride(-2), stride_on=partial.stride(-1),
+        scale=float(scale), seed_ptr=seed_arg(seed, dropout_p, a), drop_threshold=dropout_threshold(dropout_p),
+        drop_scale=1.0 / (1.0 - dropout_p), split_k=split_k, M_BUCKET=_m_bucket(m),
+        HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop, DROPOUT=dropout,
+        STORE_T=store_t, TMA=tma, W_TRANSPOSED=w_transposed, PARTIAL=split_k > 1, UPCAST=INTERPRET,
+        PRECISION=dot_precision(a.dtype), BLOCK_R=block_r)
+    programs = multiprocessors(a.device) if tma and not decode else None  # persistent
+
+    def grid(c):
+        work = triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]) * split_k
+        return (min(work, programs) if programs else work,)
+
     kind = _gemm_kind(has_low_rank, shrink_in_loop)
-    _run(_lowrank_linear_kernel, _gemm_small if decode else _gemm_large,
-         lambda c: (triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]),), args, meta, config,
-         lambda: default_config(_PREFERRED_DECODE_GEMM if decode else _PREFERRED_GEMM, kind, block_r,
-                                a.element_size(), meta["PRECISION"]))
+    preferred = _PREFERRED_DECODE_GEMM if decode else _PREFERRED_TMA_GEMM if tma else _PREFERRED_GEMM
+    _run(_lowrank_linear_kernel, _gemm_tuned[path, decode], grid, kwargs, config,
+         lambda: default_config(preferred, kind, block_r, a.element_size(), kwargs["PRECISION"], path,
+                                dropout == DROP_OUTPUT.value))
+    if split_k > 1:
+        block = 1024
+        wrap_triton(_sum_splits_kernel)[(triton.cdiv(m * n, block),)](
+            partial_ptr=partial, out_ptr=out, size=m * n, split_k=split_k, BLOCK=block)
 
 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,
                    expand: torch.Tensor, scale: float = 1.0, *, dropout_p: float = 0.0, dropout_site: str = "input",
                    seed=None, store_t: bool = False, shrink_in_loop: bool | None = None,
-                   config: triton.Config | None = None, t: torch.Tensor | None = None):
+                   config: triton.Config | None = None, t: torch.Tensor | None = None, path: str | None = None):
     """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``; returns ``(out, t)``.
 
     ``a``: M×K, ``weight``: N×K, ``bias``: N or None, ``down``: K×r, ``expand``: N×r (any strides;
@@ -312,7 +566,8 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     adapter path) or ``"output"`` (on the rank-r term). ``shrink_in_loop`` forces where ``t`` is
     computed (None: the launcher decides by shape); ``config`` forces the GEMM's configuration. A given
     ``t`` (M×r, float32) is used as is instead of computing it (``down`` is then not read), for callers that
-    transform t between the shrink and the expand; input-side dropout is then theirs to apply."""
+    transform t between the shrink and the expand; input-side dropout is then theirs to apply.
+    ``path``: "tma", "pointer" or None (the launcher picks; see the module's docstring)."""
     m, k = a.shape
     n = weight.shape[0]
     rank = down.shape[1]
@@ -332,20 +587,22 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if shrink_in_loop is None:
             shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
         if shrink_in_loop:
+            block_r = max(block_r, _LOOP_SHRINK_MIN_BLOCK_R)
             t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
         else:
             t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT.value else 0.0, seed=seed)
     _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
-                 shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r, config=config)
+                 shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r, config=config,
+                 path=path)
     return out, (t if store_t else None)
 
 
 def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-           config: triton.Config | None = None) -> torch.Tensor:
+           config: triton.Config | None = None, path: str | None = None) -> torch.Tensor:
     """``a Wᵀ + bias``: the same GEMM with the low-rank path compiled out (for measuring the GEMM alone)."""
     m = a.shape[0]
     out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
     if m:
         _launch_gemm(a, weight, bias, out, out, out, out, 1.0, None, 0.0, has_low_rank=False, shrink_in_loop=False,
-                     dropout=NO_DROPOUT.value, store_t=False, block_r=16, config=config)
+                     dropout=NO_DROPOUT.value, store_t=False, block_r=16, config=config, path=path)
     return out

@@ -68,17 +68,20 @@ def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=Non
 
 def variants(which: str):
     """``which``: "paths" (every code path in float32 and bfloat16 and two in float16, with the configs
-    the launchers pick without autotuning) or "configs" (every autotune config that survives pruning)."""
+    the launchers pick without autotuning) or "configs" (every autotune config that survives pruning).
+    Variants of the descriptor path carry ``"tma": True``."""
     fl = fused_linear
     gemm, shrink, reduce = fl._lowrank_linear_kernel, fl._shrink_kernel, reductions._rank_reduce_kernel
     fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
-    base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, DROPOUT=0, STORE_T=True, UPCAST=False,
-                PRECISION="tf32", BLOCK_R=16)
+    base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, DROPOUT=0, STORE_T=True, TMA=False,
+                W_TRANSPOSED=False, PARTIAL=False, UPCAST=False, PRECISION="tf32", BLOCK_R=16)
 
-    def gemm_variant(config, dtype, layout=None, **flags):
+    def gemm_variant(config, dtype, layout=None, path="pointer", **flags):
         """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
-        "backward" (contiguous g; W transposed)."""
-        c = dict(base, **flags)
+        "backward" (contiguous g; W transposed). ``path``: "pointer" or "tma" (which needs a layout)."""
+        c = dict(base, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward", **flags)
+        if c["PARTIAL"]:  # split-K partial sums: the output is float32
+            c["STORE_T"] = False
         kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
         size = 4 if dtype == "float32" else 2
         unit, aligned = {None: ((), ()),
@@ -86,8 +89,12 @@ def variants(which: str):
                                      ("K", "N", "stride_am", "stride_wn", "stride_dr", "stride_om")),
                          "backward": (("stride_ak", "stride_wn", "stride_dr", "stride_er", "stride_on"),
                                       ("K", "N", "stride_am", "stride_wk", "stride_dk", "stride_om"))}[layout]
-        return _variant(gemm, config, dtype, fp32, c, unit=unit, aligned=aligned,
-                        estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"]))
+        pointers = {**fp32, "out_ptr": "*fp32"} if c["PARTIAL"] else fp32
+        v = _variant(gemm, config, dtype, pointers, c, unit=unit, aligned=aligned,
+                     estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"], path))
+        if path == "tma":
+            v["tma"] = True
+        return v
 
     def shrink_variant(config, dtype, block_r, drop):
         size = 4 if dtype == "float32" else 2
@@ -95,18 +102,25 @@ def variants(which: str):
                                                           BLOCK_R=block_r),
                         estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]))
 
+    loop_r = fl._LOOP_SHRINK_MIN_BLOCK_R  # the in-loop shrink's smallest BLOCK_R
     out = []
     if which == "configs":
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32"):
-            out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, DROPOUT=1, BLOCK_R=64))
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 2, "tf32"):
-            out.append(gemm_variant(config, "bfloat16", "forward", DROPOUT=2, BLOCK_R=256))
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 256, 4, PRECISION["float32"]):  # costliest epilogue
-            out.append(gemm_variant(config, "float32", "forward", BLOCK_R=256, PRECISION=PRECISION["float32"]))
-        for config in fl.fitting_configs(fl.GEMM_CONFIGS, "gemm", 16, 2, "tf32"):
-            out.append(gemm_variant(config, "bfloat16", "backward", BLOCK_R=16))
-        for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32"):
-            out.append(gemm_variant(config, "bfloat16", "forward", SHRINK_IN_LOOP=True, BLOCK_R=64))
+        for path, configs in (("pointer", fl.GEMM_CONFIGS), ("tma", fl.TMA_GEMM_CONFIGS)):
+            for config in fl.fitting_configs(configs, "gemm_in_loop", 64, 2, "tf32", path):
+                out.append(gemm_variant(config, "bfloat16", "forward", path, SHRINK_IN_LOOP=True, DROPOUT=1,
+                                        BLOCK_R=64))
+            for config in fl.fitting_configs(configs, "gemm", 256, 2, "tf32", path, output_dropout=True):
+                out.append(gemm_variant(config, "bfloat16", "forward", path, DROPOUT=2, BLOCK_R=256))
+            for config in fl.fitting_configs(configs, "gemm", 16, 2, "tf32", path, output_dropout=True):
+                out.append(gemm_variant(config, "bfloat16", "backward", path, DROPOUT=2, BLOCK_R=16))
+            for config in fl.fitting_configs(configs, "gemm", 256, 4, PRECISION["float32"], path):  # costliest epilogue
+                out.append(gemm_variant(config, "float32", "forward", path, BLOCK_R=256,
+                                        PRECISION=PRECISION["float32"]))
+            for config in fl.fitting_configs(configs, "gemm", 16, 2, "tf32", path):
+                out.append(gemm_variant(config, "bfloat16", "backward", path, DROPOUT=1, BLOCK_R=16))
+            for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32", path):
+                out.append(gemm_variant(config, "bfloat16", "forward", path, SHRINK_IN_LOOP=True, BLOCK_R=64,
+                                        PARTIAL=True))
         for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2, "tf32"):
             out.append(shrink_variant(config, "bfloat16", 256, True))
         return out
@@ -118,15 +132,30 @@ def variants(which: str):
                     continue  # fp16 compiles as bf16 does: two of its paths suffice
                 preferred = fl._PREFERRED_DECODE_GEMM if in_loop else fl._PREFERRED_GEMM
                 kind = fl._gemm_kind(True, in_loop)
-                out.append(gemm_variant(fl.default_config(preferred, kind, 16, size, precision), dtype,
-                                        SHRINK_IN_LOOP=in_loop, DROPOUT=drop, HAS_BIAS=drop != 1, PRECISION=precision))
+                block_r = loop_r if in_loop else 16
+                pointer = fl.default_config(preferred, kind, block_r, size, precision, "pointer", drop == 2)
+                out.append(gemm_variant(pointer, dtype, SHRINK_IN_LOOP=in_loop, DROPOUT=drop, HAS_BIAS=drop != 1,
+                                        PRECISION=precision, BLOCK_R=block_r))
+                # the descriptor path: large M (the in-loop shrink up to M = 64) and decoding (split K)
+                tma = fl.default_config(fl._PREFERRED_TMA_GEMM, kind, block_r, size, precision, "tma", drop == 2)
+                out.append(gemm_variant(tma, dtype, "forward", "tma", SHRINK_IN_LOOP=in_loop, DROPOUT=drop,
+                                        HAS_BIAS=drop != 1, PRECISION=precision, BLOCK_R=block_r))
+                if dtype != "float16":
+                    decode = fl.default_config(fl._PREFERRED_DECODE_GEMM, kind, block_r, size, precision, "tma",
+                                               drop == 2)
+                    out.append(gemm_variant(decode, dtype, "forward", "tma", SHRINK_IN_LOOP=in_loop, DROPOUT=drop,
+                                            PARTIAL=True, PRECISION=precision, BLOCK_R=block_r))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
-            out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, size, precision), dtype, layout,
-                                    DROPOUT=1 if layout == "forward" else 2, PRECISION=precision))
+            for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
+                drop = 1 if layout == "forward" else 2
+                config = fl.default_config(preferred, "gemm", 16, size, precision, path, drop == 2)
+                out.append(gemm_variant(config, dtype, layout, path, DROPOUT=drop, PRECISION=precision))
         if dtype == "float16":
             continue
-        out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "plain", 16, size, precision), dtype,
-                                HAS_LOW_RANK=False, STORE_T=False, PRECISION=precision))
+        for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
+            out.append(gemm_variant(fl.default_config(preferred, "plain", 16, size, precision, path), dtype,
+                                    "forward" if path == "tma" else None, path, HAS_LOW_RANK=False, STORE_T=False,
+                                    PRECISION=precision))
         for drop in (False, True):
             out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size, precision), dtype, 64,
                                       drop))
@@ -134,14 +163,19 @@ def variants(which: str):
                                                                    "seed_ptr": "*i64"},
                                 dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"], BLOCK_M=64,
                                      BLOCK_P=64, BLOCK_R=64)))  # b is float32 whatever a is
+        out.append(_variant(fl._sum_splits_kernel, triton.Config({}), dtype, {"partial_ptr": "*fp32"},
+                            dict(BLOCK=1024)))
     # int64 sizes, as for tensors past 2³¹ elements
-    out.append(gemm_variant(fl._PREFERRED_GEMM[0], "bfloat16", DROPOUT=2))
+    out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, 2, "tf32", "pointer", True), "bfloat16",
+                            DROPOUT=2))
     out[-1]["signature"].update({n: "i64" for n in ("M", "stride_am", "stride_tm", "stride_om")})
     # the largest rank without autotuning, in each dtype (float32's tf32x3 epilogue is the largest)
     for dtype, size in (("bfloat16", 2), ("float32", 4)):
         for block_r in (128, 256):
-            out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", block_r, size, PRECISION[dtype]),
-                                    dtype, BLOCK_R=block_r, PRECISION=PRECISION[dtype]))
+            for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
+                out.append(gemm_variant(fl.default_config(preferred, "gemm", block_r, size, PRECISION[dtype], path),
+                                        dtype, "forward" if path == "tma" else None, path, BLOCK_R=block_r,
+                                        PRECISION=PRECISION[dtype]))
         out.append(gemm_variant(fl.default_config(fl._PREFERRED_DECODE_GEMM, "gemm", 256, size, PRECISION[dtype]),
                                 dtype, BLOCK_R=256, PRECISION=PRECISION[dtype]))
     out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, PRECISION["float32"]),
@@ -191,12 +225,14 @@ def bank_variants():
 
 
 KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
-                                   reductions._rank_reduce_kernel, dropout._dropout_mask_kernel,
+                                   fused_linear._sum_splits_kernel, reductions._rank_reduce_kernel,
+                                   dropout._dropout_mask_kernel,
                                    lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
                                    tutorial_gemms.persistent_descriptor_matmul_kernel)}
 # the dimension of a kernel's main-loop dot that the MMA's M is (rows per warpgroup instruction: 64 for
 # wgmma); kernels without a K-loop are absent. Kernels not named here: BLOCK_M.
-MAIN_LOOP_ROWS = {"_rank_reduce_kernel": "BLOCK_P", "_dropout_mask_kernel": None, "_add_lowrank_kernel": None}
+MAIN_LOOP_ROWS = {"_rank_reduce_kernel": "BLOCK_P", "_dropout_mask_kernel": None, "_add_lowrank_kernel": None,
+                  "_sum_splits_kernel": None}
 KERNELS.update({k.__name__: k for k in (bank._bank_core_kernel, bank._sgmv_shrink_kernel, bank._sgmv_expand_kernel)})
 MAIN_LOOP_ROWS["_bank_core_kernel"] = None  # rank-1 updates, no MMA
 

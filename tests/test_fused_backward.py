@@ -1,12 +1,14 @@
 """The fused backward against the float64 reference's autograd: every gradient of every method, with
 and without dropout, what is saved for backward, determinism, and skipped work."""
+import functools
+
 import pytest
 import torch
 
 import peft_ops
 from peft_ops import kernels, reference
 from peft_ops.ops import adapted_linear
-from test_fused_forward import make_pair
+from test_fused_forward import PATH_SHAPES, make_pair
 from utils import DEVICE, DTYPES, TOLERANCE, TinyModel, method_options, randn, rel_error
 
 METHODS = list(peft_ops.METHODS)
@@ -42,17 +44,13 @@ def test_gradients(method, dtype, m):
     _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m, x_grad", [(17, True), (300, True), (40, False)], ids=["17", "300", "no-dx"])
-def test_gradients_with_dropout(method, dtype, m, x_grad):
-    """The fused backward regenerates the forward's mask; the reference is fed that mask. Without dx,
-    v = drop(g) U comes from the shrink kernel instead of the dx GEMM."""
-    layer, ref = make_pair(method, 90, 70, 4, dtype)
+def _check_gradients_with_dropout(method, dtype, m, x_grad, n=90, k=70):
+    """The fused backward regenerates the forward's mask; the reference is fed that mask."""
+    layer, ref = make_pair(method, n, k, 4, dtype)
     site, p, seed = layer.method.dropout_site, 0.3, 4321
-    x = randn(m, 70, device=DEVICE, dtype=dtype)
-    grad = randn(m, 90, device=DEVICE, dtype=dtype)
-    mask = kernels.dropout_mask(seed, m, 70 if site == "input" else 90, p, DEVICE)
+    x = randn(m, k, device=DEVICE, dtype=dtype)
+    grad = randn(m, n, device=DEVICE, dtype=dtype)
+    mask = kernels.dropout_mask(seed, m, k if site == "input" else n, p, DEVICE)
 
     def run(lay, x, forward):
         x = x.detach().requires_grad_(x_grad)
@@ -65,6 +63,30 @@ def test_gradients_with_dropout(method, dtype, m, x_grad):
     expected = run(ref, x.double(), lambda *a: reference.oracle(
         *a, dropout_p=p, dropout_site=site, dropout_mask=mask))
     _check_grads(fused, expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m, x_grad", [(17, True), (300, True), (40, False)], ids=["17", "300", "no-dx"])
+def test_gradients_with_dropout(method, dtype, m, x_grad):
+    """Without dx, v = drop(g) U comes from the shrink kernel instead of the dx GEMM."""
+    _check_gradients_with_dropout(method, dtype, m, x_grad)
+
+
+@pytest.fixture(params=kernels.GEMM_PATHS)
+def gemm_path(request, monkeypatch):
+    """Every fused GEMM of the layer on one path (under the interpreter the launcher picks "pointer")."""
+    monkeypatch.setattr(kernels, "lowrank_linear", functools.partial(kernels.lowrank_linear, path=request.param))
+    return request.param
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("m, dtype", [(5, torch.bfloat16), (130, torch.float32)], ids=["5-bfloat16", "130-float32"])
+def test_gradients_on_both_gemm_paths(gemm_path, method, m, dtype):
+    """Forward and backward (dx with the transposed weight) with dropout, every GEMM forced on one path;
+    shapes whose rows the descriptor path can describe."""
+    n, k = PATH_SHAPES[gemm_path]
+    _check_gradients_with_dropout(method, dtype, m, True, n, k)
 
 
 @pytest.mark.parametrize("method", METHODS)

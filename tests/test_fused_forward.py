@@ -8,6 +8,7 @@ from torch import nn
 
 import peft_ops
 from peft_ops import kernels, reference, reference_kernels
+from peft_ops.kernels import fused_linear
 from peft_ops.kernels.dropout import dropout_threshold, keep_mask
 from utils import (DEVICE, DTYPES, TOLERANCE, method_options, oracle_twin, randn, randomize_adapters,
                    rel_error)
@@ -92,7 +93,12 @@ def test_leading_dims_and_transposed_view(method, dtype):
     check_forward(layer, ref, randn(5, 70, 9, device=DEVICE, dtype=dtype).transpose(1, 2))
 
 
-# --- the kernel directly: both ways of computing t, dropout on either side ---
+# --- the kernel directly: both ways of computing t, dropout on either side, on both GEMM paths ---
+
+# N, K: multiples of no block size. The descriptor ("tma") path needs rows of 16-byte multiples (K for
+# a and W, N for the output): 88 × 72 there, 90 × 70 (any strides) on the pointer path.
+PATH_SHAPES = {"pointer": (90, 70), "tma": (88, 72)}
+
 
 def _kernel_inputs(m, n, k, rank, dtype):
     a = randn(m, k, device=DEVICE, dtype=dtype)
@@ -102,15 +108,16 @@ def _kernel_inputs(m, n, k, rank, dtype):
     return a, w, bias, down, expand
 
 
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
 @pytest.mark.parametrize("shrink_in_loop", [True, False], ids=["in-loop", "shrink-kernel"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("site", ["input", "output"])
 @pytest.mark.parametrize("m", [17, 130])
-def test_kernel_paths_and_dropout(shrink_in_loop, dtype, site, m):
-    n, k, rank, p, seed, scale = 90, 70, 6, 0.3, 1234, 0.75
+def test_kernel_paths_and_dropout(path, shrink_in_loop, dtype, site, m):
+    (n, k), rank, p, seed, scale = PATH_SHAPES[path], 6, 0.3, 1234, 0.75
     a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, dtype)
     out, t = kernels.lowrank_linear(a, w, bias, down, expand, scale, dropout_p=p, dropout_site=site, seed=seed,
-                                    store_t=True, shrink_in_loop=shrink_in_loop)
+                                    store_t=True, shrink_in_loop=shrink_in_loop, path=path)
     mask = kernels.dropout_mask(seed, m, k if site == "input" else n, p, DEVICE)
     assert 0.6 < mask.float().mean().item() < 0.8  # the mask keeps about 1 - p
     expected = reference.oracle(a.double(), w.double(), bias.double(), expand.double(), None, down.double(),
@@ -122,6 +129,55 @@ def test_kernel_paths_and_dropout(shrink_in_loop, dtype, site, m):
     unmasked = reference.oracle(a.double(), w.double(), bias.double(), expand.double(), None,
                                         down.double(), scale)
     assert rel_error(out, unmasked) > 5 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
+@pytest.mark.parametrize("site", [None, "input", "output"])
+@pytest.mark.parametrize("shrink_in_loop, dtype", [(True, torch.bfloat16), (False, torch.float32)],
+                         ids=["in-loop-bfloat16", "shrink-kernel-float32"])
+def test_decode_splits_k_deterministically(path, site, shrink_in_loop, dtype):
+    """M ≤ 16: K is cut into ranges summed in a fixed order (more programs for a narrow N); the result
+    is the reference's, the same on every call, and t (stored) is still complete."""
+    m, n, k, rank, p, seed = 5, 40, 1104, 6, 0.3, 21
+    assert fused_linear._split_k(m, n, k, torch.device(DEVICE)) > 1  # the split really happens
+    a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, dtype)
+    kw = dict(dropout_p=p if site else 0.0, dropout_site=site or "input", seed=seed, shrink_in_loop=shrink_in_loop,
+              path=path)
+    out, _ = kernels.lowrank_linear(a, w, bias, down, expand, 0.5, **kw)
+    mask = kernels.dropout_mask(seed, m, k if site == "input" else n, p, DEVICE) if site else None
+    expected = reference.lowrank_linear(a.double(), w.double(), bias.double(), expand.double(), None, down.double(),
+                                        0.5, dropout_p=p if site else 0.0, dropout_site=site or "input",
+                                        dropout_mask=mask)
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+    assert torch.equal(out, kernels.lowrank_linear(a, w, bias, down, expand, 0.5, **kw)[0])
+    stored, t = kernels.lowrank_linear(a, w, bias, down, expand, 0.5, store_t=True, **kw)  # t needs one split
+    assert rel_error(stored, expected) < TOLERANCE[dtype] and t.shape == (m, rank)
+
+
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
+@pytest.mark.parametrize("m", [3, 70])
+def test_transposed_weight_as_in_the_backward(path, m):
+    """dx = g W: the weight comes as a transposed view (unit stride along N), which the descriptor
+    path describes as the K×N tensor it is."""
+    n, k = PATH_SHAPES[path]
+    a, _, _, down, expand = _kernel_inputs(m, n, k, 5, torch.bfloat16)
+    stored = (randn(k, n, device=DEVICE) / k**0.5).to(torch.bfloat16)  # K×N: stored.T is the N×K weight
+    out, _ = kernels.lowrank_linear(a, stored.T, None, down, expand, 0.5, path=path)
+    expected = a.double() @ stored.double() + 0.5 * (a.double() @ down.double()) @ expand.double().T
+    assert rel_error(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+def test_path_choice_and_refusal():
+    a, w, _, _, _ = _kernel_inputs(4, 88, 72, 1, torch.float32)
+    assert fused_linear._gemm_path(None, a, w)[0] == "pointer"  # the interpreter, or a CPU tensor
+    assert fused_linear._gemm_path("tma", a, w) == ("tma", False)
+    assert fused_linear._gemm_path("tma", a, randn(72, 88, device=DEVICE).T) == ("tma", True)
+    with pytest.raises(ValueError, match="path='tma'"):  # K = 70: rows of 140 bytes
+        kernels.linear(randn(4, 70, device=DEVICE), randn(88, 70, device=DEVICE), path="tma")
+    with pytest.raises(ValueError, match="path='tma'"):  # a column-major a
+        kernels.linear(randn(72, 4, device=DEVICE).T, w, path="tma")
+    with pytest.raises(ValueError, match="path: expected"):
+        kernels.linear(a, w, path="cuda")
 
 
 def test_dropout_mask_depends_on_seed_and_position():
@@ -178,13 +234,15 @@ def test_module_dropout_matches_reference_with_kernel_mask(method):
     assert rel_error(y, expected) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 300])
-def test_plain_gemm_without_adapter(dtype, m):
-    a, w, bias, _, _ = _kernel_inputs(m, 90, 70, 1, dtype)
+def test_plain_gemm_without_adapter(path, dtype, m):
+    n, k = PATH_SHAPES[path]
+    a, w, bias, _, _ = _kernel_inputs(m, n, k, 1, dtype)
     expected = torch.nn.functional.linear(a.double(), w.double(), bias.double())
-    assert rel_error(kernels.linear(a, w, bias), expected) < TOLERANCE[dtype]
-    assert rel_error(kernels.linear(a, w), expected - bias.double()) < TOLERANCE[dtype]
+    assert rel_error(kernels.linear(a, w, bias, path=path), expected) < TOLERANCE[dtype]
+    assert rel_error(kernels.linear(a, w, path=path), expected - bias.double()) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("seed, rows, cols, p", [(0, 5, 7, 0.5), (123, 64, 96, 0.3), (2**31 - 2, 33, 129, 0.9)])
@@ -198,16 +256,20 @@ def test_kernel_masks_equal_the_pytorch_twin(seed, rows, cols, p):
                        reference_kernels.dropout_mask(seed, 1, 2**20, p, DEVICE, first_row=far)[0, :256])
 
 
-@pytest.mark.parametrize("impl", [kernels, reference_kernels], ids=["kernels", "twin"])
+@pytest.mark.parametrize("impl, path", [(kernels, "pointer"), (kernels, "tma"), (reference_kernels, None)],
+                         ids=["kernels-pointer", "kernels-tma", "twin"])
 @pytest.mark.parametrize("dropout_site", [None, "output"])
-def test_given_t_replaces_the_shrink(impl, dropout_site, poisoned):
+@pytest.mark.parametrize("m", [5, 19])  # 5: K split in ranges (decoding), the rank-r term added once
+def test_given_t_replaces_the_shrink(impl, path, dropout_site, m, poisoned):
     """A caller that transforms t between shrink and expand (the adapter bank) passes it in; D is not read."""
-    m, n, k, rank, p, seed = 19, 90, 70, 5, 0.25, 99
+    (n, k), rank, p, seed = PATH_SHAPES[path or "pointer"], 5, 0.25, 99
+    k = k * 8 if m == 5 else k
     a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, torch.float32)
     t = randn(m, rank, device=DEVICE)
     p_eff = p if dropout_site else 0.0
     out, _ = impl.lowrank_linear(a, w, bias, torch.full_like(down, float("nan")), expand, 0.5, dropout_p=p_eff,
-                                 dropout_site=dropout_site or "input", seed=seed, t=t)
+                                 dropout_site=dropout_site or "input", seed=seed, t=t,
+                                 **({"path": path} if path else {}))
     low_rank = 0.5 * t.double() @ expand.double().T
     if dropout_site:
         low_rank = low_rank * kernels.dropout_mask(seed, m, n, p, DEVICE) / (1 - p)

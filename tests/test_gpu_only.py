@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import peft_ops
 from peft_ops import kernels, reference
@@ -91,15 +92,19 @@ def test_output_head_sized_layer():
     assert rel_error(layer.loraxs_R.grad, oracle.loraxs_R.grad) < TOLERANCE[torch.bfloat16]
 
 
-# every config the autotuner may pick for these launches (it prunes those whose shared memory won't fit)
-_GEMM_CONFIGS = fused_linear.fitting_configs(fused_linear.GEMM_CONFIGS + fused_linear.DECODE_GEMM_CONFIGS,
-                                             "gemm_in_loop", 16, 2, "tf32")
+# every config the autotuner may pick for these launches (it prunes those whose shared memory or
+# registers won't fit), on the path each list belongs to
+_GEMM_CONFIGS = [(path, c) for path, configs in (("pointer", fused_linear.GEMM_CONFIGS),
+                                                  ("tma", fused_linear.TMA_GEMM_CONFIGS),
+                                                  ("pointer", fused_linear.DECODE_GEMM_CONFIGS),
+                                                  ("tma", fused_linear.DECODE_GEMM_CONFIGS))
+                 for c in fused_linear.fitting_configs(configs, "gemm_in_loop", 32, 2, "tf32", path)]
 _SHRINK_CONFIGS = fused_linear.fitting_configs(fused_linear.SHRINK_CONFIGS, "shrink", 64, 2, "tf32")
 
 
-@pytest.mark.parametrize("config", _GEMM_CONFIGS,
-                         ids=lambda c: "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c.kwargs) + f"-s{c.num_stages}w{c.num_warps}")
-def test_every_gemm_config_compiles_and_is_right(config):
+@pytest.mark.parametrize("path, config", _GEMM_CONFIGS, ids=lambda c: c if isinstance(c, str) else (
+    "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c.kwargs) + f"-s{c.num_stages}w{c.num_warps}"))
+def test_every_gemm_config_compiles_and_is_right(path, config):
     # K and N multiples of 16, as in real models: the compiler pipelines the loads only then
     m, n, k, r = 300, 1024, 768, 16
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
@@ -107,9 +112,38 @@ def test_every_gemm_config_compiles_and_is_right(config):
     down, expand = torch.randn(k, r, device=DEV) / 28, torch.randn(n, r, device=DEV)
     expected = _chunked_reference(x, w, down, expand, 0.7)
     for in_loop in (True, False):
-        out, _ = kernels.lowrank_linear(x, w, None, down, expand, 0.7, shrink_in_loop=in_loop, config=config)
+        out, _ = kernels.lowrank_linear(x, w, None, down, expand, 0.7, shrink_in_loop=in_loop, config=config,
+                                        path=path)
         assert rel_error(out, expected) < TOLERANCE[torch.bfloat16]
-    assert rel_error(kernels.linear(x, w, config=config), F.linear(x.float(), w.float())) < TOLERANCE[torch.bfloat16]
+    assert rel_error(kernels.linear(x, w, config=config, path=path), F.linear(x.float(), w.float())) < \
+        TOLERANCE[torch.bfloat16]
+    g = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)  # dx: the transposed weight
+    dx, _ = kernels.lowrank_linear(g, w.T, None, expand, down, 0.7, config=config, path=path)
+    assert rel_error(dx, _chunked_reference(g, w.T, expand, down, 0.7)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
+@pytest.mark.parametrize("n", [1024, 4096])
+def test_decoding_fills_the_gpu_and_is_deterministic(path, n):
+    """M = 16: enough programs for every multiprocessor (K split in ranges), the same bits on every call."""
+    m, k, r = 16, 4096, 16
+    assert fused_linear._split_k(m, n, k, torch.device(DEV)) * triton.cdiv(n, 32) >= fused_linear.multiprocessors(
+        torch.device(DEV))
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 64
+    down, expand = torch.randn(k, r, device=DEV) / 64, torch.randn(n, r, device=DEV)
+    out, _ = kernels.lowrank_linear(x, w, None, down, expand, 0.5, path=path)
+    assert rel_error(out, _chunked_reference(x, w, down, expand, 0.5)) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(out, kernels.lowrank_linear(x, w, None, down, expand, 0.5, path=path)[0])
+
+
+def test_the_launcher_picks_descriptors_on_hopper():
+    x = torch.randn(64, 256, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(128, 256, device=DEV, dtype=torch.bfloat16)
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert fused_linear._gemm_path(None, x, w) == ("tma" if hopper else "pointer", False)
+    assert fused_linear._gemm_path(None, x, w.T.contiguous().T)[1] is hopper  # dx's transposed weight
+    assert fused_linear._gemm_path(None, x[:, 1:], w[:, 1:])[0] == "pointer"  # unaligned rows
 
 
 @pytest.mark.parametrize("config", _SHRINK_CONFIGS,
