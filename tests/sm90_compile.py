@@ -197,7 +197,10 @@ def tutorial_variants():
     tile and on the largest autotune tile, specialised as our "forward" layout is (unit K-strides,
     16-divisible sizes)."""
     out = []
-    for config in (fused_linear._PREFERRED_GEMM[0], fused_linear.GEMM_CONFIGS[0]):
+    for ours in (fused_linear._PREFERRED_GEMM[0], fused_linear.GEMM_CONFIGS[0]):
+        # the same tile, without our kernel's own keys (the epilogue's sub-tile width)
+        config = triton.Config({k: v for k, v in ours.kwargs.items() if k != "EPILOGUE_N"},
+                               num_warps=ours.num_warps, num_stages=ours.num_stages)
         out.append(_variant(tutorial_gemms.pointer_matmul_kernel, config, "bfloat16", {}, {},
                             unit=("stride_ak", "stride_wk", "stride_cn"),
                             aligned=("K", "N", "stride_am", "stride_wn", "stride_cm")))
