@@ -38,7 +38,7 @@ if [ $REHEARSE = 0 ]; then
 else
   WORKERS=""
   SMOKE_TESTS="tests/test_dispatch.py"
-  SMOKE_SELECT="each_implementation_forward_and_backward and loraxs and float32 and 40"
+  SMOKE_SELECT="forced_implementation_runs_alone and loraxs and 40"
   HEADLINE="--methods loraxs --providers base dispatch --modes forward_backward --label headline"
   SUITE_ARGS="tests/test_packaging.py"
 fi

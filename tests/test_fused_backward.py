@@ -8,7 +8,7 @@ import torch
 import peft_ops
 from peft_ops import kernels, reference
 from peft_ops.ops import adapted_linear
-from test_fused_forward import PATH_SHAPES, make_pair
+from test_fused_forward import IMPLEMENTATIONS, PATH_SHAPES, make_pair
 from utils import DEVICE, DTYPES, TOLERANCE, TinyModel, method_options, randn, rel_error
 
 METHODS = list(peft_ops.METHODS)
@@ -34,11 +34,12 @@ def _check_grads(grads, expected, tol):
         assert rel_error(grads[name], expected[name]) < tol, (name, rel_error(grads[name], expected[name]))
 
 
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [0, 1, 17, 300])
-def test_gradients(method, dtype, m):
-    layer, ref = make_pair(method, 90, 70, 3, dtype)
+def test_gradients(backend, method, dtype, m):
+    layer, ref = make_pair(method, 90, 70, 3, dtype, backend=backend)
     x = randn(m, 70, device=DEVICE, dtype=dtype)
     grad = randn(m, 90, device=DEVICE, dtype=dtype)
     _check_grads(_backward(layer, x, grad), _backward(ref, x.double(), grad.double()), TOLERANCE[dtype])
@@ -59,16 +60,17 @@ def _check_gradients_with_dropout(method, dtype, m, x_grad, n=90, k=70):
         forward(x, w, b, u, c, d, s).backward(grad.to(x.dtype))
         return {**({"x": x.grad} if x_grad else {}), **{n: t.grad for n, t in _trainable(lay).items()}}
 
-    fused = run(layer, x, lambda *a: adapted_linear(*a, dropout_p=p, dropout_site=site, seed=seed, backend="triton"))
+    fused = run(layer, x, lambda *a: adapted_linear(*a, dropout_p=p, dropout_site=site, seed=seed, backend=backend))
     expected = run(ref, x.double(), lambda *a: reference.oracle(
         *a, dropout_p=p, dropout_site=site, dropout_mask=mask))
     _check_grads(fused, expected, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m, x_grad", [(17, True), (300, True), (40, False)], ids=["17", "300", "no-dx"])
-def test_gradients_with_dropout(method, dtype, m, x_grad):
+def test_gradients_with_dropout(backend, method, dtype, m, x_grad):
     """Without dx, v = drop(g) U comes from the shrink kernel instead of the dx GEMM."""
     _check_gradients_with_dropout(method, dtype, m, x_grad)
 

@@ -17,11 +17,15 @@ METHODS = list(peft_ops.METHODS)
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 
-def make_pair(method, n, k, rank, dtype, adapter_scale=0.5, **kw):
-    """A triton-backed layer with random adapter values and its float64 oracle twin. alpha ≠ rank,
-    so the scale s = alpha / rank is not 1 and a missing factor of s shows."""
+IMPLEMENTATIONS = list(peft_ops.IMPLEMENTATIONS)  # the fused GEMM and the cuBLAS composition
+
+
+def make_pair(method, n, k, rank, dtype, adapter_scale=0.5, backend="triton", **kw):
+    """A kernel-backed layer (``backend``: "triton" lets the dispatcher choose, "fused" or "composed"
+    forces one) with random adapter values, and its float64 oracle twin. alpha ≠ rank, so the scale
+    s = alpha / rank is not 1 and a missing factor of s shows."""
     base = nn.Linear(k, n).to(DEVICE, dtype)
-    layer = peft_ops.LAYER_CLASSES[method](base, rank, alpha=1.5 * rank, backend="triton",
+    layer = peft_ops.LAYER_CLASSES[method](base, rank, alpha=1.5 * rank, backend=backend,
                                            **method_options(method), **kw)
     randomize_adapters(layer, adapter_scale)
     if method == "tlora":  # a random learnable scale can leave the adapter's share too small to check
@@ -43,11 +47,12 @@ def check_forward(layer, ref, x):
     assert rel_error(y, expected) < TOLERANCE[x.dtype]
 
 
+@pytest.mark.parametrize("backend", IMPLEMENTATIONS)
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 17, 300])
-def test_forward(method, dtype, m):
-    layer, ref = make_pair(method, 90, 70, 3, dtype)  # N, K: multiples of no block size
+def test_forward(backend, method, dtype, m):
+    layer, ref = make_pair(method, 90, 70, 3, dtype, backend=backend)  # N, K: multiples of no block size
     check_forward(layer, ref, randn(m, 70, device=DEVICE, dtype=dtype))
 
 

@@ -59,6 +59,22 @@ def test_more_than_65535_row_blocks():
         assert rel_error(out[last], expected) < TOLERANCE[torch.bfloat16], in_loop
 
 
+@pytest.mark.parametrize("m, n", [((2**31) // 4096 + 4096, 4096), (2**23 + 1, 64)], ids=["2^31-elements", "65535-blocks"])
+def test_composition_past_2_31_elements_and_65535_row_blocks(m, n):
+    """The cuBLAS composition (F.linear, then kernels.add_lowrank_ in place): an output of more than 2³¹
+    elements, and more than 65535 blocks of rows, with output dropout; the tail rows checked."""
+    r, k = 16, 64
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 8
+    down, expand = torch.randn(k, r, device=DEV) / 8, torch.randn(n, r, device=DEV)
+    out, t = peft_ops.dispatch.composed_lowrank_linear(x, w, None, down, expand, 0.5, dropout_p=0.1,
+                                                       dropout_site="output", seed=5, store_t=True)
+    last = slice(m - 1000, m)
+    mask = kernels.dropout_mask(5, m, n, 0.1, DEV)[last]
+    expected = F.linear(x[last].float(), w.float()) + mask / 0.9 * (0.5 * (x[last].float() @ down) @ expand.T)
+    assert rel_error(out[last], expected) < TOLERANCE[torch.bfloat16]
+
+
 def test_column_major_input_past_2_31_elements():
     """A transposed view as the input: the K offsets are multiplied by a stride of M, past 2³¹."""
     m, k, n, r = 2**19 + 16, 4200, 32, 8
