@@ -357,13 +357,13 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
     (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
     float32 values of the tile and of t per thread (128 elsewhere); D tiles of at most 128×64 in the
     K-loop, and at most 64 values of t per thread in the shrink kernel; under "tf32x3" (three products
-    per dot) tiles of at most 64×64 and BLOCK_K ≤ 32. The GEMM epilogue walks a t read from memory in
+    per dot) tiles of at most 64×64, at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read from memory in
     rank steps of at most 64, so ranks above 64 add no registers there."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
-        if precision == "tf32x3":
-            return tile <= 64 * 64 and bk <= 32
+        if precision == "tf32x3":  # the shrink's t: half the values per thread of the 16-bit case
+            return bk <= 32 and (bm * block_r <= 32 * threads if kind == "shrink" else tile <= 64 * 64)
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
         if kind == "shrink":
