@@ -104,24 +104,43 @@ def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
-def _epilogue_part(acc, m0, n0, t, offs_r, in_r, M, N, expand_ptr, stride_en, stride_er, bias_ptr, stride_b,
-                   out, stride_om, stride_on, bias_cols, seed, drop_threshold,
-                   ADD_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                   DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr):
+def _epilogue_part(acc, m0, n0, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er,
+                   bias_ptr, stride_b, out, stride_om, stride_on, bias_cols, seed, drop_threshold,
+                   ADD_LOW_RANK: tl.constexpr, T_IN_REGISTERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DROPOUT: tl.constexpr, DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
     """Columns ``n0 ...`` of the output tile at rows ``m0 ...``: ``acc`` (float32, BLOCK_M × EPILOGUE_N)
-    plus the rank-r term (``t``: float32, already scaled) plus the bias (its first ``bias_cols`` columns:
-    N, or 0 in all splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``,
-    else a pointer."""
+    plus ``t_scale`` times the rank-r term plus the bias (its first ``bias_cols`` columns: N, or 0 in all
+    splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``, else a pointer.
+    ``t``: the float32 t tile (``T_IN_REGISTERS``, already scaled; BLOCK_R ≤ 64), else read from
+    ``t_ptr`` (rows where ``t_rows``) in rank steps of at most 64: whole float32 t and E tiles at
+    rank 128–256 spilled registers."""
     offs_m = m0 + tl.arange(0, acc.shape[0])
     offs_n = n0 + tl.arange(0, acc.shape[1])
     in_m, in_n = offs_m < M, offs_n < N
     if ADD_LOW_RANK:
-        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+        if DROPOUT == DROP_OUTPUT:  # a second float32 tile: the mask applies to the rank-r term only
+            low_rank = tl.zeros(acc.shape, dtype=tl.float32)
+        else:  # straight into acc
+            low_rank = acc
+        if T_IN_REGISTERS:
+            offs_r = tl.arange(0, BLOCK_R)
+            e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
+            low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
+        else:
+            RANK_STEP: tl.constexpr = min(BLOCK_R, 64)
+            t_offs_m = m0.to(tl.int64) + tl.arange(0, acc.shape[0])
+            for r0 in tl.range(0, R, RANK_STEP, num_stages=1):  # unpipelined: stages of t and E tiles spilled
+                offs_r = r0 + tl.arange(0, RANK_STEP)
+                in_r = offs_r < R
+                t_step = _load_tile(t_ptr, t_offs_m, offs_r, stride_tm, 1, t_rows, in_r) * t_scale
+                e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+                low_rank = tl.dot(t_step, e, low_rank, input_precision=PRECISION)
         if DROPOUT == DROP_OUTPUT:  # the mask of this sub-tile only: a whole tile's spilled registers
             keep = keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1])
-            acc += tl.where(keep, tl.dot(t, e, input_precision=PRECISION), 0.0)
-        else:  # straight into acc: no second float32 tile
-            acc = tl.dot(t, e, acc, input_precision=PRECISION)
+            acc += tl.where(keep, low_rank, 0.0)
+        else:
+            acc = low_rank
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < bias_cols, other=0.0).to(tl.float32)[None, :]
     if DESCRIPTOR_STORE:
@@ -197,18 +216,16 @@ def _lowrank_linear_kernel(
                 t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
                                  seed, drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
 
-        if HAS_LOW_RANK:
-            if SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
-                if DROPOUT == DROP_INPUT:
-                    t = t * drop_scale
-                if STORE_T:
-                    if pid_n == 0:  # every N-block computed the same t; the first one writes it (split_k is 1)
-                        tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
-                                 mask=in_m[:, None] & in_r[None, :])
-            else:  # t given: the rank-r term from the first split only
-                t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :],
-                            mask=(offs_m < M * (split == 0))[:, None] & in_r[None, :], other=0.0)
-            t = t * (scale * drop_scale if DROPOUT == DROP_OUTPUT else scale)
+        t_scale = scale * drop_scale if DROPOUT == DROP_OUTPUT else scale
+        t_rows = offs_m < M * (split == 0)  # t given: the rank-r term from the first split only
+        if HAS_LOW_RANK and SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
+            if DROPOUT == DROP_INPUT:
+                t = t * drop_scale
+            if STORE_T:
+                if pid_n == 0:  # every N-block computed the same t; the first one writes it (split_k is 1)
+                    tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
+                             mask=in_m[:, None] & in_r[None, :])
+            t = t * t_scale
         if PARTIAL:
             out = out_ptr + split.to(tl.int64) * M * N
         elif TMA:
@@ -227,9 +244,10 @@ def _lowrank_linear_kernel(
                 right_left, right_right = _halves(right)
                 parts = (left_left, left_right, right_left, right_right)
         for i in tl.static_range(len(parts)):
-            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, offs_r, in_r, M, N, expand_ptr, stride_en, stride_er,
-                           bias_ptr, stride_b, out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
-                           HAS_LOW_RANK, HAS_BIAS, DROPOUT, TMA and not PARTIAL, PRECISION)
+            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N,
+                           expand_ptr, stride_en, stride_er, bias_ptr, stride_b, out, stride_om, stride_on,
+                           N * (split == 0), seed, drop_threshold, HAS_LOW_RANK, SHRINK_IN_LOOP, HAS_BIAS, DROPOUT,
+                           TMA and not PARTIAL, PRECISION, BLOCK_R)
 
 
 @triton.jit
@@ -339,13 +357,13 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
     (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
     float32 values of the tile and of t per thread (128 elsewhere); D tiles of at most 128×64 in the
     K-loop, and at most 64 values of t per thread in the shrink kernel; under "tf32x3" (three products
-    per dot) tiles of at most 64×64 and BLOCK_K ≤ 32. Ranks above 64 can still spill (the GEMM
-    epilogue's t tile)."""
+    per dot) tiles of at most 64×64, at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read from memory in
+    rank steps of at most 64, so ranks above 64 add no registers there."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
-        if precision == "tf32x3":
-            return tile <= 64 * 64 and bk <= 32
+        if precision == "tf32x3":  # the shrink's t: half the values per thread of the 16-bit case
+            return bk <= 32 and (bm * block_r <= 32 * threads if kind == "shrink" else tile <= 64 * 64)
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
         if kind == "shrink":

@@ -16,7 +16,9 @@ from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["rank_reduce"]
 
-_BLOCK_M, _BLOCK_P = (32, 32) if INTERPRET else (64, 64)
+# 16 rows a step: b is float32, so the dot runs as tf32x3 (each operand split into a high and a low part),
+# and 64-row a and b tiles spilled registers (compiled for sm_90; tests/test_sm90_compile.py checks)
+_BLOCK_M, _BLOCK_P = (32, 32) if INTERPRET else (16, 64)
 
 
 @triton.jit

@@ -161,8 +161,9 @@ def variants(which: str):
                                       drop))
             out.append(_variant(reduce, triton.Config({}), dtype, {"b_ptr": "*fp32", "partial_ptr": "*fp32",
                                                                    "seed_ptr": "*i64"},
-                                dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"], BLOCK_M=64,
-                                     BLOCK_P=64, BLOCK_R=64)))  # b is float32 whatever a is
+                                dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"],
+                                     BLOCK_M=reductions._BLOCK_M, BLOCK_P=reductions._BLOCK_P,
+                                     BLOCK_R=64)))  # b is float32 whatever a is
         out.append(_variant(fl._sum_splits_kernel, triton.Config({}), dtype, {"partial_ptr": "*fp32"},
                             dict(BLOCK=1024)))
     # int64 sizes, as for tensors past 2³¹ elements
