@@ -536,6 +536,8 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
                  dropout, store_t, block_r, config, path):
     m, k = a.shape
     n = weight.shape[0]
+    if dropout == DROP_INPUT.value and not shrink_in_loop:
+        dropout = NO_DROPOUT.value  # t came masked from the shrink kernel: the GEMM itself drops nothing
     path, w_transposed = _gemm_path(path, a, weight)
     tma = path == "tma"
     decode = m <= _DECODE_MAX_M

@@ -80,6 +80,8 @@ def variants(which: str):
         """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
         "backward" (contiguous g; W transposed). ``path``: "pointer" or "tma" (which needs a layout)."""
         c = dict(base, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward", **flags)
+        if c["DROPOUT"] == 1 and not c["SHRINK_IN_LOOP"]:  # as the launcher: t comes masked from the shrink
+            c["DROPOUT"] = 0
         if c["PARTIAL"]:  # split-K partial sums: the output is float32
             c["STORE_T"] = False
         kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
@@ -370,8 +372,10 @@ def label(v) -> str:
 
 
 def _variants(which: str):
-    """The variants of ``which``: "paths", "configs", "tutorials" or "bank"."""
-    return {"tutorials": tutorial_variants, "bank": bank_variants}.get(which, lambda: variants(which))()
+    """The variants of ``which``: "paths", "configs", "tutorials" or "bank", each once (two branches of the
+    enumeration may reach the same variant, as input dropout without an in-loop shrink compiles as none)."""
+    every = {"tutorials": tutorial_variants, "bank": bank_variants}.get(which, lambda: variants(which))()
+    return list({label(v): v for v in every}.values())
 
 
 def table_row(v, r) -> str:
