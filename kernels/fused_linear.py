@@ -357,13 +357,13 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
     spill): tiles larger than 128×128 only without the output-side dropout and the in-loop shrink
     (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
     float32 values of the tile and of t per thread (128 elsewhere); with the in-loop shrink (M ≤ 64 by
-    default) on the pointer path tiles of at most 64×64 (128×128 and 64×128 tiles with the input dropout in the loop get
-    ptxas's C7511 advisory: wgmma serialized); D tiles of at most 128×64 in the
-    K-loop, and at most 64 values of t per thread and BLOCK_K ≤ 64 in the shrink kernel (32×128 tiles of
-    a with the input dropout's masked copy spill 8 B); under "tf32x3" (three products
-    per dot) tiles of at most 64×64 (32×32 at rank blocks of 128 and more: 64×64 and 32×64 tiles spill
-    56–128 B there), at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read from memory in
-    rank steps of at most 64, so ranks above 64 add no registers there."""
+    default) on the pointer path, tiles of at most 64×64 (128×128 and 64×128 tiles with the input
+    dropout in the loop get ptxas's C7511 advisory: wgmma serialized); D tiles of at most 128×64 in the
+    K-loop; in the shrink kernel at most 64 values of t per thread and BLOCK_K ≤ 64 (32×128 tiles of a
+    with the input dropout's masked copy spill 8 B); under "tf32x3" (three products per dot) tiles of at
+    most 64×64, and 32×32 at rank blocks of 128 and more (64×64 and 32×64 tiles spill 56–128 B there),
+    at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read
+    from memory in rank steps of at most 64, so in 16-bit ranks above 64 add no registers there."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
