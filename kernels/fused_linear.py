@@ -300,15 +300,16 @@ GEMM_CONFIGS = [triton.Config({**tile, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stag
                     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, 4, 4),
                     ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 32}, 4, 8),
                     ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4),
-                    ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4))]
+                    ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 32}, 3, 4),
+                    ({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, 3, 4))]
 # the descriptor path's: Triton's tutorial 09 family (128-row tiles, 4 or 8 warps)
 TMA_GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8, "EPILOGUE_N": 64},
                   num_stages=stages, num_warps=warps)
     for block_n in (128, 256) for block_k in (64, 128) for stages in (3, 4) for warps in (4, 8)] + [
-    triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
-                  num_stages=3, num_warps=4)  # float32 under tf32x3, and large ranks
-    for block_m in (64, 32)]
+    triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": epilogue_n},
+                  num_stages=3, num_warps=4)  # float32 under tf32x3, and large ranks (32×32: its epilogue in
+    for block_m, block_n, epilogue_n in ((64, 64, 32), (32, 64, 32), (32, 32, 16))]  # 16 columns, or it spills)
 # M ≤ 16 (either path): 16-row tiles and narrow N-blocks, for more programs reading W; four warps (with
 # two, pointer loads of general strides spill: they are not asynchronous and stay in registers)
 DECODE_GEMM_CONFIGS = [
@@ -355,19 +356,26 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
     """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
     spill): tiles larger than 128×128 only without the output-side dropout and the in-loop shrink
     (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
-    float32 values of the tile and of t per thread (128 elsewhere); D tiles of at most 128×64 in the
-    K-loop, and at most 64 values of t per thread in the shrink kernel; under "tf32x3" (three products
-    per dot) tiles of at most 64×64, at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read from memory in
-    rank steps of at most 64, so ranks above 64 add no registers there."""
+    float32 values of the tile and of t per thread (128 elsewhere); with the in-loop shrink (M ≤ 64 by
+    default) on the pointer path, tiles of at most 64×64 (128×128 and 64×128 tiles with the input
+    dropout in the loop get ptxas's C7511 advisory: wgmma serialized); D tiles of at most 128×64 in the
+    K-loop; in the shrink kernel at most 64 values of t per thread and BLOCK_K ≤ 64 (32×128 tiles of a
+    with the input dropout's masked copy spill 8 B); under "tf32x3" (three products per dot) tiles of at
+    most 64×64, and 32×32 at rank blocks of 128 and more (64×64 and 32×64 tiles spill 56–128 B there),
+    at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read
+    from memory in rank steps of at most 64, so in 16-bit ranks above 64 add no registers there."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
         if precision == "tf32x3":  # the shrink's t: half the values per thread of the 16-bit case
-            return bk <= 32 and (bm * block_r <= 32 * threads if kind == "shrink" else tile <= 64 * 64)
+            return bk <= 32 and (bm * block_r <= 32 * threads if kind == "shrink"
+                                 else tile <= (64 * 64 if block_r < 128 else 32 * 32))
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
-        if kind == "shrink":
-            return bm * block_r <= 64 * threads
+        if kind == "shrink":  # BLOCK_K ≤ 64: 128 spills with the input dropout's masked copy of a
+            return bk <= 64 and bm * block_r <= 64 * threads
+        if kind == "gemm_in_loop" and path == "pointer" and tile > 64 * 64:
+            return False  # serialized wgmma (ptxas C7511) with the input dropout in the loop
         if output_dropout or kind == "gemm_in_loop":  # float32 acc and t per thread: 128×128 needs 8 warps
             return tile <= 128 * 128 and tile + bm * block_r <= 96 * threads
         return tile <= 128 * threads
@@ -408,13 +416,10 @@ if INTERPRET:
     _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 64})]
 else:
     # for float32 under tf32x3 and for large ranks, whose epilogues need the most memory and registers
-    _SMALL_TILES = [triton.Config({"BLOCK_M": block_m, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "EPILOGUE_N": 32},
-                                  num_stages=3, num_warps=4) for block_m in (64, 32)]
-    _PREFERRED_GEMM = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=8),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
-                      num_stages=3, num_warps=4)] + _SMALL_TILES
+    _SMALL_TILES = TMA_GEMM_CONFIGS[-3:]
+    # On Hopper the pointer path serves general strides, whose loads stay in registers: with an adapter,
+    # 128×128 tiles spill 8–224 B or get ptxas's C7511 (with BLOCK_K 64 or 32), 64×128 ones 168–1080 B
+    _PREFERRED_GEMM = _SMALL_TILES
     _PREFERRED_TMA_GEMM = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8, "EPILOGUE_N": 64},
                       num_stages=3, num_warps=8) for block_n in (256, 128)] + _SMALL_TILES

@@ -196,11 +196,11 @@ def variants(which: str):
 
 
 def tutorial_variants():
-    """The tutorial-style GEMMs of bench/tutorial_gemms.py in bfloat16, on the 16-bit forward's default
-    tile and on the largest autotune tile, specialised as our "forward" layout is (unit K-strides,
+    """The tutorial-style GEMMs of bench/tutorial_gemms.py in bfloat16, on the descriptor path's default
+    128×128 tile and on the largest autotune tile, specialised as our "forward" layout is (unit K-strides,
     16-divisible sizes)."""
     out = []
-    for ours in (fused_linear._PREFERRED_GEMM[0], fused_linear.GEMM_CONFIGS[0]):
+    for ours in (fused_linear._PREFERRED_TMA_GEMM[1], fused_linear.GEMM_CONFIGS[0]):
         # the same tile, without our kernel's own keys (the epilogue's sub-tile width)
         config = triton.Config({k: v for k, v in ours.kwargs.items() if k != "EPILOGUE_N"},
                                num_warps=ours.num_warps, num_stages=ours.num_stages)
