@@ -11,6 +11,9 @@ The backward's ``dx = g W + s·(g U)(D Cᵀ)ᵀ`` is the same kernel with ``a = 
 ``t`` comes either from the GEMM's own K-loop (one more ``tl.dot`` on the ``a`` tile already loaded;
 no second read of ``a``, but repeated for every N-block: cheap when M is small) or from a separate
 shrink kernel run first (reads ``a`` once more; the GEMM then only loads ``t``). The launcher picks.
+Input-side dropout is always the shrink kernel's: its mask generated in the GEMM's K-loop serialized
+the wgmma pipeline (ptxas C7511, compiled for sm_90, at every tile tried), and re-reading ``a`` costs
+little at the small M where the in-loop shrink pays.
 The M×N output is written once; rank-r intermediates and all accumulation are float32.
 
 Two ways to move the GEMM's operands (``path``), one kernel:
@@ -55,9 +58,6 @@ _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R floa
 # padded columns of D load as zeros.
 _LOOP_SHRINK_MIN_BLOCK_R = 32
 _DECODE_MAX_M = 16
-
-# where dropout applies; tl.constexpr because compiled kernels may only read constexpr globals
-NO_DROPOUT, DROP_INPUT, DROP_OUTPUT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -107,22 +107,21 @@ def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 def _epilogue_part(acc, m0, n0, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er,
                    bias_ptr, stride_b, out, stride_om, stride_on, bias_cols, seed, drop_threshold,
                    ADD_LOW_RANK: tl.constexpr, T_IN_REGISTERS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DROPOUT: tl.constexpr, DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr,
+                   OUTPUT_DROPOUT: tl.constexpr, DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_R: tl.constexpr):
     """Columns ``n0 ...`` of the output tile at rows ``m0 ...``: ``acc`` (float32, BLOCK_M × EPILOGUE_N)
     plus ``t_scale`` times the rank-r term plus the bias (its first ``bias_cols`` columns: N, or 0 in all
     splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``, else a pointer.
     ``t``: the float32 t tile (``T_IN_REGISTERS``, already scaled; BLOCK_R ≤ 64), else read from
     ``t_ptr`` (rows where ``t_rows``) in rank steps of at most 64: whole float32 t and E tiles at
-    rank 128–256 spilled registers."""
+    rank 128–256 spilled registers. The rank-r term gets its own float32 accumulator, added to ``acc``
+    after its dot: accumulating into ``acc`` itself (a part of the main loop's wgmma accumulator) made
+    ptxas serialize the main loop's wgmma in variants without bias (C7511)."""
     offs_m = m0 + tl.arange(0, acc.shape[0])
     offs_n = n0 + tl.arange(0, acc.shape[1])
     in_m, in_n = offs_m < M, offs_n < N
     if ADD_LOW_RANK:
-        if DROPOUT == DROP_OUTPUT:  # a second float32 tile: the mask applies to the rank-r term only
-            low_rank = tl.zeros(acc.shape, dtype=tl.float32)
-        else:  # straight into acc
-            low_rank = acc
+        low_rank = tl.zeros(acc.shape, dtype=tl.float32)
         if T_IN_REGISTERS:
             offs_r = tl.arange(0, BLOCK_R)
             e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
@@ -136,11 +135,9 @@ def _epilogue_part(acc, m0, n0, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N, e
                 t_step = _load_tile(t_ptr, t_offs_m, offs_r, stride_tm, 1, t_rows, in_r) * t_scale
                 e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
                 low_rank = tl.dot(t_step, e, low_rank, input_precision=PRECISION)
-        if DROPOUT == DROP_OUTPUT:  # the mask of this sub-tile only: a whole tile's spilled registers
-            keep = keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1])
-            acc += tl.where(keep, low_rank, 0.0)
-        else:
-            acc = low_rank
+        if OUTPUT_DROPOUT:  # the mask of this sub-tile only: a whole tile's spilled registers
+            low_rank = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1]), low_rank, 0.0)
+        acc += low_rank
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < bias_cols, other=0.0).to(tl.float32)[None, :]
     if DESCRIPTOR_STORE:
@@ -160,13 +157,14 @@ def _lowrank_linear_kernel(
         split_k,  # K is cut into this many ranges of whole BLOCK_K steps
         M_BUCKET,  # autotune key only
         HAS_BIAS: tl.constexpr, HAS_LOW_RANK: tl.constexpr, SHRINK_IN_LOOP: tl.constexpr,
-        DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
+        OUTPUT_DROPOUT: tl.constexpr, STORE_T: tl.constexpr,
         TMA: tl.constexpr, W_TRANSPOSED: tl.constexpr, PARTIAL: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
         GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr):
     """``TMA``: descriptor loads of a and W (``W_TRANSPOSED``: W has unit stride along N), descriptor
-    stores of the output. ``PARTIAL``: ``out_ptr`` is float32 ``split_k × M × N`` partial sums."""
+    stores of the output. ``PARTIAL``: ``out_ptr`` is float32 ``split_k × M × N`` partial sums.
+    ``OUTPUT_DROPOUT``: the mask on the rank-r term (input-side dropout is the shrink kernel's)."""
     if TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
@@ -180,7 +178,7 @@ def _lowrank_linear_kernel(
             out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
                                                  block_shape=[BLOCK_M, EPILOGUE_N])
     seed = 0
-    if DROPOUT != NO_DROPOUT:
+    if OUTPUT_DROPOUT:
         seed = tl.load(seed_ptr)
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < R
@@ -214,13 +212,11 @@ def _lowrank_linear_kernel(
             acc = _mma(a, w, acc, UPCAST, PRECISION)
             if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
                 t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
-                                 seed, drop_threshold, DROPOUT == DROP_INPUT, UPCAST, PRECISION)
+                                 seed, drop_threshold, False, UPCAST, PRECISION)
 
-        t_scale = scale * drop_scale if DROPOUT == DROP_OUTPUT else scale
+        t_scale = scale * drop_scale if OUTPUT_DROPOUT else scale
         t_rows = offs_m < M * (split == 0)  # t given: the rank-r term from the first split only
         if HAS_LOW_RANK and SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
-            if DROPOUT == DROP_INPUT:
-                t = t * drop_scale
             if STORE_T:
                 if pid_n == 0:  # every N-block computed the same t; the first one writes it (split_k is 1)
                     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t,
@@ -246,8 +242,8 @@ def _lowrank_linear_kernel(
         for i in tl.static_range(len(parts)):
             _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N,
                            expand_ptr, stride_en, stride_er, bias_ptr, stride_b, out, stride_om, stride_on,
-                           N * (split == 0), seed, drop_threshold, HAS_LOW_RANK, SHRINK_IN_LOOP, HAS_BIAS, DROPOUT,
-                           TMA and not PARTIAL, PRECISION, BLOCK_R)
+                           N * (split == 0), seed, drop_threshold, HAS_LOW_RANK, SHRINK_IN_LOOP, HAS_BIAS,
+                           OUTPUT_DROPOUT, TMA and not PARTIAL, PRECISION, BLOCK_R)
 
 
 @triton.jit
@@ -325,22 +321,20 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
                         path: str = "pointer") -> int:
     """An upper bound on a config's shared memory. ``kind``: "shrink", "gemm" (t from the shrink kernel),
     "gemm_in_loop" (t computed in the K-loop) or "plain" (no adapter). Each pipeline stage holds its
-    input tiles (D too when t is computed alongside, in a's dtype), plus one more a tile for the
-    dropout-masked copy. The epilogue's float32 t and E sub-tiles are staged for their dot, twice over
-    under "tf32x3" (each is split into a high and a low tf32 part: 384 KiB for 64×128 tiles at rank
-    256 before the epilogue was subtiled), and so is their float32 product. On the pointer path the
-    epilogue reuses the pipeline's
-    memory once the K-loop is done; on the "tma" path the next tile's loads are in flight during the
-    epilogue, so the two add up, plus the staging buffer of the descriptor store. tests/test_sm90_compile.py
-    checks the bound against the compiler's own numbers."""
+    input tiles (D too when t is computed alongside, in a's dtype); the shrink kernel's one more a tile
+    for the dropout-masked copy. The epilogue's float32 t and E sub-tiles are staged for their dot,
+    twice over under "tf32x3" (each is split into a high and a low tf32 part: 384 KiB for 64×128 tiles
+    at rank 256 before the epilogue was subtiled), and so is their float32 product. On the pointer path
+    the epilogue reuses the pipeline's memory once the K-loop is done; on the "tma" path the next
+    tile's loads are in flight during the epilogue, so the two add up, plus the staging buffer of the
+    descriptor store. tests/test_sm90_compile.py checks the bound against the compiler's own numbers."""
     c = config.kwargs
     bm, bk = c["BLOCK_M"], c["BLOCK_K"]
-    masked_a = bm * bk * element_size  # a tile rewritten by the dropout mask is staged again for the dot
-    if kind == "shrink":
-        return config.num_stages * (bm + block_r) * bk * element_size + masked_a
+    if kind == "shrink":  # plus the a tile rewritten by the dropout mask, staged again for the dot
+        return config.num_stages * (bm + block_r) * bk * element_size + bm * bk * element_size
     bn, sub_n = c["BLOCK_N"], c["EPILOGUE_N"]
     if kind == "gemm_in_loop":
-        pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size + masked_a
+        pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
     # t and an E sub-tile (split in two under tf32x3), and the float32 sub-tile of their product
@@ -354,16 +348,26 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
 def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str, path: str = "pointer",
                     output_dropout: bool = False) -> list:
     """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
-    spill): tiles larger than 128×128 only without the output-side dropout and the in-loop shrink
-    (128×256 tiles then take 249–255 registers and spill in the main loop), and there at most 96
-    float32 values of the tile and of t per thread (128 elsewhere); with the in-loop shrink (M ≤ 64 by
-    default) on the pointer path, tiles of at most 64×64 (128×128 and 64×128 tiles with the input
-    dropout in the loop get ptxas's C7511 advisory: wgmma serialized); D tiles of at most 128×64 in the
-    K-loop; in the shrink kernel at most 64 values of t per thread and BLOCK_K ≤ 64 (32×128 tiles of a
-    with the input dropout's masked copy spill 8 B); under "tf32x3" (three products per dot) tiles of at
-    most 64×64, and 32×32 at rank blocks of 128 and more (64×64 and 32×64 tiles spill 56–128 B there),
-    at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32. The GEMM epilogue walks a t read
-    from memory in rank steps of at most 64, so in 16-bit ranks above 64 add no registers there."""
+    spill or get ptxas's C7511 advisory, wgmma serialized):
+
+    * with the output-side dropout: tiles of at most 128×128 and at most 96 float32 values of the tile
+      and of t per thread (128×256 tiles took 249–255 registers and spilled in the main loop);
+    * with the in-loop shrink in 16-bit (it serves M ≤ 64, where reading W is the work): tiles of at
+      most 32 rows, which run on mma.sync (a second wgmma accumulator in the K-loop, t's, made ptxas
+      serialize the wgmma of 64×64 and 128×128 tiles or spill, depending on bias, BLOCK_R and
+      stages), the same 96 values per thread, and D tiles of at most 128×64 in the K-loop;
+    * otherwise at most 160 float32 values per thread of the tile and of the epilogue's rank-r
+      sub-tile (its own accumulator: 128×128 tiles on 4 warps and 256×128 on 8 spilled 184–248 B);
+    * on the pointer path (general strides: its loads stay in registers) at rank blocks of 128 and
+      more, tiles of at most 32×64 (64×64 spilled 16 B);
+    * in the shrink kernel at most 64 values of t per thread and BLOCK_K ≤ 64 (32×128 tiles of a with
+      the input dropout's masked copy spilled 8 B);
+    * under "tf32x3" (three products per dot) tiles of at most 64×64, and 32×32 at rank blocks of
+      128 and more (64×64 and 32×64 tiles spilled 56–128 B there), at most 32 values of t per thread
+      in the shrink, and BLOCK_K ≤ 32.
+
+    The GEMM epilogue walks a t read from memory in rank steps of at most 64, so in 16-bit ranks above
+    64 add no registers there."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
@@ -372,13 +376,16 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
                                  else tile <= (64 * 64 if block_r < 128 else 32 * 32))
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
-        if kind == "shrink":  # BLOCK_K ≤ 64: 128 spills with the input dropout's masked copy of a
+        if kind == "shrink":
             return bk <= 64 and bm * block_r <= 64 * threads
-        if kind == "gemm_in_loop" and path == "pointer" and tile > 64 * 64:
-            return False  # serialized wgmma (ptxas C7511) with the input dropout in the loop
-        if output_dropout or kind == "gemm_in_loop":  # float32 acc and t per thread: 128×128 needs 8 warps
+        if kind == "gemm_in_loop" and bm > 32:
+            return False
+        if path == "pointer" and kind != "plain" and block_r >= 128 and tile > 32 * 64:
+            return False
+        if output_dropout or kind == "gemm_in_loop":
             return tile <= 128 * 128 and tile + bm * block_r <= 96 * threads
-        return tile <= 128 * threads
+        rank_r_part = 0 if kind == "plain" else bm * c.kwargs["EPILOGUE_N"]
+        return tile + rank_r_part <= 160 * threads
 
     return [c for c in configs if registers_fit(c)
             and shared_memory_bytes(c, kind, block_r, element_size, precision, path) <= SHARED_MEMORY]
@@ -391,15 +398,15 @@ def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
 def _prune_gemm(configs, named_args, **meta):
     kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
     return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"],
-                           "tma" if meta["TMA"] else "pointer", meta["DROPOUT"] == DROP_OUTPUT.value)
+                           "tma" if meta["TMA"] else "pointer", meta["OUTPUT_DROPOUT"])
 
 
 def _prune_shrink(configs, named_args, **meta):
     return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"])
 
 
-_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "DROPOUT", "HAS_BIAS", "PRECISION",
-             "TMA", "W_TRANSPOSED", "split_k"]
+_GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "OUTPUT_DROPOUT", "HAS_BIAS",
+             "PRECISION", "TMA", "W_TRANSPOSED", "split_k"]
 _gemm_tuned = {("pointer", False): autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("tma", False): autotuned(_lowrank_linear_kernel, TMA_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("pointer", True): autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
@@ -538,11 +545,9 @@ def _descriptor_scratch(size: int, alignment: int, stream):
 
 
 def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, *, has_low_rank, shrink_in_loop,
-                 dropout, store_t, block_r, config, path):
+                 output_dropout, store_t, block_r, config, path):
     m, k = a.shape
     n = weight.shape[0]
-    if dropout == DROP_INPUT.value and not shrink_in_loop:
-        dropout = NO_DROPOUT.value  # t came masked from the shrink kernel: the GEMM itself drops nothing
     path, w_transposed = _gemm_path(path, a, weight)
     tma = path == "tma"
     decode = m <= _DECODE_MAX_M
@@ -559,9 +564,9 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
         stride_om=partial.stride(-2), stride_on=partial.stride(-1),
         scale=float(scale), seed_ptr=seed_arg(seed, dropout_p, a), drop_threshold=dropout_threshold(dropout_p),
         drop_scale=1.0 / (1.0 - dropout_p), split_k=split_k, M_BUCKET=_m_bucket(m),
-        HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop, DROPOUT=dropout,
-        STORE_T=store_t, TMA=tma, W_TRANSPOSED=w_transposed, PARTIAL=split_k > 1, UPCAST=INTERPRET,
-        PRECISION=dot_precision(a.dtype), BLOCK_R=block_r)
+        HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
+        OUTPUT_DROPOUT=output_dropout, STORE_T=store_t, TMA=tma, W_TRANSPOSED=w_transposed, PARTIAL=split_k > 1,
+        UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype), BLOCK_R=block_r)
     programs = multiprocessors(a.device) if tma and not decode else None  # persistent
 
     def grid(c):
@@ -572,7 +577,7 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     preferred = _PREFERRED_DECODE_GEMM if decode else _PREFERRED_TMA_GEMM if tma else _PREFERRED_GEMM
     _run(_lowrank_linear_kernel, _gemm_tuned[path, decode], grid, kwargs, config,
          lambda: default_config(preferred, kind, block_r, a.element_size(), kwargs["PRECISION"], path,
-                                dropout == DROP_OUTPUT.value))
+                                output_dropout))
     if split_k > 1:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(triton.cdiv(m * n, block),)](
@@ -589,9 +594,10 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``weight`` may be a transposed view). ``out`` has ``a``'s dtype. ``t = drop_in(a) D`` (M×r, float32)
     is returned when ``store_t`` (else None). ``dropout_site`` is ``"input"`` (on ``a`` inside the
     adapter path) or ``"output"`` (on the rank-r term). ``shrink_in_loop`` forces where ``t`` is
-    computed (None: the launcher decides by shape); ``config`` forces the GEMM's configuration. A given
-    ``t`` (M×r, float32) is used as is instead of computing it (``down`` is then not read), for callers that
-    transform t between the shrink and the expand; input-side dropout is then theirs to apply.
+    computed (None: the launcher decides by shape; never in the loop with input-side dropout, see the
+    module's docstring); ``config`` forces the GEMM's configuration. A given ``t`` (M×r, float32) is
+    used as is instead of computing it (``down`` is then not read), for callers that transform t
+    between the shrink and the expand; input-side dropout is then theirs to apply.
     ``path``: "tma", "pointer" or None (the launcher picks; see the module's docstring)."""
     m, k = a.shape
     n = weight.shape[0]
@@ -602,23 +608,26 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)
     block_r = rank_block(rank)
     down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
-    dropout = (NO_DROPOUT if dropout_p == 0 else DROP_INPUT if dropout_site == "input" else DROP_OUTPUT).value
+    input_dropout = dropout_p > 0 and dropout_site == "input"
     if t is not None:
-        if dropout == DROP_INPUT.value or shrink_in_loop or t.shape != (m, rank) or t.dtype != torch.float32:
+        if input_dropout or shrink_in_loop or t.shape != (m, rank) or t.dtype != torch.float32:
             raise ValueError(f"t: a given t must be float32 of shape {(m, rank)}, without input-side dropout "
                              f"or an in-loop shrink; got {t.dtype} {tuple(t.shape)}")
         shrink_in_loop = False
     else:
+        if shrink_in_loop and input_dropout:
+            raise ValueError("shrink_in_loop=True: input-side dropout is applied by the shrink kernel only; "
+                             "pass shrink_in_loop=None or False")
         if shrink_in_loop is None:
-            shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK
+            shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK and not input_dropout
         if shrink_in_loop:
             block_r = max(block_r, _LOOP_SHRINK_MIN_BLOCK_R)
             t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
         else:
-            t = shrink(a, down, dropout_p=dropout_p if dropout == DROP_INPUT.value else 0.0, seed=seed)
+            t = shrink(a, down, dropout_p=dropout_p if input_dropout else 0.0, seed=seed)
     _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
-                 shrink_in_loop=shrink_in_loop, dropout=dropout, store_t=store_t, block_r=block_r, config=config,
-                 path=path)
+                 shrink_in_loop=shrink_in_loop, output_dropout=dropout_p > 0 and not input_dropout, store_t=store_t,
+                 block_r=block_r, config=config, path=path)
     return out, (t if store_t else None)
 
 
@@ -629,5 +638,5 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
     if m:
         _launch_gemm(a, weight, bias, out, out, out, out, 1.0, None, 0.0, has_low_rank=False, shrink_in_loop=False,
-                     dropout=NO_DROPOUT.value, store_t=False, block_r=16, config=config, path=path)
+                     output_dropout=False, store_t=False, block_r=16, config=config, path=path)
     return out

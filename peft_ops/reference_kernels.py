@@ -71,6 +71,9 @@ def lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout
                    config=None, t=None):
     """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``, returns ``(out, t or None)``; a given
     ``t`` replaces ``drop_in(a) D``."""
+    if shrink_in_loop and dropout_p > 0 and dropout_site == "input":
+        raise ValueError("shrink_in_loop=True: input-side dropout is applied by the shrink kernel only; "
+                         "pass shrink_in_loop=None or False")
     if t is None:
         t = shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
     low_rank = _low_rank_term(t, expand, scale, dropout_p if dropout_site == "output" else 0.0, seed)

@@ -73,15 +73,15 @@ def variants(which: str):
     fl = fused_linear
     gemm, shrink, reduce = fl._lowrank_linear_kernel, fl._shrink_kernel, reductions._rank_reduce_kernel
     fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
-    base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, DROPOUT=0, STORE_T=True, TMA=False,
+    base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, OUTPUT_DROPOUT=False, STORE_T=True, TMA=False,
                 W_TRANSPOSED=False, PARTIAL=False, UPCAST=False, PRECISION="tf32", BLOCK_R=16)
 
     def gemm_variant(config, dtype, layout=None, path="pointer", **flags):
         """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
-        "backward" (contiguous g; W transposed). ``path``: "pointer" or "tma" (which needs a layout)."""
-        c = dict(base, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward", **flags)
-        if c["DROPOUT"] == 1 and not c["SHRINK_IN_LOOP"]:  # as the launcher: t comes masked from the shrink
-            c["DROPOUT"] = 0
+        "backward" (contiguous g; W transposed; no bias, as dx has none). ``path``: "pointer" or "tma"
+        (which needs a layout). Input-side dropout is the shrink kernel's: the GEMM's variant has none."""
+        c = dict(base, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward",
+                 **(dict(HAS_BIAS=False) if layout == "backward" else {}), **flags)
         if c["PARTIAL"]:  # split-K partial sums: the output is float32
             c["STORE_T"] = False
         kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
@@ -108,18 +108,22 @@ def variants(which: str):
     out = []
     if which == "configs":
         for path, configs in (("pointer", fl.GEMM_CONFIGS), ("tma", fl.TMA_GEMM_CONFIGS)):
-            for config in fl.fitting_configs(configs, "gemm_in_loop", 64, 2, "tf32", path):
-                out.append(gemm_variant(config, "bfloat16", "forward", path, SHRINK_IN_LOOP=True, DROPOUT=1,
-                                        BLOCK_R=64))
+            for config in fl.fitting_configs(configs, "gemm_in_loop", 64, 2, "tf32", path, output_dropout=True):
+                out.append(gemm_variant(config, "bfloat16", "forward", path, SHRINK_IN_LOOP=True, OUTPUT_DROPOUT=True,
+                                        HAS_BIAS=False, BLOCK_R=64))
             for config in fl.fitting_configs(configs, "gemm", 256, 2, "tf32", path, output_dropout=True):
-                out.append(gemm_variant(config, "bfloat16", "forward", path, DROPOUT=2, BLOCK_R=256))
+                out.append(gemm_variant(config, "bfloat16", "forward", path, OUTPUT_DROPOUT=True, BLOCK_R=256))
             for config in fl.fitting_configs(configs, "gemm", 16, 2, "tf32", path, output_dropout=True):
-                out.append(gemm_variant(config, "bfloat16", "backward", path, DROPOUT=2, BLOCK_R=16))
+                out.append(gemm_variant(config, "bfloat16", "backward", path, OUTPUT_DROPOUT=True, BLOCK_R=16))
             for config in fl.fitting_configs(configs, "gemm", 256, 4, PRECISION["float32"], path):  # costliest epilogue
                 out.append(gemm_variant(config, "float32", "forward", path, BLOCK_R=256,
                                         PRECISION=PRECISION["float32"]))
             for config in fl.fitting_configs(configs, "gemm", 16, 2, "tf32", path):
-                out.append(gemm_variant(config, "bfloat16", "backward", path, DROPOUT=1, BLOCK_R=16))
+                out.append(gemm_variant(config, "bfloat16", "backward", path, BLOCK_R=16))
+                for bias in (True, False):  # the forward of inference, with and without bias
+                    out.append(gemm_variant(config, "bfloat16", "forward", path, HAS_BIAS=bias, BLOCK_R=16))
+            for config in fl.fitting_configs(configs, "plain", 16, 2, "tf32", path):  # kernels.linear
+                out.append(gemm_variant(config, "bfloat16", "forward", path, HAS_LOW_RANK=False, STORE_T=False))
             for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32", path):
                 out.append(gemm_variant(config, "bfloat16", "forward", path, SHRINK_IN_LOOP=True, BLOCK_R=64,
                                         PARTIAL=True))
@@ -129,29 +133,28 @@ def variants(which: str):
     for dtype in TYPE:
         size, precision = 4 if dtype == "float32" else 2, PRECISION[dtype]
         for in_loop in (False, True):
-            for drop in (0, 1, 2):
-                if dtype == "float16" and drop != (2 if in_loop else 1):
+            for bias, drop in ((True, False), (False, False), (True, True)):
+                if dtype == "float16" and (drop if in_loop else bias):
                     continue  # fp16 compiles as bf16 does: two of its paths suffice
-                preferred = fl._PREFERRED_DECODE_GEMM if in_loop else fl._PREFERRED_GEMM
                 kind = fl._gemm_kind(True, in_loop)
-                block_r = loop_r if in_loop else 16
-                pointer = fl.default_config(preferred, kind, block_r, size, precision, "pointer", drop == 2)
-                out.append(gemm_variant(pointer, dtype, SHRINK_IN_LOOP=in_loop, DROPOUT=drop, HAS_BIAS=drop != 1,
-                                        PRECISION=precision, BLOCK_R=block_r))
-                # the descriptor path: large M (the in-loop shrink up to M = 64) and decoding (split K)
-                tma = fl.default_config(fl._PREFERRED_TMA_GEMM, kind, block_r, size, precision, "tma", drop == 2)
-                out.append(gemm_variant(tma, dtype, "forward", "tma", SHRINK_IN_LOOP=in_loop, DROPOUT=drop,
-                                        HAS_BIAS=drop != 1, PRECISION=precision, BLOCK_R=block_r))
-                if dtype != "float16":
-                    decode = fl.default_config(fl._PREFERRED_DECODE_GEMM, kind, block_r, size, precision, "tma",
-                                               drop == 2)
-                    out.append(gemm_variant(decode, dtype, "forward", "tma", SHRINK_IN_LOOP=in_loop, DROPOUT=drop,
-                                            PARTIAL=True, PRECISION=precision, BLOCK_R=block_r))
+                flags = dict(SHRINK_IN_LOOP=in_loop, OUTPUT_DROPOUT=drop, HAS_BIAS=bias, PRECISION=precision)
+                # the pointer path (at M ≤ 16 with the in-loop shrink) and the descriptor path: large M
+                # (the in-loop shrink up to M = 64) and decoding (split K)
+                for path, preferred, extra in (
+                        ("pointer", fl._PREFERRED_DECODE_GEMM if in_loop else fl._PREFERRED_GEMM, {}),
+                        ("tma", fl._PREFERRED_TMA_GEMM, {}),
+                        ("tma", fl._PREFERRED_DECODE_GEMM, dict(PARTIAL=True))):
+                    if extra and dtype == "float16":
+                        continue
+                    block_r = loop_r if in_loop else 16
+                    config = fl.default_config(preferred, kind, block_r, size, precision, path, drop)
+                    out.append(gemm_variant(config, dtype, "forward" if path == "tma" else None, path,
+                                            BLOCK_R=block_r, **flags, **extra))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
-                drop = 1 if layout == "forward" else 2
-                config = fl.default_config(preferred, "gemm", 16, size, precision, path, drop == 2)
-                out.append(gemm_variant(config, dtype, layout, path, DROPOUT=drop, PRECISION=precision))
+                drop = layout == "backward"  # the forward's input-side dropout is the shrink kernel's
+                config = fl.default_config(preferred, "gemm", 16, size, precision, path, drop)
+                out.append(gemm_variant(config, dtype, layout, path, OUTPUT_DROPOUT=drop, PRECISION=precision))
         if dtype == "float16":
             continue
         for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
@@ -170,7 +173,7 @@ def variants(which: str):
                             dict(BLOCK=1024)))
     # int64 sizes, as for tensors past 2³¹ elements
     out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, 2, "tf32", "pointer", True), "bfloat16",
-                            DROPOUT=2))
+                            OUTPUT_DROPOUT=True))
     out[-1]["signature"].update({n: "i64" for n in ("M", "stride_am", "stride_tm", "stride_om")})
     # the largest rank without autotuning, in each dtype (float32's tf32x3 epilogue is the largest)
     for dtype, size in (("bfloat16", 2), ("float32", 4)):
@@ -383,9 +386,10 @@ def table_row(v, r) -> str:
     c = {**v["constexprs"], **v["config"]}
     kernel = v["kernel"].strip("_").removesuffix("_kernel")
     tile = "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P") if k in c)
-    drop = c.get("DROPOUT", c.get("DROPOUT_INPUT", 0))
-    output_drop = drop == 2 or (bool(drop) and kernel == "add_lowrank")
-    flags = {"no adapter": c.get("HAS_LOW_RANK") is False, "in-loop shrink": c.get("SHRINK_IN_LOOP"),
+    drop = c.get("OUTPUT_DROPOUT") or c.get("DROPOUT_INPUT") or c.get("DROPOUT")
+    output_drop = c.get("OUTPUT_DROPOUT") or (bool(drop) and kernel == "add_lowrank")
+    flags = {"no adapter": c.get("HAS_LOW_RANK") is False, "no bias": c.get("HAS_BIAS") is False,
+             "in-loop shrink": c.get("SHRINK_IN_LOOP"),
              "out dropout": output_drop, "in dropout": bool(drop) and not output_drop,
              f"r≤{c.get('BLOCK_R')}": "BLOCK_R" in c, "unit strides": any(k.startswith("stride_") for k in c),
              "i64 sizes": "i64" in v["signature"].values(), "tma": v.get("tma")}

@@ -113,10 +113,11 @@ def _kernel_inputs(m, n, k, rank, dtype):
     return a, w, bias, down, expand
 
 
+# input-side dropout is the shrink kernel's only (the in-loop shrink refuses it: see the next test)
 @pytest.mark.parametrize("path", kernels.GEMM_PATHS)
-@pytest.mark.parametrize("shrink_in_loop", [True, False], ids=["in-loop", "shrink-kernel"])
+@pytest.mark.parametrize("shrink_in_loop, site", [(False, "input"), (True, "output"), (False, "output")],
+                         ids=["shrink-kernel-input", "in-loop-output", "shrink-kernel-output"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("site", ["input", "output"])
 @pytest.mark.parametrize("m", [17, 130])
 def test_kernel_paths_and_dropout(path, shrink_in_loop, dtype, site, m):
     (n, k), rank, p, seed, scale = PATH_SHAPES[path], 6, 0.3, 1234, 0.75
@@ -138,8 +139,8 @@ def test_kernel_paths_and_dropout(path, shrink_in_loop, dtype, site, m):
 
 @pytest.mark.parametrize("path", kernels.GEMM_PATHS)
 @pytest.mark.parametrize("site", [None, "input", "output"])
-@pytest.mark.parametrize("shrink_in_loop, dtype", [(True, torch.bfloat16), (False, torch.float32)],
-                         ids=["in-loop-bfloat16", "shrink-kernel-float32"])
+@pytest.mark.parametrize("shrink_in_loop, dtype", [(None, torch.bfloat16), (False, torch.float32)],
+                         ids=["launcher-bfloat16", "shrink-kernel-float32"])
 def test_decode_splits_k_deterministically(path, site, shrink_in_loop, dtype):
     """M ≤ 16: K is cut into ranges summed in a fixed order (more programs for a narrow N); the result
     is the reference's, the same on every call, and t (stored) is still complete."""
@@ -170,6 +171,26 @@ def test_transposed_weight_as_in_the_backward(path, m):
     out, _ = kernels.lowrank_linear(a, stored.T, None, down, expand, 0.5, path=path)
     expected = a.double() @ stored.double() + 0.5 * (a.double() @ down.double()) @ expand.double().T
     assert rel_error(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("module", [kernels, reference_kernels], ids=["kernels", "twins"])
+def test_input_dropout_is_the_shrink_kernels(module, monkeypatch):
+    """The launcher keeps the shrink in the GEMM's K-loop at small M, except with input-side dropout
+    (its mask there serialized the wgmma pipeline): it then runs the shrink kernel, and forcing the
+    in-loop shrink is refused, by the kernels and their twins alike."""
+    a, w, bias, down, expand = _kernel_inputs(8, 88, 72, 4, torch.float32)
+    kw = dict(dropout_p=0.3, dropout_site="input", seed=7, store_t=True)
+    with pytest.raises(ValueError, match="shrink_in_loop=True: input-side dropout"):
+        module.lowrank_linear(a, w, bias, down, expand, 0.5, shrink_in_loop=True, **kw)
+    calls = []
+    if module is kernels:  # count the shrink kernel's launches
+        monkeypatch.setattr(fused_linear, "shrink", lambda *args, **kwargs: calls.append(1) or
+                            kernels.shrink(*args, **kwargs))
+    _, t = module.lowrank_linear(a, w, bias, down, expand, 0.5, **kw)
+    mask = kernels.dropout_mask(7, 8, 72, 0.3, DEVICE)
+    assert rel_error(t, (a.double() * mask / 0.7) @ down.double()) < TOLERANCE[torch.float32]
+    module.lowrank_linear(a, w, bias, down, expand, 0.5, store_t=True)  # without dropout: in the loop
+    assert calls == ([1] if module is kernels else [])
 
 
 def test_path_choice_and_refusal():
