@@ -7,7 +7,9 @@ them), written after the pattern of Triton's tutorials, as a yardstick for our k
   by ``num_stages`` (cp.async, LDGSTS in SASS);
 * :func:`persistent_descriptor_matmul_kernel`, tutorial 09's pattern: one program per SM walking the
   tiles in the same grouped order, device-side tensor descriptors (TMA: UTMALDG in SASS) that clip
-  the edges in hardware, so the K-loop computes no addresses and no masks.
+  the edges in hardware, so the K-loop computes no addresses and no masks; the tile loop flattened
+  with the K-loop (one loop in SASS, the store inside it), so the next tile's loads are in flight
+  during this tile's store.
 
 tests/sm90_compile.py compiles both for sm_90 as it compiles ours; tests/test_sm90_compile.py checks
 that the gate's reading of SASS finds HGMMA (and UTMALDG) in them, and ``python tests/sm90_compile.py
@@ -59,7 +61,7 @@ def persistent_descriptor_matmul_kernel(a_ptr, w_ptr, c_ptr, M, N, K, BLOCK_M: t
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     num_tiles_m, num_tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    for tile in range(tl.program_id(0), num_tiles_m * num_tiles_n, NUM_PROGRAMS):
+    for tile in tl.range(tl.program_id(0), num_tiles_m * num_tiles_n, NUM_PROGRAMS, flatten=True):
         block_m, block_n = _grouped_tile(tile, num_tiles_m, num_tiles_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):

@@ -1,4 +1,4 @@
-"""The fused low-rank linear: one tiled GEMM whose epilogue adds the rank-r term.
+"""The fused low-rank linear: one tiled GEMM that adds the rank-r term to its tile.
 
     out = a Wᵀ + bias + scale · drop_out( t Eᵀ ),     t = drop_in(a) D        (t: M×r, float32)
 
@@ -21,15 +21,21 @@ Two ways to move the GEMM's operands (``path``), one kernel:
 * ``"tma"``: device-side tensor descriptors (``tl.make_tensor_descriptor``; Hopper's TMA unit) load
   the ``a`` and ``W`` tiles and store the output; out-of-bounds parts of a tile load as zeros and are
   clipped on store, so ragged M, N, K need no masks. A persistent grid (about one program per
-  multiprocessor) walks the tiles in grouped order, the tile loop flattened with the K-loop so the
-  next tile's loads can be in flight during the epilogue. Needs unit stride along K for ``a``, unit
+  multiprocessor) walks the tiles in grouped order, the tile loop flattened with the K-loop into one
+  loop (Triton's loop fusion; the compiled-code gate checks the store is inside it), so the next
+  tile's loads are in flight during this tile's epilogue. Needs unit stride along K for ``a``, unit
   stride along K or N for ``W`` (the backward's transposed ``Wᵀ`` view is described as the K×N tensor
   it is), 16-byte aligned bases and row strides.
 * ``"pointer"``: masked pointer loads, one program per tile: any strides, any GPU.
 
-Both run the same epilogue in sub-tiles of ``EPILOGUE_N`` columns (the rank-r dot, the dropout mask,
-the bias and the store per sub-tile), so the output-side dropout's mask and its float32 rank-r tile
-are never held for the whole tile (at 128×256 they spilled registers into the main loop).
+Where the rank-r term is added: with t given (the shrink kernel's), at the tile's start, as the
+accumulator's first value (``scale · drop_out(t Eᵀ)``, in rank steps), and the K-loop adds ``a Wᵀ``
+to it. In the epilogue, its dot (a second wgmma accumulator beside the main one) made ptxas
+serialize every wgmma of the flattened loop (C7511), and accumulating into a part of the main
+accumulator serialized the main loop's wgmma without bias. With the in-loop shrink t exists only
+after the K-loop, so the epilogue adds it (its tiles are at most 32 rows: mma.sync). Both paths
+run the epilogue in sub-tiles of ``EPILOGUE_N`` columns (that rank-r dot and its dropout mask, the
+bias and the store per sub-tile).
 
 At M ≤ 16 (decoding) the work is reading W: tiles are 16 rows by 32–64 columns, and the K range may
 be split (``split_k``) so that N = 1024 still gives every multiprocessor a program. Each split
@@ -104,37 +110,58 @@ def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
-def _epilogue_part(acc, m0, n0, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er,
-                   bias_ptr, stride_b, out, stride_om, stride_on, bias_cols, seed, drop_threshold,
-                   ADD_LOW_RANK: tl.constexpr, T_IN_REGISTERS: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er, seed,
+                  drop_threshold, OUTPUT_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``t_scale · drop_out(t Eᵀ)`` for the tile at rows ``m0 ...``, columns ``n0 ...`` (float32), t read
+    from ``t_ptr`` (rows where ``t_rows``) in rank steps of ``rank_step_size`` (one step without a loop
+    where it covers BLOCK_R, so that the tile loop still fuses with the K-loop)."""
+    RANK_STEP: tl.constexpr = min(BLOCK_R, 32 if PRECISION == "tf32x3" else 64)  # as rank_step_size()
+    offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
+    offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N
+    term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BLOCK_R <= RANK_STEP:
+        term = _add_rank_step(term, 0, t_ptr, offs_m, stride_tm, t_rows, t_scale, R, expand_ptr, offs_n, in_n,
+                              stride_en, stride_er, PRECISION, RANK_STEP)
+    else:
+        for r0 in tl.range(0, R, RANK_STEP, num_stages=1):  # unpipelined: stages of t and E tiles spilled
+            term = _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, t_rows, t_scale, R, expand_ptr, offs_n,
+                                  in_n, stride_en, stride_er, PRECISION, RANK_STEP)
+    if OUTPUT_DROPOUT:
+        term = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, BLOCK_N), term, 0.0)
+    return term
+
+
+@triton.jit
+def _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, t_rows, t_scale, R, expand_ptr, offs_n, in_n, stride_en,
+                   stride_er, PRECISION: tl.constexpr, RANK_STEP: tl.constexpr):
+    """``term + t_scale · t[:, r0 : r0 + RANK_STEP] E[:, r0 : r0 + RANK_STEP]ᵀ`` for the tile's rows and columns."""
+    offs_r = r0 + tl.arange(0, RANK_STEP)
+    in_r = offs_r < R
+    t_step = _load_tile(t_ptr, offs_m, offs_r, stride_tm, 1, t_rows, in_r) * t_scale
+    e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+    return tl.dot(t_step, e, term, input_precision=PRECISION)
+
+
+@triton.jit
+def _epilogue_part(acc, m0, n0, t, R, M, N, expand_ptr, stride_en, stride_er, bias_ptr, stride_b, out, stride_om,
+                   stride_on, bias_cols, seed, drop_threshold, ADD_LOW_RANK: tl.constexpr, HAS_BIAS: tl.constexpr,
                    OUTPUT_DROPOUT: tl.constexpr, DESCRIPTOR_STORE: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_R: tl.constexpr):
-    """Columns ``n0 ...`` of the output tile at rows ``m0 ...``: ``acc`` (float32, BLOCK_M × EPILOGUE_N)
-    plus ``t_scale`` times the rank-r term plus the bias (its first ``bias_cols`` columns: N, or 0 in all
-    splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``, else a pointer.
-    ``t``: the float32 t tile (``T_IN_REGISTERS``, already scaled; BLOCK_R ≤ 64), else read from
-    ``t_ptr`` (rows where ``t_rows``) in rank steps of at most 64: whole float32 t and E tiles at
-    rank 128–256 spilled registers. The rank-r term gets its own float32 accumulator, added to ``acc``
-    after its dot: accumulating into ``acc`` itself (a part of the main loop's wgmma accumulator) made
-    ptxas serialize the main loop's wgmma in variants without bias (C7511)."""
+    """Columns ``n0 ...`` of the output tile at rows ``m0 ...``: ``acc`` (float32, BLOCK_M × EPILOGUE_N),
+    plus, if ``ADD_LOW_RANK``, the rank-r term of ``t`` (the in-loop shrink's float32 t, already
+    scaled; BLOCK_R ≤ 64) in its own accumulator, plus the bias (its first ``bias_cols`` columns: N,
+    or 0 in all splits but the first), stored through ``out``: a descriptor if ``DESCRIPTOR_STORE``,
+    else a pointer."""
     offs_m = m0 + tl.arange(0, acc.shape[0])
     offs_n = n0 + tl.arange(0, acc.shape[1])
     in_m, in_n = offs_m < M, offs_n < N
     if ADD_LOW_RANK:
         low_rank = tl.zeros(acc.shape, dtype=tl.float32)
-        if T_IN_REGISTERS:
-            offs_r = tl.arange(0, BLOCK_R)
-            e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
-            low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
-        else:
-            RANK_STEP: tl.constexpr = min(BLOCK_R, 64)
-            t_offs_m = m0.to(tl.int64) + tl.arange(0, acc.shape[0])
-            for r0 in tl.range(0, R, RANK_STEP, num_stages=1):  # unpipelined: stages of t and E tiles spilled
-                offs_r = r0 + tl.arange(0, RANK_STEP)
-                in_r = offs_r < R
-                t_step = _load_tile(t_ptr, t_offs_m, offs_r, stride_tm, 1, t_rows, in_r) * t_scale
-                e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
-                low_rank = tl.dot(t_step, e, low_rank, input_precision=PRECISION)
+        offs_r = tl.arange(0, BLOCK_R)
+        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
+        low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
         if OUTPUT_DROPOUT:  # the mask of this sub-tile only: a whole tile's spilled registers
             low_rank = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1]), low_rank, 0.0)
         acc += low_rank
@@ -186,6 +213,8 @@ def _lowrank_linear_kernel(
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     # persistent on the TMA path (grid: about one program per multiprocessor), one work item per
     # program otherwise; flattened with the K-loop there, so the next tile's loads overlap this epilogue
+    # (Triton fuses the two loops only while the K-loop is the tile loop's one inner loop: hence one
+    # rank step, without a loop, before it up to rank 64)
     for work in tl.range(tl.program_id(0), tiles * split_k, tl.num_programs(0), flatten=TMA):
         split = work % split_k
         pid_m, pid_n = _tile_position(work // split_k, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -194,10 +223,19 @@ def _lowrank_linear_kernel(
         offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
         offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
         in_m, in_n = offs_m < M, offs_n < N
-        k_start = split * k_per_split
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_start, k_end = 0, K  # bounds not depending on the work item where there are no splits (fusable)
+        if PARTIAL:
+            k_start = split * k_per_split
+            k_end = min(K, k_start + k_per_split)
+        t_scale = scale * drop_scale if OUTPUT_DROPOUT else scale
+        if HAS_LOW_RANK and not SHRINK_IN_LOOP:
+            t_rows = offs_m < M * (split == 0)  # the rank-r term from the first split only
+            acc = _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er,
+                                seed, drop_threshold, OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_start, min(K, k_start + k_per_split), BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K-stride may be large (column-major a)
             in_k = offs_k < K
             if TMA:  # out-of-bounds parts of a tile load as zeros
@@ -214,8 +252,6 @@ def _lowrank_linear_kernel(
                 t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
                                  seed, drop_threshold, False, UPCAST, PRECISION)
 
-        t_scale = scale * drop_scale if OUTPUT_DROPOUT else scale
-        t_rows = offs_m < M * (split == 0)  # t given: the rank-r term from the first split only
         if HAS_LOW_RANK and SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
             if STORE_T:
                 if pid_n == 0:  # every N-block computed the same t; the first one writes it (split_k is 1)
@@ -228,7 +264,9 @@ def _lowrank_linear_kernel(
             out = out_desc
         else:
             out = out_ptr
-        # the epilogue in sub-tiles of EPILOGUE_N columns (BLOCK_N / EPILOGUE_N is 1, 2 or 4)
+        # the epilogue in sub-tiles of EPILOGUE_N columns
+        tl.static_assert(EPILOGUE_N * 1 == BLOCK_N or EPILOGUE_N * 2 == BLOCK_N or EPILOGUE_N * 4 == BLOCK_N,
+                         "BLOCK_N / EPILOGUE_N must be 1, 2 or 4")
         if EPILOGUE_N == BLOCK_N:
             parts = (acc,)
         else:
@@ -240,10 +278,10 @@ def _lowrank_linear_kernel(
                 right_left, right_right = _halves(right)
                 parts = (left_left, left_right, right_left, right_right)
         for i in tl.static_range(len(parts)):
-            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, t_ptr, stride_tm, t_rows, t_scale, R, M, N,
-                           expand_ptr, stride_en, stride_er, bias_ptr, stride_b, out, stride_om, stride_on,
-                           N * (split == 0), seed, drop_threshold, HAS_LOW_RANK, SHRINK_IN_LOOP, HAS_BIAS,
-                           OUTPUT_DROPOUT, TMA and not PARTIAL, PRECISION, BLOCK_R)
+            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, R, M, N, expand_ptr, stride_en, stride_er, bias_ptr,
+                           stride_b, out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
+                           HAS_LOW_RANK and SHRINK_IN_LOOP, HAS_BIAS, OUTPUT_DROPOUT, TMA and not PARTIAL, PRECISION,
+                           BLOCK_R)
 
 
 @triton.jit
@@ -285,7 +323,8 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
 
 # Hopper autotune candidates, pruned per launch to the ones whose shared memory and registers fit (see
 # fitting_configs). Epilogues run in sub-tiles of at most 64 columns. The pointer path's:
-GEMM_CONFIGS = [triton.Config({**tile, "GROUP_M": 8, "EPILOGUE_N": 64}, num_stages=stages, num_warps=warps)
+GEMM_CONFIGS = [triton.Config({**tile, "GROUP_M": 8, "EPILOGUE_N": min(64, tile["BLOCK_N"])}, num_stages=stages,
+                               num_warps=warps)
                 for tile, stages, warps in (
                     ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, 3, 8),
                     ({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64}, 3, 8),
@@ -322,27 +361,34 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
     """An upper bound on a config's shared memory. ``kind``: "shrink", "gemm" (t from the shrink kernel),
     "gemm_in_loop" (t computed in the K-loop) or "plain" (no adapter). Each pipeline stage holds its
     input tiles (D too when t is computed alongside, in a's dtype); the shrink kernel's one more a tile
-    for the dropout-masked copy. The epilogue's float32 t and E sub-tiles are staged for their dot,
-    twice over under "tf32x3" (each is split into a high and a low tf32 part: 384 KiB for 64×128 tiles
-    at rank 256 before the epilogue was subtiled), and so is their float32 product. On the pointer path
-    the epilogue reuses the pipeline's memory once the K-loop is done; on the "tma" path the next
-    tile's loads are in flight during the epilogue, so the two add up, plus the staging buffer of the
-    descriptor store. tests/test_sm90_compile.py checks the bound against the compiler's own numbers."""
+    for the dropout-masked copy. Float32 operands of the rank-r dot are staged for it, twice over under
+    "tf32x3" (each is split into a high and a low tf32 part): with t given, t and E tiles of one rank
+    step (``rank_step_size``) at the tile's start, beside the pipeline's buffers; with the in-loop shrink, t
+    and an E sub-tile and their float32 product in the epilogue, which on the pointer path reuses the
+    pipeline's memory once the K-loop is done. On the "tma" path the next tile's loads are in flight
+    during the epilogue, so everything adds up, plus the staging buffer of the descriptor store.
+    tests/test_sm90_compile.py checks the bound against the compiler's own numbers."""
     c = config.kwargs
     bm, bk = c["BLOCK_M"], c["BLOCK_K"]
     if kind == "shrink":  # plus the a tile rewritten by the dropout mask, staged again for the dot
         return config.num_stages * (bm + block_r) * bk * element_size + bm * bk * element_size
     bn, sub_n = c["BLOCK_N"], c["EPILOGUE_N"]
+    split = 2 if precision == "tf32x3" else 1
     if kind == "gemm_in_loop":
         pipeline = config.num_stages * (bm + bn + block_r) * bk * element_size
+        low_rank = ((bm + sub_n) * block_r * split + bm * sub_n) * 4
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
-    # t and an E sub-tile (split in two under tf32x3), and the float32 sub-tile of their product
-    split = 2 if precision == "tf32x3" else 1
-    epilogue = 0 if kind == "plain" else ((bm + sub_n) * block_r * split + bm * sub_n) * 4
+        low_rank = 0 if kind == "plain" else (bm + bn) * rank_step_size(block_r, precision) * split * 4
     if path == "tma":  # plus the pipeline's barriers (a few bytes a stage)
-        return pipeline + epilogue + bm * sub_n * element_size + 1024
-    return max(pipeline, epilogue)
+        return pipeline + low_rank + bm * sub_n * element_size + 1024
+    return max(pipeline, low_rank) if kind == "gemm_in_loop" else pipeline + low_rank
+
+
+def rank_step_size(block_r: int, precision: str) -> int:
+    """Ranks per step of the rank-r term of a given t (the kernel's ``RANK_STEP``): whole float32 t
+    and E tiles at rank 128–256 spilled registers, and under "tf32x3" so did steps of 64."""
+    return min(block_r, 32 if precision == "tf32x3" else 64)
 
 
 def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str, path: str = "pointer",
@@ -358,13 +404,16 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
       stages), the same 96 values per thread, and D tiles of at most 128×64 in the K-loop;
     * otherwise at most 160 float32 values per thread of the tile and of the epilogue's rank-r
       sub-tile (its own accumulator: 128×128 tiles on 4 warps and 256×128 on 8 spilled 184–248 B);
-    * on the pointer path (general strides: its loads stay in registers) at rank blocks of 128 and
-      more, tiles of at most 32×64 (64×64 spilled 16 B);
+    * with t given at rank blocks of 128 and more (the rank steps at the tile's start), tiles of at
+      most 64×64 (128×128 and wider spilled 128–664 B), and 32×64 on the pointer path (general
+      strides: its loads stay in registers; 64×64 spilled 16 B);
+    * on the pointer path with the output-side dropout, at most 64 columns (128×128 and 64×128 tiles
+      spilled 48–56 B);
     * in the shrink kernel at most 64 values of t per thread and BLOCK_K ≤ 64 (32×128 tiles of a with
       the input dropout's masked copy spilled 8 B);
-    * under "tf32x3" (three products per dot) tiles of at most 64×64, and 32×32 at rank blocks of
-      128 and more (64×64 and 32×64 tiles spilled 56–128 B there), at most 32 values of t per thread
-      in the shrink, and BLOCK_K ≤ 32.
+    * under "tf32x3" (three products per dot) tiles of at most 64×64 (32×64 on the pointer path:
+      64×64 spilled 8–96 B), and 32×32 at rank blocks of 128 and more (64×64 and 32×64 tiles spilled
+      56–128 B there), at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32.
 
     The GEMM epilogue walks a t read from memory in rank steps of at most 64, so in 16-bit ranks above
     64 add no registers there."""
@@ -373,14 +422,17 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
         if precision == "tf32x3":  # the shrink's t: half the values per thread of the 16-bit case
             return bk <= 32 and (bm * block_r <= 32 * threads if kind == "shrink"
-                                 else tile <= (64 * 64 if block_r < 128 else 32 * 32))
+                                 else tile <= (32 * 32 if block_r >= 128 else 32 * 64 if path == "pointer"
+                                               else 64 * 64))
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
         if kind == "shrink":
             return bk <= 64 and bm * block_r <= 64 * threads
         if kind == "gemm_in_loop" and bm > 32:
             return False
-        if path == "pointer" and kind != "plain" and block_r >= 128 and tile > 32 * 64:
+        if kind == "gemm" and block_r >= 128 and tile > (32 * 64 if path == "pointer" else 64 * 64):
+            return False
+        if path == "pointer" and output_dropout and c.kwargs["BLOCK_N"] > 64:
             return False
         if output_dropout or kind == "gemm_in_loop":
             return tile <= 128 * 128 and tile + bm * block_r <= 96 * threads

@@ -96,6 +96,10 @@ def variants(which: str):
                      estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"], path))
         if path == "tma":
             v["tma"] = True
+            # persistent tiles with at most one rank step before the K-loop (or the in-loop shrink):
+            # the tile loop must flatten with the K-loop, the epilogue's store inside the one loop
+            one_step = c["BLOCK_R"] <= fl.rank_step_size(c["BLOCK_R"], c["PRECISION"]) or c["SHRINK_IN_LOOP"]
+            v["flattened"] = not c["PARTIAL"] and (one_step or not c["HAS_LOW_RANK"])
         return v
 
     def shrink_variant(config, dtype, block_r, drop):
@@ -213,6 +217,7 @@ def tutorial_variants():
         out.append(_variant(tutorial_gemms.persistent_descriptor_matmul_kernel, config, "bfloat16", {},
                             dict(NUM_PROGRAMS=132), aligned=("K", "N")))
         out[-1]["tma"] = True
+        out[-1]["flattened"] = True
     return out
 
 
@@ -345,6 +350,7 @@ def read_compiled(compiled, log: str) -> dict:
             mma=next((kind for kind in MMA if kind in ops), None), mma_count=sum(op in MMA for op in ops),
             loads={kind: ops.count(kind) for kind in GLOBAL_LOADS if kind in ops},
             waits=sum(text.startswith("WARPGROUP.DEPBAR") for _, _, text in loop),
+            stores=ops.count("UTMASTG"),  # descriptor stores in the loop: the tile loop is flattened
             spills=ops.count("LDL") + ops.count("STL"))
     return report
 
@@ -364,6 +370,7 @@ def compile_variant(v) -> dict:
     except Exception as e:  # report every failure, not just the first
         return {"error": f"{type(e).__name__}: {e}"[:3000]}
     return {"shared": compiled.metadata.shared, "estimate": v["estimate"], "tma": bool(v.get("tma")),
+            "flattened": bool(v.get("flattened")),
             "rows": main_loop_rows(v), **read_compiled(compiled, log)}
 
 

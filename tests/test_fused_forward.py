@@ -160,6 +160,36 @@ def test_decode_splits_k_deterministically(path, site, shrink_in_loop, dtype):
     assert rel_error(stored, expected) < TOLERANCE[dtype] and t.shape == (m, rank)
 
 
+_EVERY_GEMM_CONFIG = [(path, c) for path, configs in (("pointer", fused_linear.GEMM_CONFIGS),
+                                                       ("tma", fused_linear.TMA_GEMM_CONFIGS),
+                                                       ("pointer", fused_linear.DECODE_GEMM_CONFIGS))
+                      for c in configs]
+
+
+def test_every_config_subtiles_its_epilogue_evenly():
+    """The epilogue runs in 1, 2 or 4 sub-tiles of EPILOGUE_N columns (the kernel asserts it too):
+    a 32-column tile once carried EPILOGUE_N = 64 and stored its columns in the wrong places."""
+    for _, c in _EVERY_GEMM_CONFIG:
+        assert c.kwargs["BLOCK_N"] // c.kwargs["EPILOGUE_N"] in (1, 2, 4), c
+        assert c.kwargs["BLOCK_N"] % c.kwargs["EPILOGUE_N"] == 0, c
+
+
+@pytest.mark.parametrize("path, config", [(p, c) for p, c in _EVERY_GEMM_CONFIG if c.kwargs["BLOCK_N"] <= 32],
+                         ids=lambda c: c if isinstance(c, str) else "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}/{EPILOGUE_N}".format(
+                             **c.kwargs))
+def test_narrow_tile_configs(path, config):
+    """Every autotune config with tiles of at most 32 columns (the cheap ones to interpret), forced, with
+    the rank-r term, bias and output dropout, against the reference."""
+    (n, k), m, rank, p, seed = PATH_SHAPES[path], 37, 6, 0.3, 5
+    a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, torch.float32)
+    out, _ = kernels.lowrank_linear(a, w, bias, down, expand, 0.5, dropout_p=p, dropout_site="output", seed=seed,
+                                    config=config, path=path)
+    mask = kernels.dropout_mask(seed, m, n, p, DEVICE)
+    expected = reference.oracle(a.double(), w.double(), bias.double(), expand.double(), None, down.double(), 0.5,
+                                dropout_p=p, dropout_site="output", dropout_mask=mask)
+    assert rel_error(out, expected) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("path", kernels.GEMM_PATHS)
 @pytest.mark.parametrize("m", [3, 70])
 def test_transposed_weight_as_in_the_backward(path, m):
