@@ -318,16 +318,25 @@ def read_sass(sass: str):
 
 
 def main_loop(instructions, labels):
-    """The K-loop: the innermost loop (a backward branch's span) that holds an MMA instruction; None if
-    no loop does. Returns its instructions."""
-    loops = []
+    """The K-loop: of the innermost loops (backward branches' spans holding no other such loop) that hold
+    MMA instructions, the one with the most; None if no loop holds one. Returns its instructions. (The
+    fewest instructions would pick a rank-step loop, or the drain loop Triton emits after a flattened
+    tile loop, which holds the rank-r dot and the stores of the last tiles.)"""
+    spans = []
     for address, opcode, text in instructions:
         target = _BRANCH_TARGET.search(text)
         if opcode == "BRA" and target and labels.get(target.group(1), address + 1) < address:
-            body = [i for i in instructions if labels[target.group(1)] <= i[0] <= address]
-            if any(op in MMA for _, op, _ in body):
-                loops.append(body)
-    return min(loops, key=len) if loops else None
+            spans.append((labels[target.group(1)], address))
+    bodies = {span: [i for i in instructions if span[0] <= i[0] <= span[1]] for span in spans}
+    with_mma = [span for span in spans if any(op in MMA for _, op, _ in bodies[span])]
+    innermost = [span for span in with_mma
+                 if not any(other != span and span[0] <= other[0] and other[1] <= span[1] for other in with_mma)]
+    if not innermost:
+        return None
+
+    def most_mma_then_fewest_instructions(span):
+        return sum(op in MMA for _, op, _ in bodies[span]), -len(bodies[span])
+    return bodies[max(innermost, key=most_mma_then_fewest_instructions)]
 
 
 def read_compiled(compiled, log: str) -> dict:
