@@ -409,8 +409,9 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
       strides: its loads stay in registers; 64×64 spilled 16 B);
     * on the pointer path with the output-side dropout, at most 64 columns (128×128 and 64×128 tiles
       spilled 48–56 B);
-    * in the shrink kernel at most 64 values of t per thread and BLOCK_K ≤ 64 (32×128 tiles of a with
-      the input dropout's masked copy spilled 8 B);
+    * in the shrink kernel at most 64 values of t per thread, 32 at rank blocks of 256 (32×32 tiles
+      with the input dropout spilled 8 B compiled by Triton 3.6), and BLOCK_K ≤ 64 (32×128 tiles of a
+      with the input dropout's masked copy spilled 8 B);
     * under "tf32x3" (three products per dot) tiles of at most 64×64 (32×64 on the pointer path:
       64×64 spilled 8–96 B), and 32×32 at rank blocks of 128 and more (64×64 and 32×64 tiles spilled
       56–128 B there), at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32.
@@ -427,7 +428,7 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
         if kind == "shrink":
-            return bk <= 64 and bm * block_r <= 64 * threads
+            return bk <= 64 and bm * block_r <= (32 if block_r >= 256 else 64) * threads
         if kind == "gemm_in_loop" and bm > 32:
             return False
         if kind == "gemm" and block_r >= 128 and tile > (32 * 64 if path == "pointer" else 64 * 64):
