@@ -64,6 +64,8 @@ _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R floa
 # padded columns of D load as zeros.
 _LOOP_SHRINK_MIN_BLOCK_R = 32
 _DECODE_MAX_M = 16
+# ranks per step of the rank-r term of a given t (see rank_step_size); constexpr: the kernel reads them
+_RANK_STEP, _TF32X3_RANK_STEP = tl.constexpr(64), tl.constexpr(32)
 
 
 @triton.jit
@@ -110,13 +112,13 @@ def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
-def _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er, seed,
+def _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, N, expand_ptr, stride_en, stride_er, seed,
                   drop_threshold, OUTPUT_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """``t_scale · drop_out(t Eᵀ)`` for the tile at rows ``m0 ...``, columns ``n0 ...`` (float32), t read
     from ``t_ptr`` (rows where ``t_rows``) in rank steps of ``rank_step_size`` (one step without a loop
     where it covers BLOCK_R, so that the tile loop still fuses with the K-loop)."""
-    RANK_STEP: tl.constexpr = min(BLOCK_R, 32 if PRECISION == "tf32x3" else 64)  # as rank_step_size()
+    RANK_STEP: tl.constexpr = min(BLOCK_R, _TF32X3_RANK_STEP if PRECISION == "tf32x3" else _RANK_STEP)
     offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
@@ -158,10 +160,9 @@ def _epilogue_part(acc, m0, n0, t, R, M, N, expand_ptr, stride_en, stride_er, bi
     offs_n = n0 + tl.arange(0, acc.shape[1])
     in_m, in_n = offs_m < M, offs_n < N
     if ADD_LOW_RANK:
-        low_rank = tl.zeros(acc.shape, dtype=tl.float32)
         offs_r = tl.arange(0, BLOCK_R)
         e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
-        low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
+        low_rank = tl.dot(t, e, input_precision=PRECISION)  # its own accumulator: see the module's docstring
         if OUTPUT_DROPOUT:  # the mask of this sub-tile only: a whole tile's spilled registers
             low_rank = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1]), low_rank, 0.0)
         acc += low_rank
@@ -230,7 +231,7 @@ def _lowrank_linear_kernel(
         t_scale = scale * drop_scale if OUTPUT_DROPOUT else scale
         if HAS_LOW_RANK and not SHRINK_IN_LOOP:
             t_rows = offs_m < M * (split == 0)  # the rank-r term from the first split only
-            acc = _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, M, N, expand_ptr, stride_en, stride_er,
+            acc = _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, N, expand_ptr, stride_en, stride_er,
                                 seed, drop_threshold, OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -388,7 +389,7 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
 def rank_step_size(block_r: int, precision: str) -> int:
     """Ranks per step of the rank-r term of a given t (the kernel's ``RANK_STEP``): whole float32 t
     and E tiles at rank 128–256 spilled registers, and under "tf32x3" so did steps of 64."""
-    return min(block_r, 32 if precision == "tf32x3" else 64)
+    return min(block_r, (_TF32X3_RANK_STEP if precision == "tf32x3" else _RANK_STEP).value)
 
 
 def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str, path: str = "pointer",
