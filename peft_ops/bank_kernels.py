@@ -1,6 +1,6 @@
 """The adapter-bank kernels' contracts in PyTorch: what an :class:`~peft_ops.bank.AdapterBank` runs on
 the CPU (and for ``backend="reference"``). Same signatures as the Triton launchers in
-``peft_ops.kernels`` (``kernels/bank.py``); re-exports the fused linear's twins so one namespace
+``peft_ops.kernels`` (``peft_ops/kernels/bank.py``); re-exports the fused linear's twins so one namespace
 serves a bank's whole forward.
 
 Rows are grouped into *segments* of rows that use the same adapter: ``order`` lists the token rows

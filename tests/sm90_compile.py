@@ -222,7 +222,7 @@ def tutorial_variants():
 
 
 def bank_variants():
-    """The adapter-bank kernels (kernels/bank.py) with the launchers' configs, at the smallest and the
+    """The adapter-bank kernels (peft_ops/kernels/bank.py) with the launchers' configs, at the smallest and the
     largest rank block the launchers pass: the shrink and the sum in every dtype of the activations and
     the output (the bank's factors, cores and ``t`` are float32), the per-row core in float32 only."""
     index = {"rows_ptr": "*i64", "order_ptr": "*i64", "starts_ptr": "*i64", "adapters_ptr": "*i64"}

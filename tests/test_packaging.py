@@ -1,16 +1,39 @@
-"""The installed package: one top-level import name, and `kernels` (a PyPI package transformers
-imports) left alone."""
+"""The repository root shadows no distribution's package: `kernels` (on PyPI: Hugging Face's kernel hub,
+which transformers imports) and `bench` (an unrelated PyPI package) must resolve to those packages, or to
+nothing, never to folders of this repository; and the installed Triton kernels are `peft_ops.kernels`."""
+import importlib.util
+import os
 import subprocess
 import sys
 
+import pytest
 
-def test_kernels_folder_is_not_a_top_level_package(tmp_path):
-    # run outside the repository, whose root folder would otherwise be on sys.path
-    code = ("import importlib.util, peft_ops, peft_ops.kernels as k; spec = importlib.util.find_spec('kernels');"
-            "print(spec.origin if spec else None); print(k.__name__)")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE = ("import importlib.util, peft_ops, peft_ops.kernels as k\n"
+        "for name in ('kernels', 'bench'):\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        "    print(name, spec.origin if spec and spec.origin else None)\n"
+        "print('installed', k.__name__)\n")
+
+
+def _run(code: str, cwd: str, home) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("where", ["outside", "repository root"])
+def test_no_root_folder_shadows_a_distribution(where, tmp_path):
+    # `python -c` puts its working directory first on sys.path: from the root, every root folder is importable
+    result = _run(CODE, ROOT if where == "repository root" else str(tmp_path), tmp_path)
     assert result.returncode == 0, result.stderr
-    origin, name = result.stdout.split()
-    assert name == "peft_ops.kernels"
-    assert origin == "None" or "peft" not in origin  # absent, or the PyPI package: never our folder
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert lines["installed"] == "peft_ops.kernels"
+    for name in ("kernels", "bench"):
+        assert lines[name] == "None" or not lines[name].startswith(os.path.join(ROOT, name)), (name, lines[name])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None,
+                    reason="the integration extra (transformers, peft) is not installed")
+def test_transformers_and_peft_import_from_the_repository_root(tmp_path):
+    result = _run("import transformers, peft, peft_ops; import transformers.integrations.hub_kernels", ROOT, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]

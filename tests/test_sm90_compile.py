@@ -91,7 +91,7 @@ def test_every_code_path_compiles_for_sm90(group):
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run every kernel")
 def test_bank_kernels_pass_the_gate():
-    """The adapter-bank kernels (kernels/bank.py) in every dtype at the smallest and largest rank block,
+    """The adapter-bank kernels (peft_ops/kernels/bank.py) in every dtype at the smallest and largest rank block,
     with the launchers' configs: the per-row core without MMA, the shrink and the sum on HMMA (16-row
     tiles: decode segments are often one row)."""
     reports = _compile("bank", 0, 1)

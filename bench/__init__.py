@@ -1,1 +1,0 @@
-"""peft-ops microbenchmarks: ``python -m bench --help``."""
