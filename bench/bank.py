@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import peft_ops
-from peft_ops.bank import AdapterBank, _contribution
+from peft_ops.bank_layer import AdapterBank, adapter_contribution
 
 ADAPTERS = (1, 8, 64, 1024)
 SIZES = {  # dim: the projection's in = out features
@@ -78,7 +78,7 @@ class Setup:
     def _bank(self, layers, backend, frozen=None, shared_factors=None):
         bank = AdapterBank(self.base, layers[0].method, layers[0].rank, backend, frozen, None, shared_factors)
         dtype = torch.promote_types(self.base.weight.dtype, torch.float32)
-        bank.add([f"a{i}" for i in range(len(layers))], [_contribution(l, bank.shared, dtype) for l in layers])
+        bank.add([f"a{i}" for i in range(len(layers))], [adapter_contribution(l, bank.shared, dtype) for l in layers])
         return bank
 
     def _peft_layer(self, rank, device, dtype):

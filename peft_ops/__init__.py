@@ -5,15 +5,17 @@
     peft_ops.save_adapter(model, "adapter.safetensors"); peft_ops.load_adapter(model, "adapter.safetensors")
 """
 from . import hf
-from .adapter_file import AdapterFileError, AdapterFileInfo, load_adapter, save_adapter
 from .bank import AdapterBank, adapter_banks, bank_adapters, load_adapter_bank, remove_adapters, use_adapters
 from .dispatch import BACKENDS, IMPLEMENTATIONS, clear_decisions, decisions
-from .inject import adapter_layers, disable_adapters, inject, layer_seed, merge, unload, unmerge
+from .errors import AdapterFileError, PeftFormatError
+from .inject import inject, layer_seed
 from .layers import LAYER_CLASSES, LoRALinear, LoRAXSLinear, LowRankLinear, SymLoRALinear, TLoRALinear
+from .load import load_adapter
 from .methods import METHODS, RECOMMENDED, Method, get_method
-from .modules_to_save import modules_to_save
+from .model import adapter_layers, disable_adapters, merge, modules_to_save, unload, unmerge
 from .ops import adapted_linear
-from .peft_format import PeftFormatError, export_peft, import_peft, import_tlora
+from .peft_format import export_peft, import_peft, import_tlora
+from .save import AdapterFileInfo, save_adapter
 from .summary import AdapterDescription, TrainableSummary, read_adapter_info, trainable_summary
 
 __version__ = "0.1.0"

@@ -1,391 +1,442 @@
-"""Compact adapter files: safetensors holding only the trainable tensors, plus the metadata needed to
-rebuild the adapter and to refuse a file that doesn't belong to the model.
+"""The adapter file format, read and written without a model: safetensors files whose metadata says how
+to rebuild each adapter and how to recognise the base model it belongs to.
 
-Metadata (all strings, as safetensors requires):
+Every file is untrusted input. The header is parsed first (bounded in size and nesting, no non-finite
+number, every tensor's dtype and shape checked against what the metadata says it must be), so a file
+with tensors nobody asked for is refused before any of its data is read; the data is read only when the
+caller asks, and a SHA-256 checksum over the metadata and every tensor then detects damage (not forgery:
+anyone can recompute it; load files only from sources you trust).
 
-* ``format`` / ``format_version``: ``peft-ops-adapter`` / ``1``;
-* ``adapter``: JSON, one entry per module: method, rank, alpha, dropout, seed, options, shapes, the
-  adapter dtype, a fingerprint of the base weight, and for methods with frozen factors (LoRA-XS,
-  TLoRA) a signature of the factors that loading regenerates (column norms — LoRA-XS's singular
-  values — and projections on a fixed probe, sensitive to sign and subspace);
-* ``checksum``: SHA-256 over the ``adapter`` JSON and every tensor's bytes, so a damaged or edited file
-  is refused.
+Version 2 (written now), metadata ``adapter`` (JSON, keys sorted, no spaces)::
 
-Frozen factors are regenerated at load (seeded generator or the base weight's SVD) unless saved with
-``include_frozen=True``.
+    {"groups": [{"method", "rank", "alpha", "dropout", "options", "in_features", "out_features",
+                 "dtype", "base_dtype", "bias", "tensors": {name: shape}, "modules": [names]}, ...],
+     "modules_to_save": {module: [tensor names]}}
+
+Modules alike share one group. Tensors: ``adapter.<dtype>`` holds every module's stored tensors
+flattened, in group order, module order, then the group's tensor order; ``peft_ops.seeds`` (int64, one per
+module), ``peft_ops.fingerprints`` (float32, :data:`FINGERPRINT_SAMPLES` per module) and, where a method has
+frozen factors, ``peft_ops.signatures`` (float32, one (2, 2·SKETCH) row per such module, in module order);
+whole modules' tensors under their own names. Version 1 (one JSON entry per module, its tensors under
+``<module>.<tensor>``) is still read.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from .inject import _swap_in, adapter_layers, preserved_on_error
-from .layers import LAYER_CLASSES, LowRankLinear, _base_weight, is_adaptable, is_conv1d
-from .dispatch import check_backend
-from .methods import get_method
-from .modules_to_save import check_module_tensors, load_module_tensors, module_tensors, modules_to_save, \
-    register_modules_to_save, unsaved_trainable
-from .svd import probe
+from .errors import AdapterFileError
+from .methods import METHODS
 
-__all__ = ["save_adapter", "load_adapter", "AdapterFileError", "AdapterFileInfo"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "FINGERPRINT_SAMPLES", "SKETCH", "ADAPTER_DTYPES", "AdapterEntry",
+           "AdapterFile", "read_adapter_file", "adapter_file_bytes", "dtype_name"]
 
-FORMAT, FORMAT_VERSION = "peft-ops-adapter", "1"
-_FINGERPRINT_SAMPLES = 16
-_FINGERPRINT_RTOL = 1e-2  # a bf16 copy of the same weights passes; another model's weights don't
-# Regenerated factors match the saved ones to rounding when the base weight is the same; a base cast to
-# another dtype (the fingerprint allows bf16 copies) moves its SVD by about that dtype's precision.
-_SIGNATURE_RTOL = 1e-4
-_SIGNATURE_EPS_FACTOR = 8
+FORMAT, FORMAT_VERSION = "peft-ops-adapter", "2"
+FINGERPRINT_SAMPLES = 8  # version 1 stored 16
+SKETCH = 8  # signature values per statistic (column norms, probe projections) and factor
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+ADAPTER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_NAMES = {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+SEEDS, FINGERPRINTS, SIGNATURES = "peft_ops.seeds", "peft_ops.fingerprints", "peft_ops.signatures"
 
 
-class AdapterFileError(ValueError):
-    """An adapter file that is damaged, or that does not belong to the model it is loaded into."""
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
-class AdapterFileInfo:
+class AdapterEntry:
+    """One module's adapter as the file describes it (both format versions)."""
+
+    name: str
+    method: str
+    rank: int
+    alpha: float
+    dropout: float
+    seed: int
+    options: dict
+    in_features: int
+    out_features: int
+    dtype: torch.dtype  # of the stored adapter tensors
+    base_dtype: str
+    bias: bool
+    shapes: dict[str, tuple[int, ...]]  # the stored tensors: trainable ones, and frozen ones if included
+    fingerprint: torch.Tensor  # float64
+    signature: torch.Tensor | dict | None  # version 2: (2, 2·SKETCH) float64; version 1: per-column lists
+
+
+@dataclass
+class AdapterFile:
+    """A checked header; :meth:`tensors` reads the data and verifies the checksum."""
+
     path: str
-    modules: int
-    trainable_parameters: int
-    tensor_bytes: int  # bytes of the tensors stored (the trainable ones, unless include_frozen)
-    file_bytes: int
+    version: int
+    entries: dict[str, AdapterEntry]
+    saved_modules: dict[str, list[str]]  # module -> its tensor names (full key: module.name)
+    header: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # key -> dtype, shape, start, end
+    _adapter_json: str = field(repr=False)
+    _checksum: str = field(repr=False)
+    _data_start: int = field(repr=False)
+    _cache: dict | None = field(default=None, repr=False)
 
-    def __str__(self) -> str:
-        return (f"{self.path}: {self.modules} modules, {self.trainable_parameters} trainable parameters, "
-                f"{self.tensor_bytes} tensor bytes in a {self.file_bytes}-byte file")
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(end - start for _, _, start, end in self.header.values())
 
+    def module_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """``modules_to_save`` tensors by full key: dtype and shape, from the header."""
+        return {f"{m}.{t}": self.header[f"{m}.{t}"][:2] for m, names in self.saved_modules.items() for t in names}
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind an FSDP2/DTensor shard (a collective: every rank must call), else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _floats(t: torch.Tensor) -> list[float]:
-    return [float(f"{v:.7g}") for v in t.detach().double().cpu().tolist()]
-
-
-def _unmerged_base_weight(module: nn.Module) -> torch.Tensor:
-    """The logical N×K weight of a base layer, or of an adapter layer's base as it was before merging."""
-    if isinstance(module, LowRankLinear):
-        if module.merged:
-            original = module._original_weight
-            return original.T if is_conv1d(module.base_layer) else original
-        module = module.base_layer
-    return _base_weight(module)
-
-
-def _fingerprint(module: nn.Module) -> list[float]:
-    """Values of the logical N×K base weight at fixed pseudo-random positions (device-independent)."""
-    w = _full(_unmerged_base_weight(module))
-    idx = torch.randint(w.numel(), (_FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
-    k = w.shape[1]
-    return _floats(w.detach()[(idx // k).to(w.device), (idx % k).to(w.device)])
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor, read and checked against the checksum: each module's stored tensors as
+        ``<module>.<tensor>``, and the ``modules_to_save`` tensors."""
+        if self._cache is None:
+            raw = _read_data(self.path, self.header, self._data_start)
+            if _checksum(self._adapter_json, raw, legacy=self.version == 1) != self._checksum:
+                raise AdapterFileError(f"{self.path}: checksum mismatch: the file is damaged or was edited")
+            if self.version == 1:
+                self._cache = raw
+            else:
+                self._cache = _unpack(self, raw)
+        return self._cache
 
 
-def _signature(layer: LowRankLinear) -> dict[str, list[float]]:
-    """Column norms and probe projections of U and D: what a regeneration must reproduce."""
-    up, _, down, _ = layer.factors()
-    sig = {}
-    for role, f in (("up", up), ("down", down)):
-        f = _full(f).detach().double().cpu()
-        sig[role] = _floats(torch.cat([f.norm(dim=0), probe(f.shape[0]) @ f]))
-    return sig
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _checksum(adapter_json: str, tensors: dict[str, torch.Tensor]) -> str:
+def _checksum(adapter_json: str, tensors: dict[str, torch.Tensor], *, legacy: bool = False) -> str:
     h = hashlib.sha256(adapter_json.encode())
     for name in sorted(tensors):
+        t = tensors[name]
         h.update(name.encode())
-        h.update(str(tuple(tensors[name].shape)).encode() + str(tensors[name].dtype).encode())
-        h.update(_tensor_bytes(tensors[name]))
+        shape = str(tuple(t.shape)) if legacy else json.dumps(list(t.shape))
+        h.update(shape.encode() + str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
-    """Write the adapters of ``model`` to a safetensors file at ``path``.
+# -- writing
 
-    Only trainable tensors are stored; frozen factors are regenerated at load unless
-    ``include_frozen=True``. The modules registered with ``modules_to_save`` are stored whole. Any
-    other trainable parameter is refused, naming it: the file would silently lose it. Returns sizes:
-    the file against the tensor bytes. On a model sharded with FSDP2, call it on every rank (it
-    gathers the shards); give rank 0 the real path."""
-    from safetensors.torch import save_file
 
-    layers = list(adapter_layers(model))
-    if not layers:
-        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
-    path = _checked_path(path, writing=True)
-    lost = unsaved_trainable(model)
-    if lost:
-        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
-        raise ValueError(
-            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
-            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
-            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
-    modules, tensors = {}, {}
-    for name, layer in layers:
-        stored = [n for n, _ in layer.named_parameters(recurse=False)]
-        frozen = list(layer.method.frozen)
-        if include_frozen:
-            stored += frozen
-        for tensor_name in stored:
-            tensors[f"{name}.{tensor_name}"] = _full(getattr(layer, tensor_name)).detach().cpu().contiguous()
-        modules[name] = {
-            "method": layer.method.name, "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
-            "seed": layer.seed, "options": layer.options,
-            "in_features": layer.in_features, "out_features": layer.out_features,
-            "dtype": str(next(iter(layer.parameters(recurse=False))).dtype).removeprefix("torch."),
-            "base": {"bias": layer.base_layer.bias is not None, "fingerprint": _fingerprint(layer),
-                     "dtype": str(layer.base_layer.weight.dtype).removeprefix("torch.")},
-            "tensors": stored,
-            **({"frozen_signature": _signature(layer)} if frozen else {}),
-        }
-    saved_modules = {}
-    for name in modules_to_save(model):
-        states = module_tensors(model, name)
-        tensors.update({k: _full(v).detach().cpu().contiguous() for k, v in states.items()})
-        saved_modules[name] = sorted(k.removeprefix(name + ".") for k in states)
-    adapter_json = json.dumps({"modules": modules, **({"modules_to_save": saved_modules} if saved_modules else {})},
-                              sort_keys=True)
+def adapter_file_bytes(groups: list[dict], seeds: list[int], fingerprints: torch.Tensor,
+                       signatures: torch.Tensor | None, stored: dict[str, torch.Tensor],
+                       saved_modules: dict[str, dict[str, torch.Tensor]]) -> bytes:
+    """The bytes of a version-2 file: ``groups`` as in the module docstring (without tensors), ``stored``
+    each module's stored tensors by ``<module>.<tensor>``, ``saved_modules`` whole modules' state. The same
+    adapter gives the same bytes in every process."""
+    packed: dict[torch.dtype, list[torch.Tensor]] = {}
+    for group in groups:
+        for module in group["modules"]:
+            for tensor_name in sorted(group["tensors"]):
+                t = stored[f"{module}.{tensor_name}"]
+                packed.setdefault(t.dtype, []).append(t.detach().cpu().reshape(-1))
+    tensors = {f"adapter.{dtype_name(d)}": torch.cat(ts) for d, ts in packed.items()}
+    tensors[SEEDS] = torch.tensor(seeds, dtype=torch.int64)
+    tensors[FINGERPRINTS] = fingerprints.to(torch.float32)
+    if signatures is not None:
+        tensors[SIGNATURES] = signatures.to(torch.float32)
+    modules_to_save = {}
+    for module, state in saved_modules.items():
+        modules_to_save[module] = sorted(state)
+        tensors.update({f"{module}.{k}": v.detach().cpu() for k, v in state.items()})
+    adapter_json = json.dumps({"groups": groups, "modules_to_save": modules_to_save}, sort_keys=True,
+                              separators=(",", ":"), allow_nan=False)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": adapter_json,
                 "checksum": _checksum(adapter_json, tensors)}
-    save_file(tensors, os.fspath(path), metadata=metadata)
-    trainable = sum(p.numel() for _, layer in layers for p in layer.parameters(recurse=False)) + \
-        sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
-    return AdapterFileInfo(os.fspath(path), len(layers), trainable,
-                           sum(t.numel() * t.element_size() for t in tensors.values()), os.path.getsize(path))
+    return _safetensors_bytes(tensors, metadata)
 
 
-def _checked_path(path, *, writing: bool) -> str:
-    """``path`` as a string, refused with an error that names it when it can't be the adapter file."""
+def _safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file, byte for byte the same for the same input: keys sorted, tensors laid out by
+    decreasing element size (so each starts aligned), then by name."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, chunks, offset = {"__metadata__": metadata}, [], 0
+    for key in order:
+        t = tensors[key].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+# -- reading
+
+
+def _no_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _json(text: str, what: str, path: str):
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise AdapterFileError(f"{path}: {what} is nested too deeply to parse") from None
+    except ValueError as e:
+        raise AdapterFileError(f"{path}: {what} is not valid JSON ({e})") from None
+
+
+def _open_regular(path: str):
+    """A file object for ``path``, refusing anything but a regular file (a FIFO would block, a device
+    would never end)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path={path!r}: no such adapter file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file (e.g. "
+                                f"{os.path.join(path, 'adapter.safetensors')!r})") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot be opened ({e.strerror})") from None
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+        os.close(fd)
+        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file (e.g. "
+                                f"{os.path.join(path, 'adapter.safetensors')!r})")
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise AdapterFileError(f"{path}: not a regular file (a device, pipe or socket); expected an adapter file")
+    return os.fdopen(fd, "rb")
+
+
+def _read_header(path: str) -> tuple[dict, dict, int]:
+    """The safetensors header, checked: metadata (str → str) and per key (dtype, shape, start, end), the
+    data contiguous and exactly filling the file."""
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        n = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+            raise AdapterFileError(f"{path}: not a readable safetensors file (header length {n} in a {size}-byte file)")
+        try:
+            text = f.read(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise AdapterFileError(f"{path}: not a readable safetensors file (its header is not UTF-8)") from None
+    raw = _json(text, "the safetensors header", path)
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    metadata = raw.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(f"{path}: the safetensors metadata must map strings to strings")
+    header, spans = {}, []
+    for key, info in raw.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(info["shape"])
+            start, end = info["data_offsets"]
+            if not all(type(d) is int and d >= 0 for d in (*shape, start, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise AdapterFileError(f"{path}: tensor {key!r}: malformed header entry {str(info)[:200]}") from None
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise AdapterFileError(f"{path}: tensor {key!r}: {end - start} bytes for shape {shape} of {dtype}")
+        header[key] = (dtype, shape, start, end)
+        spans.append((start, end))
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise AdapterFileError(f"{path}: tensor data overlaps or leaves holes (at byte {start})")
+        position = end
+    if 8 + n + position != size:
+        raise AdapterFileError(f"{path}: not a readable safetensors file: the tensors take {position} bytes, the file has {size - 8 - n} "
+                               f"(truncated or padded)")
+    return metadata, header, 8 + n
+
+
+def _read_data(path: str, header: dict, data_start: int) -> dict[str, torch.Tensor]:
+    tensors = {}
+    with _open_regular(path) as f:
+        for key, (dtype, shape, start, end) in header.items():
+            f.seek(data_start + start)
+            data = bytearray(f.read(end - start))
+            if len(data) != end - start:
+                raise AdapterFileError(f"{path}: tensor {key!r} is truncated (the file changed while reading)")
+            tensors[key] = (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(shape)
+    return tensors
+
+
+def read_adapter_file(path) -> AdapterFile:
+    """Read and check the header of the adapter file at ``path`` (no tensor data)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path={path!r}; expected a file path (str or os.PathLike)")
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file "
-                                f"(e.g. {os.path.join(path, 'adapter.safetensors')!r})")
-    if writing:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"path={path!r}: the directory {folder!r} does not exist; create it first")
-    elif not os.path.exists(path):
-        raise FileNotFoundError(f"path={path!r}: no such adapter file")
-    return path
-
-
-def _read(path) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[str]]]:
-    from safetensors import safe_open
-
-    path = _checked_path(path, writing=False)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
-        raise AdapterFileError(f"{os.fspath(path)}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    metadata, header, data_start = _read_header(path)
     if metadata.get("format") != FORMAT:
-        raise AdapterFileError(f"{os.fspath(path)}: not a peft-ops adapter file (metadata format="
-                               f"{metadata.get('format')!r}, expected {FORMAT!r})")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"{os.fspath(path)}: format_version={metadata.get('format_version')!r}; "
-                               f"this peft-ops reads version {FORMAT_VERSION}")
-    adapter_json = metadata.get("adapter", "")
-    if metadata.get("checksum") != _checksum(adapter_json, tensors):
-        raise AdapterFileError(f"{os.fspath(path)}: checksum mismatch: the file is damaged or was edited")
+        raise AdapterFileError(f"{path}: not a peft-ops adapter file (metadata format={metadata.get('format')!r}, "
+                               f"expected {FORMAT!r})")
+    version = {"1": 1, "2": 2}.get(metadata.get("format_version"))
+    if version is None:
+        raise AdapterFileError(f"{path}: format_version={metadata.get('format_version')!r}; this peft-ops reads "
+                               f"versions 1 and 2")
+    adapter_json, checksum = metadata.get("adapter", ""), metadata.get("checksum", "")
+    adapter = _json(adapter_json, "the adapter metadata", path)
+    reader = _entries_v1 if version == 1 else _entries_v2
     try:
-        adapter = json.loads(adapter_json)
-        modules, saved_modules = adapter["modules"], adapter.get("modules_to_save", {})
-    except (ValueError, KeyError, TypeError) as e:
-        raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is unreadable ({e})") from None
-    if not isinstance(modules, dict) or not all(isinstance(e, dict) for e in modules.values()):
-        raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is malformed (modules must map names to entries)")
-    if not isinstance(saved_modules, dict) or not all(isinstance(v, list) for v in saved_modules.values()):
-        raise AdapterFileError(f"{os.fspath(path)}: adapter metadata is malformed (modules_to_save must map names "
-                               f"to tensor lists)")
-    return modules, tensors, saved_modules
-
-
-def _close(a: list[float], b: list[float], rtol: float) -> bool:
-    """Equal lengths, every value within ``rtol`` of the largest magnitude in ``a``."""
-    if len(a) != len(b):
-        return False
-    ref = max(max(map(abs, a), default=0.0), 1e-12)
-    return all(abs(x - y) <= rtol * ref for x, y in zip(a, b))
-
-
-def _signature_rtol(saved_dtype: str, dtype: torch.dtype) -> float:
-    """The signature tolerance for a base saved in ``saved_dtype`` and loaded in ``dtype``: the coarser
-    dtype's precision bounds how far the regenerated factors can move."""
-    eps = max(torch.finfo(_ADAPTER_DTYPES.get(saved_dtype, torch.float32)).eps, torch.finfo(dtype).eps)
-    return max(_SIGNATURE_RTOL, _SIGNATURE_EPS_FACTOR * eps)
-
-
-def _signature_mismatch(saved: dict, now: dict, rank: int, rtol: float) -> str | None:
-    """The first signature value that differs beyond ``rtol`` times its column's norm, described; or None.
-    A signature is [column norms (rank values), probe projections (rank values)] per factor."""
-    quantities = ("column norm", "probe projection")
-    for role in ("up", "down"):
-        a, b = saved.get(role, []), now[role]
-        if len(a) != len(b):
-            return f"the {role} factor's signature has {len(a)} values, the regenerated one {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            scale = max(abs(a[i % rank]), 1e-12)  # the column's norm
-            if abs(x - y) > rtol * scale:
-                return (f"{quantities[i // rank]} {i % rank} of the {role} factor is {y:.7g}, the file says "
-                        f"{x:.7g} (difference {abs(x - y) / scale:.2g} of the column's norm, tolerance {rtol:.2g})")
-    return None
-
-
-def _base_for(path, name: str, entry: dict, module: nn.Module | None) -> nn.Module:
-    """The base linear layer the entry applies to, checked: ``module`` itself, or the base of an adapter
-    layer of the same method and rank (whose weights the file then replaces)."""
-    where = f"{os.fspath(path)}: module {name!r}"
-    if module is None:
-        raise AdapterFileError(f"{where} is not in the model (this file is for another model)")
-    base = module
-    if isinstance(module, LowRankLinear):
-        if (module.method.name, module.rank) != (entry["method"], entry["rank"]):
-            raise AdapterFileError(f"{where}: the file holds a {entry['method']} adapter of rank {entry['rank']}, the "
-                                   f"model has a {module.method.name} adapter of rank {module.rank} there")
-        if module.merged:
-            raise AdapterFileError(f"{where}: the model's adapter is merged; unmerge it before loading")
-        base = module.base_layer
-    elif not is_adaptable(module):
-        raise AdapterFileError(f"{where} is a {type(module).__name__}, not a linear layer")
-    shape = tuple(_base_weight(base).shape)
-    if shape != (entry["out_features"], entry["in_features"]):
-        raise AdapterFileError(f"{where}: the model's weight is {shape[0]}×{shape[1]}, the adapter was made for "
-                               f"{entry['out_features']}×{entry['in_features']} (another base model)")
-    if entry["base"]["bias"] != (base.bias is not None):
-        raise AdapterFileError(f"{where}: the adapter was made for a layer {'with' if entry['base']['bias'] else 'without'}"
-                               f" a bias; the model's layer {'has' if base.bias is not None else 'has none'}")
-    if not _close(entry["base"]["fingerprint"], _fingerprint(module), _FINGERPRINT_RTOL):
-        raise AdapterFileError(f"{where}: the base weight differs from the one the adapter was saved with "
-                               f"(fingerprint mismatch: another base model, or modified weights)")
-    return base
-
-
-_ADAPTER_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                   "float64": torch.float64}
-
-
-def _build(path, name: str, entry: dict, base: nn.Module, tensors: dict, backend: str, *,
-           frozen: dict[str, torch.Tensor] | None = None) -> LowRankLinear:
-    """A layer holding the entry's adapter: its frozen factors from the file, else ``frozen`` (factors
-    already made for this base layer, e.g. an adapter bank's shared ones), else regenerated — and then
-    checked against the file's signature — and its trainable tensors from the file."""
-    where = f"{os.fspath(path)}: module {name!r}"
-    dtype = _ADAPTER_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise AdapterFileError(f"{where}: dtype {entry['dtype']!r}; expected one of {', '.join(_ADAPTER_DTYPES)}")
-    missing = [t for t in entry["tensors"] if f"{name}.{t}" not in tensors]
-    if missing:
-        raise AdapterFileError(f"{where}: tensors {missing} are missing from the file")
-    method = get_method(entry["method"])
-    stored_frozen = {t: tensors[f"{name}.{t}"] for t in entry["tensors"] if t in method.frozen}
-    layer = LAYER_CLASSES[method.name](base, entry["rank"], alpha=entry["alpha"], dropout=entry["dropout"],
-                                       seed=entry["seed"], backend=backend,
-                                       frozen_factors=stored_frozen or frozen or None, **entry["options"])
-    trainable = {n for n, _ in layer.named_parameters(recurse=False)}
-    if set(entry["tensors"]) not in (trainable, trainable | set(method.frozen)):
-        raise AdapterFileError(f"{where}: the file lists tensors {sorted(entry['tensors'])}; a {method.name} "
-                               f"layer has {sorted(trainable)} (and frozen {sorted(method.frozen)})")
-    for t in [*layer.parameters(recurse=False), *(getattr(layer, n) for n in method.frozen)]:
-        t.data = t.data.to(dtype)
-    for tensor_name in entry["tensors"]:
-        value, target = tensors[f"{name}.{tensor_name}"], getattr(layer, tensor_name)
-        if target.shape != value.shape:
-            raise AdapterFileError(f"{where}: tensor {tensor_name!r} has shape {tuple(value.shape)}, the "
-                                   f"{entry['method']} layer expects {tuple(target.shape)}")
-        target.data.copy_(value)
-    saved = entry.get("frozen_signature")
-    if saved:
-        mismatch = _signature_mismatch(saved, _signature(layer), layer.rank,
-                                       _signature_rtol(entry["base"].get("dtype", "float32"), base.weight.dtype))
-        if mismatch:
-            raise AdapterFileError(
-                f"{where}: the regenerated frozen {entry['method']} factors differ from the ones the adapter was "
-                f"trained with: {mismatch}. The base weight or the code that generates the factors changed; save "
-                f"with include_frozen=True to carry the factors in the file")
-    return layer
-
-
-@contextlib.contextmanager
-def _metadata_errors(path, name: str):
-    """Report what reading an entry's metadata raised as an AdapterFileError naming file and module."""
-    try:
-        yield
+        entries, saved_modules, expected = reader(path, adapter, header)
     except AdapterFileError:
         raise
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise AdapterFileError(f"{os.fspath(path)}: module {name!r}: metadata is incomplete or "
-                               f"inconsistent ({type(e).__name__}: {e})") from None
-
-
-def _check_every_tensor_used(path, entries: dict, tensors: dict, also_used: set[str] = frozenset()) -> None:
-    """Refuse a file with tensors that no module entry (nor ``also_used``: modules_to_save) accounts for."""
-    extra = set(tensors) - {f"{n}.{t}" for n, e in entries.items() for t in e["tensors"]} - also_used
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AdapterFileError(f"{path}: the adapter metadata is malformed ({type(e).__name__}: {e})") from None
+    for key, (dtype, shape) in expected.items():
+        if key not in header:
+            raise AdapterFileError(f"{path}: tensor {key!r} is missing from the file")
+        if header[key][:2] != (dtype, shape):
+            raise AdapterFileError(f"{path}: tensor {key!r} is {dtype_name(header[key][0])} of shape "
+                                   f"{header[key][1]}; the metadata makes it {dtype_name(dtype)} of shape {shape}")
+    extra = sorted(set(header) - set(expected) - {f"{m}.{t}" for m, ts in saved_modules.items() for t in ts})
     if extra:
-        raise AdapterFileError(f"{os.fspath(path)}: tensors {sorted(extra)} belong to no module in the metadata")
+        raise AdapterFileError(f"{path}: tensors {extra[:4]}{' ...' if len(extra) > 4 else ''} belong to no module "
+                               f"in the metadata")
+    missing = sorted(f"{m}.{t}" for m, ts in saved_modules.items() for t in ts if f"{m}.{t}" not in header)
+    if missing:
+        raise AdapterFileError(f"{path}: modules_to_save tensors {missing[:4]} are missing from the file")
     if not entries:
-        raise AdapterFileError(f"{os.fspath(path)}: the file holds no modules")
+        raise AdapterFileError(f"{path}: the file holds no modules")
+    return AdapterFile(path, version, entries, saved_modules, header, adapter_json, checksum, data_start)
 
 
-@torch.no_grad()
-def _load_into(existing: LowRankLinear, built: LowRankLinear) -> None:
-    """Give an existing adapter layer the built one's values, keeping its tensors (and so any optimizer
-    that holds them)."""
-    for tensor_name, value in [*built.named_parameters(recurse=False), *built.named_buffers(recurse=False)]:
-        if value is not None:
-            getattr(existing, tensor_name).copy_(value)
-    existing.alpha, existing.dropout, existing.seed, existing.options = (
-        built.alpha, built.dropout, built.seed, built.options)
+def _check(condition: bool, path: str, name: str, what: str) -> None:
+    if not condition:
+        raise AdapterFileError(f"{path}: module {name!r}: {what}")
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, backend: str = "auto") -> list[str]:
-    """Load the adapters stored at ``path`` into ``model``; returns the module names.
+def _fields(path: str, name: str, method: str, rank, alpha, dropout, options, in_features, out_features,
+            dtype: str, base_dtype: str, bias) -> torch.dtype:
+    """Check one module's described fields; returns its adapter dtype."""
+    def integer(v):
+        return type(v) is int and v >= 1
 
-    A module that is a plain linear layer gets a new adapter layer (with ``backend``), and the model is
-    frozen around the adapters as ``inject`` does; one that already has an adapter of the same method
-    and rank (after ``inject``, say) gets the file's values in place, its backend and every
-    ``requires_grad`` flag left as they were. Everything is
-    checked first — file integrity, module names and shapes, base-weight fingerprints, regenerated
-    frozen factors, and that the model has no adapter the file lacks — and on any error the model is
-    left untouched. Modules saved whole (``modules_to_save``) get the file's tensors in place and
-    are registered and made trainable."""
-    check_backend(backend)
-    entries, tensors, saved_modules = _read(path)
-    module_states = {f"{m}.{t}": tensors.get(f"{m}.{t}") for m, names in saved_modules.items() for t in names}
-    named = dict(model.named_modules())
-    existing = dict(adapter_layers(model))
-    built: dict[str, LowRankLinear] = {}
-    with preserved_on_error(model):
-        lacking = sorted(set(existing) - set(entries))
-        if lacking:
-            raise AdapterFileError(f"{os.fspath(path)}: the model has adapters on {lacking}, which the file lacks")
-        for name, entry in entries.items():
-            with _metadata_errors(path, name):
-                base = _base_for(path, name, entry, named.get(name) if name else None)
-                built[name] = _build(path, name, entry, base, tensors, backend)
-        missing = sorted(k for k, v in module_states.items() if v is None)
-        if missing:
-            raise AdapterFileError(f"{os.fspath(path)}: modules_to_save tensors {missing} are missing from the file")
-        check_module_tensors(model, module_states, os.fspath(path))
-        _check_every_tensor_used(path, entries, tensors, also_used=set(module_states))
-    for name in built.keys() & existing.keys():
-        _load_into(existing[name], built.pop(name))
-    if built:  # new adapter layers: freeze the model around them, as inject does
-        _swap_in(model, built)
-    load_module_tensors(model, module_states)
-    register_modules_to_save(model, list(saved_modules))
-    return list(entries)
+    _check(method in METHODS, path, name, f"method {method!r}; expected one of {', '.join(METHODS)}")
+    _check(integer(rank) and integer(in_features) and integer(out_features), path, name,
+           f"rank {rank!r}, in_features {in_features!r}, out_features {out_features!r}; expected positive integers")
+    _check(type(alpha) in (int, float) and math.isfinite(alpha) and type(dropout) in (int, float)
+           and 0 <= dropout < 1, path, name, f"alpha {alpha!r}, dropout {dropout!r}; expected finite numbers, "
+           f"dropout in [0, 1)")
+    _check(isinstance(options, dict), path, name, f"options {options!r}; expected an object")
+    _check(dtype in ADAPTER_DTYPES and base_dtype in ADAPTER_DTYPES, path, name,
+           f"dtype {dtype!r}, base dtype {base_dtype!r}; expected one of {', '.join(ADAPTER_DTYPES)}")
+    _check(type(bias) is bool, path, name, f"bias {bias!r}; expected true or false")
+    return ADAPTER_DTYPES[dtype]
+
+
+def _tensor_list(path: str, name: str, names) -> list[str]:
+    _check(isinstance(names, list) and all(isinstance(t, str) and t for t in names) and len(set(names)) == len(names),
+           path, name, f"tensor names {names!r}; expected a list of distinct names")
+    return names
+
+
+def _saved_modules(path: str, saved) -> dict[str, list[str]]:
+    if not isinstance(saved, dict):
+        raise AdapterFileError(f"{path}: modules_to_save {saved!r}; expected an object")
+    for module, names in saved.items():
+        _tensor_list(path, module, names)
+    return saved
+
+
+def _floats(values, path: str, name: str, what: str) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float64)
+    _check(bool(torch.isfinite(t).all()), path, name, f"its {what} holds non-finite values")
+    return t
+
+
+def _entries_v2(path: str, adapter: dict, header: dict):
+    groups, saved = adapter["groups"], _saved_modules(path, adapter.get("modules_to_save", {}))
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise AdapterFileError(f"{path}: groups must be a list of objects")
+    order, fields, packed = [], {}, {}
+    for group in groups:
+        modules = _tensor_list(path, "(group)", group["modules"])
+        shapes = group["tensors"]
+        if not isinstance(shapes, dict):
+            raise AdapterFileError(f"{path}: a group's tensors must map names to shapes")
+        for module in modules:
+            if module in fields:
+                raise AdapterFileError(f"{path}: module {module!r} appears twice")
+            dtype = _fields(path, module, group["method"], group["rank"], group["alpha"], group["dropout"],
+                            group["options"], group["in_features"], group["out_features"], group["dtype"],
+                            group["base_dtype"], group["bias"])
+            for tensor_name, shape in shapes.items():
+                _check(isinstance(shape, list) and all(type(d) is int and 0 < d <= 2**31 for d in shape), path,
+                       module, f"tensor {tensor_name!r} has shape {shape!r}")
+            fields[module] = (group, dtype, {t: tuple(shapes[t]) for t in sorted(shapes)})
+            order.append(module)
+            packed[dtype] = packed.get(dtype, 0) + sum(math.prod(s) for s in shapes.values())
+    frozen_rows = [m for m in order if METHODS[fields[m][0]["method"]].frozen]
+    expected = {f"adapter.{dtype_name(d)}": (d, (count,)) for d, count in packed.items()}
+    expected[SEEDS] = (torch.int64, (len(order),))
+    expected[FINGERPRINTS] = (torch.float32, (len(order), FINGERPRINT_SAMPLES))
+    if frozen_rows:
+        expected[SIGNATURES] = (torch.float32, (len(frozen_rows), 2, 2 * SKETCH))
+    entries = {}
+    for module in order:
+        group, dtype, shapes = fields[module]
+        # seeds, fingerprints and signatures are data: _unpack fills them once the checksum holds
+        entries[module] = AdapterEntry(module, group["method"], group["rank"], float(group["alpha"]),
+                                       float(group["dropout"]), -1, group["options"], group["in_features"],
+                                       group["out_features"], dtype, group["base_dtype"], group["bias"], shapes,
+                                       torch.empty(0), None)
+    return entries, saved, expected
+
+
+def _unpack(file: AdapterFile, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split version 2's packed tensors per module and put seeds, fingerprints and signatures into the
+    entries (checked: seeds in range, numbers finite)."""
+    offsets = {key: 0 for key in raw if key.startswith("adapter.")}
+    tensors = {key: raw[key] for key in file.module_tensors()}
+    seeds, fingerprints, signatures = raw[SEEDS], raw[FINGERPRINTS], raw.get(SIGNATURES)
+    row = 0
+    for i, (name, entry) in enumerate(file.entries.items()):
+        key = f"adapter.{dtype_name(entry.dtype)}"
+        for tensor_name, shape in entry.shapes.items():
+            count = math.prod(shape)
+            tensors[f"{name}.{tensor_name}"] = raw[key][offsets[key]:offsets[key] + count].reshape(shape)
+            offsets[key] += count
+        seed = int(seeds[i])
+        _check(0 <= seed, file.path, name, f"seed {seed}; expected an integer in [0, 2**63)")
+        signature = None
+        if METHODS[entry.method].frozen:
+            signature = _floats(signatures[row], file.path, name, "frozen-factor signature")
+            row += 1
+        file.entries[name] = AdapterEntry(**{**entry.__dict__, "seed": seed, "signature": signature,
+                                             "fingerprint": _floats(fingerprints[i], file.path, name,
+                                                                    "base-weight fingerprint")})
+    return tensors
+
+
+def _entries_v1(path: str, adapter: dict, header: dict):
+    modules, saved = adapter["modules"], _saved_modules(path, adapter.get("modules_to_save", {}))
+    if not isinstance(modules, dict) or not all(isinstance(e, dict) for e in modules.values()):
+        raise AdapterFileError(f"{path}: adapter metadata is malformed (modules must map names to entries)")
+    entries, expected = {}, {}
+    for name, e in modules.items():
+        base = e["base"]
+        dtype = _fields(path, name, e["method"], e["rank"], e["alpha"], e["dropout"], e["options"],
+                        e["in_features"], e["out_features"], e["dtype"], base.get("dtype", "float32"), base["bias"])
+        seed = e["seed"]
+        _check(type(seed) is int and 0 <= seed < 2**63, path, name, f"seed {seed!r}; expected an integer in [0, 2**63)")
+        shapes = {}
+        for tensor_name in _tensor_list(path, name, e["tensors"]):
+            key = f"{name}.{tensor_name}"
+            shapes[tensor_name] = header[key][1] if key in header else ()
+            expected[key] = (dtype, shapes[tensor_name])
+        signature = e.get("frozen_signature")
+        if signature is not None:
+            _check(isinstance(signature, dict) and set(signature) == {"up", "down"}, path, name,
+                   "its frozen-factor signature is malformed")
+            signature = {role: _floats(v, path, name, "frozen-factor signature").tolist()
+                         for role, v in signature.items()}
+        entries[name] = AdapterEntry(name, e["method"], e["rank"], float(e["alpha"]), float(e["dropout"]), seed,
+                                     e["options"], e["in_features"], e["out_features"], dtype,
+                                     base.get("dtype", "float32"), base["bias"], shapes,
+                                     _floats(base["fingerprint"], path, name, "base-weight fingerprint"), signature)
+    return entries, saved, expected

@@ -2,8 +2,8 @@
 
 An injected model's ``state_dict`` names each adapted layer's weight ``<name>.base_layer.weight``
 (beside the adapter's tensors); ``from_pretrained`` of the plain architecture would not find
-``<name>.weight`` and would initialise those layers randomly. So ``inject`` (and ``load_adapter``)
-put a guard on a transformers model's ``save_pretrained``: it saves as before (the checkpoint
+``<name>.weight`` and would initialise those layers randomly. So every load that adds adapters
+puts a guard on a transformers model's ``save_pretrained`` (:func:`peft_ops.model.guard_save_pretrained`): it saves as before (the checkpoint
 reloads into a model with the same adapters, as the Trainer resumes) but warns, once per model,
 with the two ways to a checkpoint that reloads anywhere: :func:`save_pretrained_merged` (or
 ``peft_ops.unload(model, merge=True)`` then ``save_pretrained``), or ``peft_ops.save_adapter``.
@@ -12,13 +12,16 @@ Nothing here imports transformers until it is used.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["merged_state_dict", "save_pretrained_merged", "AdapterCheckpointCallback", "guard_save_pretrained"]
+from .layers import is_conv1d
+from .model import adapter_layers
+from .save import save_adapter
+
+__all__ = ["merged_state_dict", "save_pretrained_merged", "AdapterCheckpointCallback"]
 
 ADAPTER_FILENAME = "adapter.safetensors"
 _MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -29,9 +32,6 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` as the plain model would have it: each adapter layer's entries
     replaced by ``<name>.weight`` = W + ΔW (summed in float32, in the weight's dtype) and
     ``<name>.bias``. The model is not changed."""
-    from .inject import adapter_layers
-    from .layers import is_conv1d
-
     layers = dict(adapter_layers(model))
     state = {}
     for key, value in model.state_dict().items():
@@ -57,35 +57,6 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | os.PathLike, 
     type(model).save_pretrained(model, save_directory, state_dict=merged_state_dict(model), **kwargs)
 
 
-class _GuardedSavePretrained:
-    """``model.save_pretrained`` that warns while the model has adapters. An object holding the model
-    (not a closure), so ``copy.deepcopy`` and pickling give the copy a guard of its own."""
-
-    def __init__(self, model: nn.Module):
-        self.model, self.warned = model, False
-
-    def __call__(self, save_directory, *args, **kwargs):
-        from .inject import adapter_layers
-
-        count = sum(1 for _ in adapter_layers(self.model))
-        if count and not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"save_pretrained: this model has {count} peft-ops adapter layers; the checkpoint stores their base "
-                f"weights as '<name>.base_layer.weight', which from_pretrained of the plain model will NOT load (it "
-                f"initialises those layers randomly); it reloads only into a model with the same adapters injected. "
-                f"For a checkpoint that reloads anywhere use peft_ops.hf.save_pretrained_merged(model, directory) "
-                f"(or peft_ops.unload(model, merge=True) first); to keep the adapter, peft_ops.save_adapter(model, "
-                f"path).", UserWarning, stacklevel=2)
-        return type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
-
-
-def guard_save_pretrained(model: nn.Module) -> None:
-    """Make ``model.save_pretrained`` (a transformers model's) warn while the model has adapters."""
-    if callable(getattr(type(model), "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        object.__setattr__(model, "save_pretrained", _GuardedSavePretrained(model))
-
-
 class _AdapterCheckpointSaving:
     """A ``transformers.Trainer`` callback: at each checkpoint, write the adapter file
     (``checkpoint-<step>/adapter.safetensors``, with ``modules_to_save``) and, with
@@ -102,8 +73,6 @@ class _AdapterCheckpointSaving:
         self.filename, self.remove_model_weights, self.include_frozen = filename, remove_model_weights, include_frozen
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        from .adapter_file import save_adapter
-
         if model is None:
             raise ValueError("AdapterCheckpointCallback.on_save: the Trainer passed no model")
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -16,7 +16,7 @@ from . import dispatch, ops, reference
 from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method, check_seed
 
 __all__ = ["LowRankLinear", "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear",
-           "LAYER_CLASSES", "is_conv1d", "is_adaptable"]
+           "LAYER_CLASSES", "is_conv1d", "is_adaptable", "base_weight"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -28,7 +28,7 @@ def is_adaptable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _base_weight(layer: nn.Module) -> torch.Tensor:
+def base_weight(layer: nn.Module) -> torch.Tensor:
     """The logical N×K (out×in) weight of an ``nn.Linear`` or a ``Conv1D``, as a view."""
     return layer.weight.T if is_conv1d(layer) else layer.weight
 
@@ -60,7 +60,7 @@ class LowRankLinear(nn.Module):
         if not is_adaptable(base_layer):
             raise TypeError(f"base_layer: expected a torch.nn.Linear or a transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
-        weight = _base_weight(base_layer)
+        weight = base_weight(base_layer)
         n, k = weight.shape
         name = self.method.name
         if weight.is_meta:
@@ -139,6 +139,12 @@ class LowRankLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def unmerged_weight(self) -> torch.Tensor:
+        """The logical N×K base weight as it is without ΔW (the original while merged), as a view."""
+        if self.merged:
+            return self._original_weight.T if is_conv1d(self.base_layer) else self._original_weight
+        return base_weight(self.base_layer)
+
     def factors(self):
         """``(U, C, D, s)`` as views of this layer's tensors (gradients flow to them)."""
         return self.method.factors(self)
@@ -153,7 +159,7 @@ class LowRankLinear(nn.Module):
                 self._warned_merged_training = True
             return self.base_layer(x)
         up, core, down, scale = self.factors()
-        return ops.adapted_linear(x, _base_weight(self.base_layer), self.base_layer.bias, up, core, down, scale,
+        return ops.adapted_linear(x, base_weight(self.base_layer), self.base_layer.bias, up, core, down, scale,
                                   dropout_p=self.dropout if self.training else 0.0,
                                   dropout_site=self.method.dropout_site, backend=self.backend)
 
@@ -184,6 +190,10 @@ class LowRankLinear(nn.Module):
         self.base_layer.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
+
+    def forget_original_weight(self) -> None:
+        """Make a merge permanent (unload): drop the copy of the original weight that :meth:`unmerge` restores."""
+        self._original_weight = None
 
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for p in self.parameters(recurse=False))

@@ -47,16 +47,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_file import AdapterFileError
-from .inject import _swap_in, adapter_layers, preserved_on_error
-from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, _base_weight, is_adaptable, is_conv1d
+from .bank_layer import AdapterBank
+from .errors import PeftFormatError
+from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, base_weight, is_conv1d
+from .load import Plan, apply, check_module_tensors
+from .model import adapter_layers, module_tensors, modules_to_save, preserved_on_error
+from .targets import ModelView
 
-__all__ = ["export_peft", "import_peft", "import_tlora", "PeftFormatError"]
+__all__ = ["export_peft", "import_peft", "import_tlora", "PeftFormatError", "read_peft", "LATENT_KEYS"]
 
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 _PREFIX = "base_model.model."
 # LoRA-XS's r×r matrix, as its authors' code names the attribute it adds to PEFT's LoRA layer
-_LATENT_KEYS = ("default_lora_latent_mapping.weight", "lora_latent_mapping.weight")
+LATENT_KEYS = ("default_lora_latent_mapping.weight", "lora_latent_mapping.weight")
 # adapter_config.json options a LoRALinear cannot represent: what each one is
 _UNSUPPORTED = {
     "use_dora": "DoRA (a learned magnitude vector)",
@@ -68,11 +71,6 @@ _UNSUPPORTED = {
     "use_bdlora": "BD-LoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
 }
-
-
-class PeftFormatError(AdapterFileError):
-    """A PEFT-format adapter (or an authors' checkpoint) that peft-ops cannot represent or that does not
-    fit the model."""
 
 
 def _exported_factors(layer: LowRankLinear) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -97,8 +95,6 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
     ``modules_to_save`` are written too, as PEFT writes them. A merged adapter is refused (its base
     weight already holds ΔW: the exported adapter would apply it twice). Returns the module names."""
     from safetensors.torch import save_file
-
-    from .modules_to_save import module_tensors, modules_to_save
 
     layers = list(adapter_layers(model))
     if not layers:
@@ -146,18 +142,26 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
     return [name for name, _ in layers]
 
 
-def _read_peft(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_peft(directory) -> tuple[dict, dict[str, torch.Tensor]]:
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_NAME} (expected a PEFT adapter directory)")
     try:
         config = json.loads((directory / CONFIG_NAME).read_text())
-    except ValueError as e:
+    except RecursionError:
+        raise PeftFormatError(f"{directory / CONFIG_NAME}: nested too deeply to parse") from None
+    except (ValueError, UnicodeDecodeError) as e:
         raise PeftFormatError(f"{directory / CONFIG_NAME}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{directory / CONFIG_NAME}: expected a JSON object")
     if (directory / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
-        tensors = load_file(directory / WEIGHTS_NAME)
+        try:
+            tensors = load_file(directory / WEIGHTS_NAME)
+        except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+            raise PeftFormatError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file "
+                                  f"({type(e).__name__}: {e})") from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
     else:
@@ -173,27 +177,11 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
-def _target(model: nn.Module, named: dict, name: str, where: str) -> nn.Module:
-    module = named.get(name)
-    if module is None:
-        raise PeftFormatError(f"{where}: module {name!r} is not in the model (an adapter for another model)")
-    if isinstance(module, LowRankLinear):
-        raise PeftFormatError(f"{where}: module {name!r} already has a {module.method.name} adapter; "
-                              f"peft_ops.unload(model) first")
-    if not is_adaptable(module):
-        raise PeftFormatError(f"{where}: module {name!r} is a {type(module).__name__}; peft-ops adapts only "
-                              f"nn.Linear and Conv1D layers")
+def _plain_target(view: ModelView, name: str, where: str) -> nn.Module:
+    module = view.target(name, PeftFormatError, where)
+    if isinstance(module, (LowRankLinear, AdapterBank)):
+        raise PeftFormatError(f"{where}: module {name!r} already has an adapter; peft_ops.unload(model) first")
     return module
-
-
-def _install(model: nn.Module, layers: dict[str, LowRankLinear], extra: dict[str, torch.Tensor],
-             saved_modules: list[str]) -> None:
-    """Copy ``modules_to_save`` tensors in and swap the built layers into the model (everything was checked)."""
-    from .modules_to_save import load_module_tensors, register_modules_to_save
-
-    load_module_tensors(model, extra)
-    _swap_in(model, layers)
-    register_modules_to_save(model, saved_modules)
 
 
 def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str = "auto") -> list[str]:
@@ -207,10 +195,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
     the model and registered (``save_adapter`` carries them). Refused, with the model untouched: other
     PEFT methods, DoRA, trained biases, embedding or convolution targets, any option or tensor a
     peft-ops layer cannot represent, and modules missing from the model or of another shape."""
-    from .modules_to_save import check_module_tensors
-
     where = os.fspath(directory)
-    config, tensors = _read_peft(directory)
+    config, tensors = read_peft(directory)
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"{where}: peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type='LORA') "
                               f"can be imported")
@@ -223,26 +209,28 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
     if embedding:
         raise PeftFormatError(f"{where}: the adapter targets embedding layers ({embedding[0]}, ...); peft-ops adapts "
                               f"only nn.Linear and Conv1D layers")
-    named = dict(model.named_modules())
+    view = ModelView.of(model)
     saved_modules = list(config.get("modules_to_save") or [])
-    saved_modules = [n for n in named if n and any(n == s or n.endswith("." + s) for s in saved_modules)]
+    saved_modules = [n for n in view.modules if any(n == s or n.endswith("." + s) for s in saved_modules)]
     extra = {k: v for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
-    check_module_tensors(model, extra, where)
     modules = sorted({k.rpartition(".lora_A.weight")[0] for k in tensors if k.endswith(".lora_A.weight")})
     understood = set(extra)
     for name in modules:
-        understood |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight", *(f"{name}.{k}" for k in _LATENT_KEYS)}
+        understood |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight", *(f"{name}.{k}" for k in LATENT_KEYS)}
     unknown = sorted(set(tensors) - understood)
     if unknown:
         raise PeftFormatError(f"{where}: tensors {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not LoRA "
                               f"factors peft-ops can represent (DoRA magnitudes, biases, another method?)")
     if not modules:
         raise PeftFormatError(f"{where}: the file holds no lora_A/lora_B tensors")
-    layers: dict[str, LowRankLinear] = {}
+    plan = Plan(where, error=PeftFormatError, module_tensors=extra)
+    plan.saved_whole = view.check_saved_whole(saved_modules, modules, PeftFormatError, where)
+    check_module_tensors(model, {k: (v.dtype, tuple(v.shape)) for k, v in extra.items()}, plan.saved_whole,
+                         PeftFormatError, where)
     with preserved_on_error(model):
         for name in modules:
-            base = _target(model, named, name, where)
-            n, k = _base_weight(base).shape
+            base = _plain_target(view, name, where)
+            n, k = base_weight(base).shape
             a, b = tensors[f"{name}.lora_A.weight"], tensors.get(f"{name}.lora_B.weight")
             if b is None:
                 raise PeftFormatError(f"{where}: {name}.lora_B.weight is missing")
@@ -257,7 +245,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
             # our scale is alpha / r: rsLoRA's lora_alpha / √r is alpha = lora_alpha·√r
             alpha = lora_alpha * math.sqrt(r) if config.get("use_rslora") else lora_alpha
             dropout = float(config.get("lora_dropout", 0.0))
-            latent = next((tensors[f"{name}.{key}"] for key in _LATENT_KEYS if f"{name}.{key}" in tensors), None)
+            latent = next((tensors[f"{name}.{key}"] for key in LATENT_KEYS if f"{name}.{key}" in tensors), None)
             try:
                 if latent is None:
                     layer = LoRALinear(base, r, alpha=alpha, dropout=dropout, backend=backend)
@@ -272,8 +260,8 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
             with torch.no_grad():
                 for tensor_name, value in trained.items():
                     getattr(layer, tensor_name).copy_(value)
-            layers[name] = layer
-    _install(model, layers, extra, saved_modules)
+            plan.new[name] = layer
+        apply(model, plan)
     return modules
 
 
@@ -309,15 +297,15 @@ def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend:
     modules = sorted({k.rpartition(".")[0] for k in state if k.rpartition(".")[2] in _TLORA_KEYS})
     if not modules:
         raise PeftFormatError(f"{where}: no TLoRA tensors (keys ending in {', '.join(_TLORA_KEYS)})")
-    named = dict(model.named_modules())
-    layers: dict[str, LowRankLinear] = {}
+    view = ModelView.of(model)
+    plan = Plan(where, error=PeftFormatError)
     with preserved_on_error(model):
         for name in modules:
             missing = [t for t in _TLORA_KEYS if f"{name}.{t}" not in state]
             if missing:
                 raise PeftFormatError(f"{where}: module {name!r} lacks {missing}")
-            base = _target(model, named, name, where)
-            n, k = _base_weight(base).shape
+            base = _plain_target(view, name, where)
+            n, k = base_weight(base).shape
             random_a, random_c, core, scaling = (state[f"{name}.{t}"] for t in _TLORA_KEYS)
             r = core.shape[0] if core.dim() == 2 else -1  # the r×r core tells the rank
             for what, tensor, expected in (("random_A", random_a, (k, r)), ("random_C", random_c, (r, n)),
@@ -335,6 +323,6 @@ def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend:
             with torch.no_grad():
                 layer.tlora_B.copy_(core)
                 layer.tlora_alpha.copy_(scaling.reshape(1))
-            layers[name] = layer
-    _swap_in(model, layers)
+            plan.new[name] = layer
+        apply(model, plan)
     return modules

@@ -10,6 +10,11 @@ from pathlib import Path
 
 from torch import nn
 
+from .adapter_file import dtype_name, read_adapter_file
+from .methods import get_method
+from .model import adapter_layers, modules_to_save, unsaved_trainable
+from .peft_format import LATENT_KEYS, read_peft
+
 __all__ = ["trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription"]
 
 
@@ -40,9 +45,6 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     """Counts of what ``model`` trains: the line PEFT's ``print_trainable_parameters`` prints (the same
     numbers for LoRA), then the trainable values per adapter method, in ``modules_to_save``, and
     elsewhere. ``print(peft_ops.trainable_summary(model))``."""
-    from .inject import adapter_layers
-    from .modules_to_save import modules_to_save, unsaved_trainable
-
     per_method: dict[str, list[int]] = {}
     frozen = 0
     for _, layer in adapter_layers(model):
@@ -96,49 +98,40 @@ def read_adapter_info(path: str | os.PathLike) -> AdapterDescription:
     adapter directory (``adapter_config.json``: LoRA, or LoRA-XS in its authors' layout)."""
     if Path(path).is_dir():
         return _describe_peft(path)
-    from .adapter_file import _read
-
-    entries, tensors, saved_modules = _read(path)
-    modules = {name: {"method": e["method"], "rank": e["rank"], "alpha": e["alpha"], "dropout": e["dropout"],
-                      "in_features": e["in_features"], "out_features": e["out_features"], "dtype": e["dtype"],
-                      "options": e["options"], "base_fingerprint": e["base"]["fingerprint"],
-                      "base_bias": e["base"]["bias"], "tensors": e["tensors"]}
-               for name, e in entries.items()}
-    frozen_keys = {f"{name}.{t}" for name, e in entries.items() for t in e["tensors"]
-                   if t in _frozen_names(e["method"])}
+    file = read_adapter_file(path)
+    tensors = file.tensors()
+    modules = {name: {"method": e.method, "rank": e.rank, "alpha": e.alpha, "dropout": e.dropout,
+                      "in_features": e.in_features, "out_features": e.out_features, "dtype": dtype_name(e.dtype),
+                      "options": e.options, "base_fingerprint": e.fingerprint.tolist(), "base_bias": e.bias,
+                      "tensors": list(e.shapes)}
+               for name, e in file.entries.items()}
+    stored = [f"{name}.{t}" for name, e in file.entries.items() for t in e.shapes]
+    frozen = {f"{name}.{t}" for name, e in file.entries.items() for t in e.shapes if t in get_method(e.method).frozen}
     return AdapterDescription(
-        path=os.fspath(path), format="peft-ops", modules=modules, modules_to_save=sorted(saved_modules),
-        trainable_parameters=sum(t.numel() for k, t in tensors.items() if k not in frozen_keys),
-        tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-        file_bytes=os.path.getsize(path))
-
-
-def _frozen_names(method: str) -> tuple[str, ...]:
-    from .methods import get_method
-
-    return get_method(method).frozen
+        path=file.path, format="peft-ops", modules=modules, modules_to_save=sorted(file.saved_modules),
+        trainable_parameters=sum(tensors[k].numel() for k in [*stored, *file.module_tensors()] if k not in frozen),
+        tensor_bytes=sum(tensors[k].numel() * tensors[k].element_size() for k in [*stored, *file.module_tensors()]),
+        file_bytes=os.path.getsize(file.path))
 
 
 def _describe_peft(directory) -> AdapterDescription:
-    from .peft_format import CONFIG_NAME, _LATENT_KEYS, _read_peft
-
-    config, tensors = _read_peft(directory)
+    config, tensors = read_peft(directory)
     modules, trainable = {}, 0
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
             continue
         name = key.removesuffix(".lora_A.weight")
         b = tensors.get(f"{name}.lora_B.weight")
-        latent = any(f"{name}.{k}" in tensors for k in _LATENT_KEYS)
+        latent = any(f"{name}.{k}" in tensors for k in LATENT_KEYS)
         modules[name] = {"method": "loraxs" if latent else "lora", "rank": a.shape[0], "in_features": a.shape[1],
                          "out_features": None if b is None else b.shape[0], "dtype": str(a.dtype).removeprefix("torch.")}
         trainable += a.shape[0] ** 2 if latent else a.numel() + (0 if b is None else b.numel())
     saved = list(config.get("modules_to_save") or [])
-    adapter_keys = {k for k in tensors if ".lora_" in k or k.endswith(_LATENT_KEYS)}
+    adapter_keys = {k for k in tensors if ".lora_" in k or k.endswith(LATENT_KEYS)}
     trainable += sum(t.numel() for k, t in tensors.items() if k not in adapter_keys)
     files = [p for p in Path(directory).iterdir() if p.is_file()]
     return AdapterDescription(
         path=os.fspath(directory), format="peft", modules=modules, modules_to_save=saved,
         trainable_parameters=trainable, tensor_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-        file_bytes=sum(p.stat().st_size for p in files if p.name in (CONFIG_NAME, "adapter_model.safetensors",
+        file_bytes=sum(p.stat().st_size for p in files if p.name in ("adapter_config.json", "adapter_model.safetensors",
                                                                      "adapter_model.bin")))

@@ -1,5 +1,6 @@
 """Adapter files: compact, exact round trips, and refusal (model untouched) of files that don't fit."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from safetensors.torch import save_file
 
 import peft_ops
 from peft_ops import AdapterFileError
+from peft_ops.adapter_file import adapter_file_bytes, read_adapter_file
 from test_inject import _assert_unchanged, _snapshot
 from utils import TinyModel, method_options, randomize_adapters, rel_error
 
@@ -53,9 +55,8 @@ def test_round_trip_is_bit_exact(method, tmp_path):
 def test_file_holds_only_trainable_tensors(method, stored, tmp_path):
     model = _adapted(method)
     info = peft_ops.save_adapter(model, tmp_path / "a.safetensors")
-    with safe_open(tmp_path / "a.safetensors", "pt") as f:
-        keys = set(f.keys())
-    assert {k.rsplit(".", 1)[1] for k in keys} == stored
+    file = read_adapter_file(tmp_path / "a.safetensors")
+    assert {t for entry in file.entries.values() for t in entry.shapes} == stored
     assert info.tensor_bytes == info.trainable_parameters * 4  # float32
     if method in ("loraxs", "tlora"):  # r×r cores: the frozen factors are regenerated, not stored
         assert info.tensor_bytes == 12 * (16 + (method == "tlora")) * 4
@@ -171,25 +172,23 @@ def test_refuses_a_damaged_file(saved, damage):
     _assert_unchanged(model, before)
 
 
-def _rewrite(path, edit_metadata=None, edit_tensors=None):
+def _rewrite(path, edit_metadata=None):
     with safe_open(path, "pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     if edit_metadata:
         edit_metadata(metadata)
-    if edit_tensors:
-        edit_tensors(tensors)
     save_file(tensors, path, metadata=metadata)
 
 
 def test_refuses_edited_metadata(saved):
     _, path = saved
 
-    def more_rank(metadata):
+    def more_alpha(metadata):
         adapter = json.loads(metadata["adapter"])
-        adapter["modules"]["blocks.0.q_proj"]["alpha"] = 99.0
+        adapter["groups"][0]["alpha"] = 99.0
         metadata["adapter"] = json.dumps(adapter)
 
-    _rewrite(path, more_rank)
+    _rewrite(path, more_alpha)
     with pytest.raises(AdapterFileError, match=r"checksum mismatch: the file is damaged or was edited"):
         peft_ops.load_adapter(TinyModel(1), path)
 
@@ -220,21 +219,31 @@ def test_refuses_regenerated_factors_that_differ(saved, monkeypatch):
     _assert_unchanged(model, before)
 
 
-def _craft(path, edit_entries=None, edit_tensors=None):
-    """Rewrite an adapter file with edited metadata or tensors and a *valid* checksum, as a file made
-    by other code (or by someone meaning harm) would be: only validation can stop it."""
-    from peft_ops.adapter_file import _checksum
+def craft(path, edit_groups=None, edit_stored=None, edit_saved=None, edit_checks=None):
+    """Rewrite an adapter file with edited metadata or tensors and a *valid* checksum, written by the
+    project's own code as anyone who reads adapter_file.py can: only validation can stop it.
+    ``edit_groups(groups)``, ``edit_stored(tensors by module.tensor)``, ``edit_saved(modules_to_save
+    state by module)`` and ``edit_checks(checks)`` (seeds, fingerprints, signatures) edit in place."""
+    file = read_adapter_file(path)
+    tensors = file.tensors()
+    adapter = json.loads(file._adapter_json)
+    groups = adapter["groups"]
+    stored = {f"{n}.{t}": tensors[f"{n}.{t}"] for n, e in file.entries.items() for t in e.shapes}
+    saved = {m: {t: tensors[f"{m}.{t}"] for t in names} for m, names in file.saved_modules.items()}
+    order = [n for g in groups for n in g["modules"]]
+    frozen = [n for n in order if peft_ops.get_method(file.entries[n].method).frozen]
+    checks = {"seeds": [file.entries[n].seed for n in order],
+              "fingerprints": torch.stack([file.entries[n].fingerprint for n in order]),
+              "signatures": torch.stack([file.entries[n].signature for n in frozen]) if frozen else None}
+    for edit, value in ((edit_groups, groups), (edit_stored, stored), (edit_saved, saved), (edit_checks, checks)):
+        if edit:
+            edit(value)
+    path.write_bytes(adapter_file_bytes(groups, checks["seeds"], checks["fingerprints"], checks["signatures"],
+                                        stored, saved))
 
-    with safe_open(path, "pt") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    adapter = json.loads(metadata["adapter"])
-    if edit_entries:
-        edit_entries(adapter["modules"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    metadata["adapter"] = json.dumps(adapter, sort_keys=True)
-    metadata["checksum"] = _checksum(metadata["adapter"], tensors)
-    save_file(tensors, path, metadata=metadata)
+
+def group_of(groups, module):
+    return next(g for g in groups if module in g["modules"])
 
 
 def _load_refused(path, message, model=None):
@@ -247,53 +256,53 @@ def _load_refused(path, message, model=None):
 
 def test_refuses_a_tensor_that_is_not_the_layers(saved):
     """A name like 'weight' resolves to the base layer's weight on an adapter layer: it must be refused
-    before anything is written (here the bad entry sorts first, the load would fail later anyway)."""
+    before anything is written."""
     _, path = saved
 
-    def add_weight(tensors):
-        tensors["blocks.0.k_proj.weight"] = torch.zeros(16, 32)
+    def add_weight(groups):
+        group = group_of(groups, "blocks.0.k_proj")
+        group["tensors"]["weight"] = [16, 32]
 
-    _craft(path, lambda m: m["blocks.0.k_proj"]["tensors"].append("weight"), add_weight)
-    _load_refused(path, r"module 'blocks.0.k_proj': the file lists tensors \['loraxs_R', 'weight'\]; a loraxs layer has "
-                        r"\['loraxs_R'\]")
+    def weights(stored):
+        for name in ("blocks.0.k_proj", "blocks.0.v_proj", "blocks.1.k_proj", "blocks.1.v_proj"):
+            stored[f"{name}.weight"] = torch.zeros(16, 32)
+
+    craft(path, add_weight, weights)
+    _load_refused(path, r"module 'blocks.0.k_proj': the file stores tensors \['loraxs_R', 'weight'\]; a loraxs layer "
+                        r"has \['loraxs_R'\]")
 
 
 def test_refuses_an_incomplete_tensor_list(tmp_path):
     model = _adapted("lora")
     path = tmp_path / "a.safetensors"
     peft_ops.save_adapter(model, path)
-
-    def drop_b(modules):
-        modules["blocks.0.q_proj"]["tensors"].remove("lora_B")
-
-    _craft(path, drop_b, lambda t: t.pop("blocks.0.q_proj.lora_B"))
-    _load_refused(path, r"the file lists tensors \['lora_A'\]; a lora layer has \['lora_A', 'lora_B'\]")
+    craft(path, lambda groups: [g["tensors"].pop("lora_B") for g in groups])
+    _load_refused(path, r"the file stores tensors \['lora_A'\]; a lora layer has \['lora_A', 'lora_B'\]")
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda m: m["blocks.0.q_proj"].update(dtype="int64"), r"dtype 'int64'; expected one of float32, float16"),
-    (lambda m: m["blocks.0.q_proj"]["base"].update(bias=False), r"made for a layer without a bias"),
-    (lambda m: m["blocks.0.q_proj"].update(rank=0), r"metadata is incomplete or inconsistent \(ValueError: loraxs: rank=0"),
-    (lambda m: m["blocks.0.q_proj"].pop("seed"), r"metadata is incomplete or inconsistent \(KeyError: 'seed'\)"),
+    (lambda g: g.update(dtype="int64"), r"dtype 'int64', base dtype 'float32'; expected one of float32, float16"),
+    (lambda g: g.update(bias=False), r"made for a layer without a bias"),
+    (lambda g: g.update(rank=0), r"rank 0, in_features 32, out_features 16; expected positive integers"),
+    (lambda g: g.update(rank=True), r"rank True, in_features 32, out_features 16; expected positive integers"),
+    (lambda g: g.update(method="dora"), r"method 'dora'; expected one of"),
+    (lambda g: g.update(dropout=1.5), r"dropout 1.5; expected finite numbers, dropout in \[0, 1\)"),
+    (lambda g: g.update(options={"svd": "magic"}), r"the metadata does not make a loraxs layer"),
+    (lambda g: g.pop("alpha"), r"the adapter metadata is malformed \(KeyError: 'alpha'\)"),
 ])
 def test_refuses_inconsistent_metadata(saved, edit, message):
     _, path = saved
-    _craft(path, edit)
+    craft(path, lambda groups: edit(group_of(groups, "blocks.0.k_proj")))
     _load_refused(path, message)
 
 
-def test_refuses_malformed_modules(saved):
-    from safetensors.torch import save_file as save
-
+def test_refuses_malformed_groups(saved):
     _, path = saved
     with safe_open(path, "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    from peft_ops.adapter_file import _checksum
-
-    adapter_json = json.dumps({"modules": ["blocks.0.q_proj"]})
-    save(tensors, path, metadata={"format": "peft-ops-adapter", "format_version": "1", "adapter": adapter_json,
-                                  "checksum": _checksum(adapter_json, tensors)})
-    _load_refused(path, r"adapter metadata is malformed")
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    metadata["adapter"] = json.dumps({"groups": ["blocks.0.q_proj"]})
+    save_file(tensors, path, metadata=metadata)
+    _load_refused(path, r"groups must be a list of objects")
 
 
 def test_a_pickle_is_never_unpickled(tmp_path):
@@ -369,5 +378,18 @@ def test_a_mismatch_says_which_quantity_differed_by_how_much(saved, monkeypatch)
     monkeypatch.setattr(methods, "top_singular_triplets",
                         lambda w, r, exact, seed: (lambda u, s, v: (u, s * 1.01, v))(*svd(w, r, exact=exact, seed=seed)))
     _load_refused(path, r"module 'blocks.0.k_proj': the regenerated frozen loraxs factors differ from the ones the "
-                        r"adapter was trained with: column norm 0 of the down factor is [\d.]+, the file says [\d.]+ "
-                        r"\(difference 0.01 of the column's norm, tolerance 0.0001\)")
+                        r"adapter was trained with: signed sum \d of the down factor's column norms is -?[\d.]+, the file says "
+                        r"-?[\d.]+ \(difference 0.00\d+ of the column norms' sum, tolerance 0.0001\)")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_files_of_format_1_still_load(method):
+    """tests/data holds files written by the last version that wrote format 1, and the logits of the model
+    that saved them (TinyModel(1), inject(all-linear, rank 4, seed 5), input seeded 7)."""
+    data = Path(__file__).parent / "data"
+    model = TinyModel(1)
+    assert read_adapter_file(data / f"format1-{method}.safetensors").version == 1
+    peft_ops.load_adapter(model, data / f"format1-{method}.safetensors")
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.load(data / f"format1-{method}-logits.pt"))

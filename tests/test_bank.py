@@ -62,9 +62,9 @@ def test_every_row_equals_its_adapter_alone(method, dtype, backend, tmp_path, po
 
 def _segments(rows: list[int]):
     """The segments use_adapters builds for per-row adapter indices (one token per row)."""
-    from peft_ops.bank import _RowAdapters
+    from peft_ops.bank_layer import RowAdapters
 
-    g = _RowAdapters(rows).groups(1, DEVICE)
+    g = RowAdapters(rows).groups(1, DEVICE)
     return g.rows, (g.order, g.seg_starts, g.seg_adapters, g.max_segment_rows)
 
 

@@ -78,7 +78,7 @@ def test_read_adapter_info_without_a_model(tmp_path):
         info.trainable_parameters, info.tensor_bytes, info.file_bytes)
     q = described.modules["blocks.0.q_proj"]
     assert (q["in_features"], q["out_features"], q["alpha"]) == (32, 32, 4.0)
-    assert len(q["base_fingerprint"]) == 16
+    assert len(q["base_fingerprint"]) == 8
     assert "12 modules (loraxs ×12; r=4 ×12)" in str(described)
 
 

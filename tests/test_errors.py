@@ -123,7 +123,7 @@ CASES = [
     ("inject-bad-regex", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules="blocks.("), ValueError,
      r"target_modules='blocks.\(' is not a valid regular expression"),
     ("inject-non-linear", None, lambda m: peft_ops.inject(m, "lora", 4, target_modules=["mlp"]), TypeError,
-     r"matched 'blocks.0.mlp', a Sequential; only nn.Linear and Conv1D layers can be adapted"),
+     r"module 'blocks.0.mlp' is a Sequential; peft-ops adapts only nn.Linear and Conv1D layers"),
     ("inject-rank-too-big-midway", None, lambda m: peft_ops.inject(m, "lora", 20, target_modules=["q_proj", "k_proj"]),
      ValueError, r"module 'blocks.0.k_proj': lora: rank=20; expected an integer from 1 to .* = 16"),
     ("inject-symlora-non-square-midway", None, lambda m: peft_ops.inject(m, "symlora", 4, target_modules=["q_proj", "k_proj"]),

@@ -1,0 +1,95 @@
+"""``save_adapter``: a model's adapters as a compact adapter file (:mod:`peft_ops.adapter_file`)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .adapter_file import FINGERPRINT_SAMPLES, SKETCH, adapter_file_bytes, dtype_name
+from .checks import fingerprint, signature
+from .files import write_atomically
+from .model import adapter_layers, module_tensors, modules_to_save, unsaved_trainable
+
+__all__ = ["save_adapter", "AdapterFileInfo"]
+
+
+@dataclass(frozen=True)
+class AdapterFileInfo:
+    path: str
+    modules: int
+    trainable_parameters: int
+    tensor_bytes: int  # bytes of the adapters' tensors stored (the trainable ones, unless include_frozen)
+    file_bytes: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.modules} modules, {self.trainable_parameters} trainable parameters, "
+                f"{self.tensor_bytes} tensor bytes in a {self.file_bytes}-byte file")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP2/DTensor shard (a collective: every rank must call), else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
+    """Write the adapters of ``model`` to a safetensors file at ``path``.
+
+    Only trainable tensors are stored; frozen factors are regenerated at load unless
+    ``include_frozen=True``. The modules registered with ``modules_to_save`` are stored whole. Any
+    other trainable parameter is refused, naming it: the file would silently lose it. The previous file
+    at ``path`` is replaced only once the new one is complete on disk (a symlink is written through).
+    The same adapter gives the same bytes in every process. Returns sizes: the file against the tensor
+    bytes. On a model sharded with FSDP2, call it on every rank (it gathers the shards); give rank 0
+    the real path."""
+    layers = dict(adapter_layers(model))
+    if not layers:
+        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path={path!r}; expected a file path (str or os.PathLike)")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file "
+                                f"(e.g. {os.path.join(path, 'adapter.safetensors')!r})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path={path!r}: the directory {folder!r} does not exist; create it first")
+    lost = unsaved_trainable(model)
+    if lost:
+        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
+        raise ValueError(
+            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
+            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
+            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
+    groups: dict[str, dict] = {}
+    stored, described = {}, {}
+    for name, layer in sorted(layers.items()):
+        names = [n for n, _ in layer.named_parameters(recurse=False)]
+        if include_frozen:
+            names += list(layer.method.frozen)
+        for tensor_name in names:
+            stored[f"{name}.{tensor_name}"] = _full(getattr(layer, tensor_name)).detach().cpu().contiguous()
+        group = {"method": layer.method.name, "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
+                 "options": layer.options, "in_features": layer.in_features, "out_features": layer.out_features,
+                 "dtype": dtype_name(stored[f"{name}.{names[0]}"].dtype),
+                 "base_dtype": dtype_name(layer.base_layer.weight.dtype), "bias": layer.base_layer.bias is not None,
+                 "tensors": {t: list(stored[f"{name}.{t}"].shape) for t in names}}
+        key = json.dumps(group, sort_keys=True)
+        groups.setdefault(key, {**group, "modules": []})["modules"].append(name)
+        described[name] = layer
+    ordered = [groups[k] for k in sorted(groups)]
+    order = [name for group in ordered for name in group["modules"]]
+    fingerprints = torch.stack([fingerprint(described[n], FINGERPRINT_SAMPLES) for n in order])
+    frozen = [n for n in order if described[n].method.frozen]
+    signatures = torch.stack([signature(described[n], SKETCH) for n in frozen]) if frozen else None
+    saved_modules = {name: {k.removeprefix(name + "."): _full(v) for k, v in module_tensors(model, name).items()}
+                     for name in modules_to_save(model)}
+    data = adapter_file_bytes(ordered, [described[n].seed for n in order], fingerprints, signatures, stored,
+                              saved_modules)
+    written = write_atomically(path, data)
+    trainable = sum(p.numel() for layer in layers.values() for p in layer.parameters(recurse=False)) + \
+        sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
+    return AdapterFileInfo(path, len(layers), trainable,
+                           sum(t.numel() * t.element_size() for t in stored.values()), os.path.getsize(written))
