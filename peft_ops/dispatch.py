@@ -19,16 +19,22 @@ with roles swapped the backward's ``dx``) with the same dropout masks and the sa
 
 The choice is keyed like an autotuner (:class:`Key`). The first time a key is seen on a GPU both are
 timed on the call's own arguments (``triton.testing.do_bench``, a few ms) and the faster is kept for the
-process and in a file beside Triton's cache. Nothing is timed while ``torch.compile`` traces or a CUDA
-graph is captured, nor with ``PEFT_OPS_AUTOTUNE=0``: then :func:`rule` decides. :func:`decisions` lists
-what was chosen and why.
+process and in a file beside Triton's cache, one per GPU model and peft-ops, torch and Triton version.
+That file is untrusted input: only a regular file of at most 4 MiB is read, and only the rows this
+version could have written are kept (anything else is measured again). Nothing is timed while
+``torch.compile`` traces or a CUDA graph is captured, nor with ``PEFT_OPS_AUTOTUNE=0``: then
+:func:`rule` decides. :func:`decisions` lists what was chosen and why.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass
+import re
+import stat
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -43,6 +49,9 @@ BACKENDS = ("auto", "triton", "fused", "composed", "reference")
 IMPLEMENTATIONS = ("fused", "composed")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DECODE_ROWS = 16  # the rule's crossover: at most this many rows, one fused launch beats three
+DROPOUT_SITES = ("none", "input", "output")
+ROLES = ("forward", "dx")
+CACHE_MAX_BYTES = 4 << 20  # a real table is a few kB: anything larger is not one we wrote
 
 
 def check_backend(backend) -> str:
@@ -114,9 +123,9 @@ class Key:
     k: int
     rank_block: int
     dtype: str
-    dropout: str  # "none", "input" or "output"
+    dropout: str  # one of DROPOUT_SITES
     bias: bool
-    role: str  # "forward" or "dx"
+    role: str  # one of ROLES
 
     @classmethod
     def of(cls, role, a, weight, bias, rank, dropout_p, dropout_site) -> "Key":
@@ -126,6 +135,19 @@ class Key:
 
         return cls(min(triton.next_power_of_2(a.shape[0]), 8192), weight.shape[0], a.shape[1], rank_block(rank),
                    str(a.dtype).removeprefix("torch."), dropout_site if dropout_p else "none", bias is not None, role)
+
+    @classmethod
+    def from_json(cls, value) -> "Key | None":
+        """The key a disk-cache row names, or None where it is not one :meth:`of` could have made."""
+        if not isinstance(value, dict) or value.keys() != {field.name for field in fields(cls)}:
+            return None
+        sizes = (value["m_bucket"], value["n"], value["k"], value["rank_block"])
+        if not all(type(size) is int and size > 0 for size in sizes):  # type(), not isinstance(): true is an int
+            return None
+        if not (isinstance(value["dtype"], str) and value["dropout"] in DROPOUT_SITES and type(value["bias"]) is bool
+                and value["role"] in ROLES):
+            return None
+        return cls(**value)
 
 
 def rule(key: Key) -> str:
@@ -165,13 +187,51 @@ def _measuring_allowed(device: torch.device) -> bool:
     return not torch.cuda.is_current_stream_capturing()
 
 
+@functools.cache
+def _peft_ops_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("peft-ops")
+    except metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        from peft_ops import __version__  # here, not at import: peft_ops/__init__ imports this module
+
+        return __version__
+
+
 def _cache_path(device: torch.device) -> str:
     import triton
 
     folder = os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    tag = f"{name}-torch{torch.__version__}-triton{triton.__version__}".replace(" ", "_").replace("/", "_")
-    return os.path.join(folder, "peft_ops", f"dispatch-{tag}.json")
+    tag = f"{name}-peft_ops{_peft_ops_version()}-torch{torch.__version__}-triton{triton.__version__}"
+    return os.path.join(folder, "peft_ops", f"dispatch-{re.sub(r'[^A-Za-z0-9.+-]', '_', tag)}.json")
+
+
+def _read_cache_file(path: str):
+    """The file's JSON value, or None where it is not a regular file of at most ``CACHE_MAX_BYTES``."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, in the middle of a forward
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = f.read(CACHE_MAX_BYTES + 1)
+    return json.loads(data) if len(data) <= CACHE_MAX_BYTES else None
+
+
+def _is_time(value) -> bool:
+    return value is None or type(value) in (int, float) and 0 <= value < math.inf  # NaN fails both comparisons
+
+
+def _cached_decision(row) -> tuple[Key, Decision] | None:
+    """A disk-cache row as ``(key, decision)``, or None where this version would not have written it (a
+    choice it does not know would fail every call with that key)."""
+    if not isinstance(row, dict):
+        return None
+    key, times = Key.from_json(row.get("key")), (row.get("fused_ms"), row.get("composed_ms"))
+    if key is None or row.get("choice") not in IMPLEMENTATIONS or not all(map(_is_time, times)):
+        return None
+    return key, Decision(row["choice"], "measured (from the disk cache)", *times)
 
 
 def _load_disk(device: torch.device) -> None:
@@ -180,26 +240,35 @@ def _load_disk(device: torch.device) -> None:
         return
     _disk_loaded.add(path)
     try:
-        with open(path) as f:
-            rows = json.load(f)
-        for row in rows:
-            key = Key(**row["key"])
-            _decisions.setdefault(key, Decision(row["choice"], "measured (from the disk cache)", row.get("fused_ms"),
-                                                row.get("composed_ms")))
-    except (OSError, ValueError, TypeError, KeyError):
-        pass  # no cache, or one from another version: measure again
+        rows = _read_cache_file(path)
+    except (OSError, ValueError, TypeError, RecursionError, MemoryError, UnicodeDecodeError):
+        return  # no cache, or not one we can read (deep nesting overflows the parser's stack): measure again
+    if not isinstance(rows, list):
+        return
+    for row in rows:  # row by row: a bad row costs only its own re-measurement
+        decision = _cached_decision(row)
+        if decision is not None:
+            _decisions.setdefault(*decision)
 
 
 def _save_disk(device: torch.device) -> None:
     path = _cache_path(device)
     rows = [{"key": asdict(k), **asdict(d)} for k, d in _decisions.items() if d.reason.startswith("measured")]
+    tmp = f"{path}.{os.urandom(8).hex()}.tmp"  # same folder, so the replace is atomic; random, so writers don't meet
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False, suffix=".tmp") as f:
-            json.dump(rows, f)
-        os.replace(f.name, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask decides, as for any file
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(rows, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # after a failure (a full disk), a partial file; after the replace, already gone
     except OSError:
-        pass  # a read-only cache only costs a re-measurement in the next process
+        pass  # a read-only or full cache only costs a re-measurement in the next process
 
 
 def choose(key: Key, candidates: dict[str, Callable[[], object]], device: torch.device) -> str:

@@ -1,6 +1,14 @@
 """The dispatcher: the choice between the fused GEMM and the cuBLAS composition, forced, by the fixed rule,
 and by timing (a fake timer on the CPU); dropout on both. (Every forward and backward test of
 test_fused_forward.py and test_fused_backward.py runs on both implementations.)"""
+import dataclasses
+import errno
+import json
+import os
+import re
+import stat
+import threading
+
 import pytest
 import torch
 
@@ -184,3 +192,130 @@ def test_a_traced_call_records_no_rule_decision(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     key = dispatch.Key(32, 90, 70, 16, "float32", "none", True, "forward")
     assert dispatch.choose(key, {}, torch.device("cpu")) == "composed" and peft_ops.decisions() == []
+
+
+# The disk cache is input from outside (another version, another tool, a broken disk): nothing in it may
+# fail a forward or a backward, and only what this version could have written is kept.
+CPU = torch.device("cpu")
+KEY = dispatch.Key(32, 90, 70, 16, "float32", "none", True, "forward")  # the rule says composed
+CANDIDATES = {name: (lambda name=name: name) for name in dispatch.IMPLEMENTATIONS}  # each returns its name
+
+
+def _row(choice="fused", fused_ms=1.0, **key_fields):
+    """A disk-cache row as written by _save_disk: KEY with ``key_fields`` changed."""
+    return {"key": dataclasses.asdict(KEY) | key_fields, "choice": choice, "reason": "measured", "fused_ms": fused_ms,
+            "composed_ms": 2.0}
+
+
+GOOD_ROW = _row()
+BAD_ROWS = {
+    "unknown choice": _row("splitk", n=91), "null choice": _row(None, n=91), "int choice": _row(123, n=91),
+    "choice in capitals": _row("FUSED", n=91),
+    "missing field": {**GOOD_ROW, "key": {k: v for k, v in GOOD_ROW["key"].items() if k != "role"}},
+    "extra field": _row(split_k=4), "bool for an int": _row(m_bucket=True), "zero size": _row(k=0),
+    "string for a bool": _row(bias="yes"), "unknown role": _row(role="dw"), "unknown dropout": _row(dropout="both"),
+    "NaN time": _row(fused_ms=float("nan"), n=91), "negative time": _row(fused_ms=-1.0, n=91),
+    "string time": _row(fused_ms="1.0", n=91), "row not an object": "row",
+}
+
+
+@pytest.fixture
+def cache_path(monkeypatch, tmp_path):
+    """The CPU's cache file, under ``tmp_path``."""
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    return dispatch._cache_path(CPU)
+
+
+def _write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    """Timing switched on for the CPU, with a timer that answers by the candidate's name (fused is faster)."""
+    monkeypatch.setattr(dispatch, "_measuring_allowed", lambda device: True)
+    monkeypatch.setattr(dispatch, "TIMER", lambda fn: {"fused": 1.0, "composed": 2.0}[fn()])
+
+
+@pytest.mark.parametrize("bad_row", BAD_ROWS.values(), ids=BAD_ROWS.keys())
+def test_bad_rows_are_ignored_and_good_ones_beside_them_kept(cache_path, bad_row):
+    _write(cache_path, json.dumps([bad_row, GOOD_ROW, bad_row]))
+    assert dispatch.choose(KEY, {}, CPU) == "fused"  # the good row's choice, not the rule's
+    assert peft_ops.decisions() == [{**GOOD_ROW["key"], "choice": "fused", "reason": "measured (from the disk cache)",
+                                     "fused_ms": 1.0, "composed_ms": 2.0}]
+
+
+FILES_IGNORED = {
+    "deep nesting": "[" * 100_000,  # the parser's recursion overflows
+    "too large": json.dumps([GOOD_ROW]) + " " * dispatch.CACHE_MAX_BYTES,
+    "not a list": json.dumps({"rows": [GOOD_ROW]}),  # (ignored before this test too, by luck)
+}
+
+
+@pytest.mark.parametrize("text", FILES_IGNORED.values(), ids=FILES_IGNORED.keys())
+def test_a_file_that_is_not_a_small_list_of_rows_is_ignored(cache_path, text):
+    _write(cache_path, text)
+    assert dispatch.choose(KEY, {}, CPU) == "composed"
+    assert [d["reason"] for d in peft_ops.decisions()] == ["rule"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_fifo_at_the_cache_path_is_not_waited_on(cache_path):
+    os.makedirs(os.path.dirname(cache_path))
+    os.mkfifo(cache_path)
+    chosen = []
+    reader = threading.Thread(target=lambda: chosen.append(dispatch.choose(KEY, {}, CPU)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    waited = reader.is_alive()
+    if waited:  # a writer's open releases a reader blocked in open(), so the test process can end
+        os.close(os.open(cache_path, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert not waited and chosen == ["composed"]
+
+
+def test_the_file_name_carries_the_versions_sanitised(cache_path, monkeypatch):
+    import triton
+
+    versions = f"peft_ops{peft_ops.__version__}-torch{torch.__version__}-triton{triton.__version__}"
+    assert os.path.basename(cache_path) == f"dispatch-cpu-{versions}.json"
+    monkeypatch.setattr(torch, "__version__", "9.9 local/build")  # nothing but a file name's characters
+    assert os.path.basename(dispatch._cache_path(CPU)) == \
+        f"dispatch-cpu-peft_ops{peft_ops.__version__}-torch9.9_local_build-triton{triton.__version__}.json"
+
+
+@pytest.mark.parametrize("failing", ["dump", "replace"])
+def test_a_failed_write_leaves_no_file_and_raises_nothing(cache_path, measuring, monkeypatch, failing):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(*{"dump": (json, "dump"), "replace": (os, "replace")}[failing], disk_full)
+    assert dispatch.choose(KEY, CANDIDATES, CPU) == "fused"  # measured, and kept for this process
+    assert os.listdir(os.path.dirname(cache_path)) == []
+
+
+def test_the_written_file_has_the_umask_permissions(cache_path, measuring):
+    umask = os.umask(0o022)
+    try:
+        dispatch.choose(KEY, CANDIDATES, CPU)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(cache_path).st_mode) == 0o644
+    dispatch.clear_decisions()  # and it reads back
+    assert dispatch.choose(KEY, {}, CPU) == "fused" and peft_ops.decisions()[0]["reason"].endswith("disk cache)")
+
+
+def test_a_poisoned_cache_fails_no_forward_or_backward(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    layer, ref = make_pair("lora", 90, 70, 3, torch.float32, backend="triton")
+    x = randn(40, 70, device=DEVICE, requires_grad=True)
+    layer(x).sum().backward()  # the rule's decisions name the call's keys, forward and dx
+    key_fields = [field.name for field in dataclasses.fields(dispatch.Key)]
+    rows = [{"key": {k: d[k] for k in key_fields}, "choice": "splitk"} for d in peft_ops.decisions()]
+    assert {row["key"]["role"] for row in rows} == {"forward", "dx"}
+    _write(dispatch._cache_path(DEVICE), json.dumps(rows))
+    dispatch.clear_decisions()
+    _check_grads(_backward(layer, x, x.new_ones(40, 90)), _backward(ref, x.double(), x.new_ones(40, 90).double()),
+                 TOLERANCE[torch.float32])
