@@ -119,7 +119,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     other trainable parameter is refused, naming it: the file would silently lose it. Returns sizes:
     the file against the tensor bytes. On a model sharded with FSDP2, call it on every rank (it
     gathers the shards); give rank 0 the real path."""
-    from safetensors.torch import save_file
+    import safetensors.torch
+
+    from .files import write_atomically
 
     layers = list(adapter_layers(model))
     if not layers:
@@ -159,7 +161,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
                               sort_keys=True)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": adapter_json,
                 "checksum": _checksum(adapter_json, tensors)}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    write_atomically(path, safetensors.torch.save(tensors, metadata=metadata))
     trainable = sum(p.numel() for _, layer in layers for p in layer.parameters(recurse=False)) + \
         sum(p.numel() for n in saved_modules for p in model.get_submodule(n).parameters())
     return AdapterFileInfo(os.fspath(path), len(layers), trainable,
