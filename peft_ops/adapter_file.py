@@ -34,7 +34,7 @@ import torch
 from .errors import AdapterFileError
 from .methods import METHODS
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "FINGERPRINT_SAMPLES", "SKETCH", "ADAPTER_DTYPES", "AdapterEntry",
+__all__ = ["FORMAT", "FORMAT_VERSION", "FINGERPRINT_SAMPLES", "SKETCH", "ADAPTER_DTYPES", "AdapterEntry", "checksum",
            "AdapterFile", "read_adapter_file", "adapter_file_bytes", "dtype_name"]
 
 FORMAT, FORMAT_VERSION = "peft-ops-adapter", "2"
@@ -84,8 +84,8 @@ class AdapterFile:
     entries: dict[str, AdapterEntry]
     saved_modules: dict[str, list[str]]  # module -> its tensor names (full key: module.name)
     header: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]  # key -> dtype, shape, start, end
-    _adapter_json: str = field(repr=False)
-    _checksum: str = field(repr=False)
+    adapter_json: str = field(repr=False)
+    _expected_checksum: str = field(repr=False)
     _data_start: int = field(repr=False)
     _cache: dict | None = field(default=None, repr=False)
 
@@ -102,7 +102,7 @@ class AdapterFile:
         ``<module>.<tensor>``, and the ``modules_to_save`` tensors."""
         if self._cache is None:
             raw = _read_data(self.path, self.header, self._data_start)
-            if _checksum(self._adapter_json, raw, legacy=self.version == 1) != self._checksum:
+            if checksum(self.adapter_json, raw, legacy=self.version == 1) != self._expected_checksum:
                 raise AdapterFileError(f"{self.path}: checksum mismatch: the file is damaged or was edited")
             if self.version == 1:
                 self._cache = raw
@@ -111,7 +111,7 @@ class AdapterFile:
         return self._cache
 
 
-def _checksum(adapter_json: str, tensors: dict[str, torch.Tensor], *, legacy: bool = False) -> str:
+def checksum(adapter_json: str, tensors: dict[str, torch.Tensor], *, legacy: bool = False) -> str:
     h = hashlib.sha256(adapter_json.encode())
     for name in sorted(tensors):
         t = tensors[name]
@@ -149,7 +149,7 @@ def adapter_file_bytes(groups: list[dict], seeds: list[int], fingerprints: torch
     adapter_json = json.dumps({"groups": groups, "modules_to_save": modules_to_save}, sort_keys=True,
                               separators=(",", ":"), allow_nan=False)
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": adapter_json,
-                "checksum": _checksum(adapter_json, tensors)}
+                "checksum": checksum(adapter_json, tensors)}
     return _safetensors_bytes(tensors, metadata)
 
 
@@ -278,7 +278,7 @@ def read_adapter_file(path) -> AdapterFile:
     if version is None:
         raise AdapterFileError(f"{path}: format_version={metadata.get('format_version')!r}; this peft-ops reads "
                                f"versions 1 and 2")
-    adapter_json, checksum = metadata.get("adapter", ""), metadata.get("checksum", "")
+    adapter_json, expected_checksum = metadata.get("adapter", ""), metadata.get("checksum", "")
     adapter = _json(adapter_json, "the adapter metadata", path)
     reader = _entries_v1 if version == 1 else _entries_v2
     try:
@@ -302,7 +302,7 @@ def read_adapter_file(path) -> AdapterFile:
         raise AdapterFileError(f"{path}: modules_to_save tensors {missing[:4]} are missing from the file")
     if not entries:
         raise AdapterFileError(f"{path}: the file holds no modules")
-    return AdapterFile(path, version, entries, saved_modules, header, adapter_json, checksum, data_start)
+    return AdapterFile(path, version, entries, saved_modules, header, adapter_json, expected_checksum, data_start)
 
 
 def _check(condition: bool, path: str, name: str, what: str) -> None:

@@ -27,7 +27,6 @@ version could have written are kept (anything else is measured again). Nothing i
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference_kernels
+from .files import write_atomically
 
 __all__ = ["BACKENDS", "IMPLEMENTATIONS", "Key", "check_backend", "resolve_backend", "rule", "decisions",
            "clear_decisions", "composed_lowrank_linear", "run_lowrank_linear", "kernel_module"]
@@ -254,19 +254,9 @@ def _load_disk(device: torch.device) -> None:
 def _save_disk(device: torch.device) -> None:
     path = _cache_path(device)
     rows = [{"key": asdict(k), **asdict(d)} for k, d in _decisions.items() if d.reason.startswith("measured")]
-    tmp = f"{path}.{os.urandom(8).hex()}.tmp"  # same folder, so the replace is atomic; random, so writers don't meet
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask decides, as for any file
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(rows, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)  # after a failure (a full disk), a partial file; after the replace, already gone
+        write_atomically(path, json.dumps(rows).encode())
     except OSError:
         pass  # a read-only or full cache only costs a re-measurement in the next process
 

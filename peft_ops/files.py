@@ -13,6 +13,12 @@ file keep the old content). A symlink at the path stays a link: its final target
 the writer may not write to (``chmod a-w``) is refused, as a plain write would refuse it, although the
 rename itself would succeed.
 
+A temporary file is judged stale when no process of its pid runs on this machine. Processes of another
+machine (a shared network folder) or of another pid namespace (containers sharing a folder) can't be
+seen: there, a save may remove another writer's temporary file, and that writer's save then fails with
+an error (the file at the path is never damaged). On Windows stale files are left (no safe way to probe
+a pid).
+
 This module is the bottom layer of peft_ops: it imports nothing from the package.
 """
 from __future__ import annotations
@@ -49,7 +55,7 @@ def write_atomically(path: str | os.PathLike, data: bytes) -> str:
         remove_stale_temps(target)
         _write_and_replace(target, data)
     except OSError as e:
-        raise type(e)(e.errno, _described(e, shown, target)) from e
+        raise type(e)(e.errno, _described(e, shown, target)) from None  # the temp file is no concern of the caller
     _sync_folder(os.path.dirname(target))
     return target
 
@@ -60,26 +66,21 @@ def temp_path(target: str, pid: int, token: str) -> str:
     return os.path.join(folder, f".{name}.{pid}.{token}{TEMP_SUFFIX}")
 
 
-def remove_stale_temps(target: str) -> list[str]:
-    """Remove the temporary files of ``target`` whose writing process is gone (killed mid-write);
-    returns their paths. Best effort: a folder that can't be listed, or a file another process removed
-    first, is no error."""
+def remove_stale_temps(target: str) -> None:
+    """Remove the temporary files of ``target`` whose writing process is gone (killed mid-write). Best
+    effort: a folder that can't be listed, or a file another process removed first, is no error."""
     folder, name = os.path.split(target)
     # the name, then exactly "<pid>.<hex>": another target's temps (say of "a.1" for "a") don't match
     pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[0-9a-f]{{{_RANDOM_HEX_DIGITS}}}{re.escape(TEMP_SUFFIX)}")
     try:
         entries = os.listdir(folder or ".")
     except OSError:
-        return []
-    removed = []
+        return
     for entry in entries:
         match = pattern.fullmatch(entry)
         if match and not _pid_alive(int(match.group(1))):
-            stale = os.path.join(folder, entry)
             with contextlib.suppress(OSError):
-                os.unlink(stale)
-                removed.append(stale)
-    return removed
+                os.unlink(os.path.join(folder, entry))
 
 
 def _pid_alive(pid: int) -> bool:

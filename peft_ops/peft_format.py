@@ -49,6 +49,7 @@ from torch import nn
 
 from .bank_layer import AdapterBank
 from .errors import PeftFormatError
+from .files import write_atomically
 from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, base_weight, is_conv1d
 from .load import Plan, apply, check_module_tensors
 from .model import adapter_layers, module_tensors, modules_to_save, preserved_on_error
@@ -93,8 +94,10 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
 
     Every method is exported exactly (see the module's table); modules registered with
     ``modules_to_save`` are written too, as PEFT writes them. A merged adapter is refused (its base
-    weight already holds ΔW: the exported adapter would apply it twice). Returns the module names."""
-    from safetensors.torch import save_file
+    weight already holds ΔW: the exported adapter would apply it twice). Returns the module names.
+    Each file is replaced whole or not at all; the weights are written first, so an interrupted export
+    may leave new weights beside the previous config, never a damaged file."""
+    import safetensors.torch
 
     layers = list(adapter_layers(model))
     if not layers:
@@ -137,8 +140,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, *, base_model_na
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_atomically(directory / WEIGHTS_NAME, safetensors.torch.save(tensors, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return [name for name, _ in layers]
 
 

@@ -226,7 +226,7 @@ def craft(path, edit_groups=None, edit_stored=None, edit_saved=None, edit_checks
     state by module)`` and ``edit_checks(checks)`` (seeds, fingerprints, signatures) edit in place."""
     file = read_adapter_file(path)
     tensors = file.tensors()
-    adapter = json.loads(file._adapter_json)
+    adapter = json.loads(file.adapter_json)
     groups = adapter["groups"]
     stored = {f"{n}.{t}": tensors[f"{n}.{t}"] for n, e in file.entries.items() for t in e.shapes}
     saved = {m: {t: tensors[f"{m}.{t}"] for t in names} for m, names in file.saved_modules.items()}
