@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ from .layers import LowRankLinear, base_weight
 from .load import Plan, apply, build_layer, check_base
 from .methods import Method, get_method
 from .model import adapter_banks, preserved_on_error, replace_modules
+from .selection import Selection, in_use, selected
 from .targets import ModelView
 
 __all__ = ["AdapterBank", "load_adapter_bank", "use_adapters", "remove_adapters", "adapter_banks",
@@ -49,8 +50,9 @@ def bank_adapters(model: nn.Module) -> list[str]:
 
 
 def _refuse_while_in_use(model: nn.Module, what: str) -> None:
-    if any(bank._rows is not None for _, bank in adapter_banks(model)):
-        raise RuntimeError(f"{what} inside `with use_adapters(...)`: leave the context first")
+    if in_use(bank for _, bank in adapter_banks(model)):
+        raise RuntimeError(f"{what}: a use_adapters or disable_adapters block (in some thread) selects this "
+                           f"model's banks; {what} once every such block has ended")
 
 
 @dataclass
@@ -154,14 +156,27 @@ def _add_entry(file: AdapterFile, adapter: str, entry: AdapterEntry, p: _Pending
                                                                                    torch.float32)))
 
 
+def _batch_dim(model: nn.Module) -> int:
+    """Where a model's linear layers see the batch rows: dimension 1 in a sequence-first model (torch's
+    attention and transformer layers with ``batch_first=False``), else 0; a model with both is refused."""
+    firsts = {m.batch_first for m in model.modules() if isinstance(getattr(m, "batch_first", None), bool)}
+    if len(firsts) > 1:
+        raise ValueError("use_adapters: the model has both batch-first and sequence-first layers; pass "
+                         "batch_dim= (the input dimension that holds the batch rows at the banked layers)")
+    return 1 if firsts == {False} else 0
+
+
 @contextlib.contextmanager
-def use_adapters(model: nn.Module, names: Sequence[str | None]):
-    """Within the context, batch row ``i`` of every input to the model's banks uses adapter
-    ``names[i]`` (``None``: the base model) for all its tokens: inputs are ``(rows, in_features)`` or
-    ``(rows, tokens, in_features)``, and ``generate()`` keeps each row's adapter across its decoding
-    steps. A row whose adapter leaves a module alone gets the base layer there. Unknown names are
-    refused before anything changes; an input whose row count differs from ``len(names)`` is refused
-    when it reaches a bank."""
+def use_adapters(model: nn.Module, names: Sequence[str | None], *, batch_dim: int | None = None):
+    """Within the block, in this thread, batch row ``i`` of every input to the model's banks uses adapter
+    ``names[i]`` (``None``: the base model) for all its tokens, and ``generate()`` keeps each row's
+    adapter across its decoding steps (with ``num_beams`` or ``num_return_sequences`` = k, each name
+    covers k consecutive rows, as transformers expands the batch). The rows are dimension ``batch_dim``
+    of the banked layers' inputs: by default 0, or 1 in a sequence-first model (torch's attention and
+    transformer layers with ``batch_first=False``). A row whose adapter leaves a module alone gets the
+    base layer there. Other threads keep their own selection; nested blocks compose, the innermost
+    deciding. Unknown names are refused before anything changes; an input whose row count is not a
+    multiple of ``len(names)`` is refused when it reaches a bank."""
     banks = [bank for _, bank in adapter_banks(model)]
     if not banks:
         raise ValueError("model has no adapter banks; peft_ops.load_adapter_bank(model, {name: path}) first")
@@ -172,16 +187,17 @@ def use_adapters(model: nn.Module, names: Sequence[str | None]):
     if unknown:
         raise ValueError(f"names: {sorted(map(repr, unknown))} are not in the model's adapter banks; loaded: "
                          f"{sorted(known)}")
-    previous = [bank._rows for bank in banks]
+    if batch_dim is None:
+        batch_dim = _batch_dim(model)
+    elif isinstance(batch_dim, bool) or batch_dim not in (0, 1):
+        raise ValueError(f"batch_dim={batch_dim!r}; expected 0 (batch first) or 1 (sequence first)")
     shared: dict[tuple[int, ...], RowAdapters] = {}  # banks holding the same adapters share their groups
+    rows = {}
     for bank in banks:
         indices = tuple(bank.index(n) for n in names)
-        bank._rows = shared.setdefault(indices, RowAdapters(list(indices)))
-    try:
+        rows[id(bank)] = shared.setdefault(indices, RowAdapters(list(indices), batch_dim))
+    with selected(Selection(rows=rows)):
         yield
-    finally:
-        for bank, rows in zip(banks, previous):
-            bank._rows = rows
 
 
 def remove_adapters(model: nn.Module, names: Sequence[str]) -> list[str]:

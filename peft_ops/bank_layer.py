@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import bank_kernels, dispatch
+from . import bank_kernels, dispatch, selection
 from .layers import LowRankLinear, base_weight
 from .methods import Method
 
@@ -46,21 +46,30 @@ class _Groups:
 
 @dataclass
 class RowAdapters:
-    """One bank's adapter index for every batch row (-1: base model), with the token-level groups
-    built once per (tokens per row, device): every decoding step of ``generate()`` reuses them."""
+    """One bank's adapter index for every batch row (-1: base model) and which input dimension holds the
+    batch rows, with the token-level groups built once per (input shape, device): every decoding step of
+    ``generate()`` reuses them."""
 
     indices: list[int]
+    batch_dim: int = 0
     _cache: dict = field(default_factory=dict)
 
-    def groups(self, tokens_per_row: int, device: torch.device) -> _Groups | None:
-        """None when no row has an adapter in this bank."""
-        key = (tokens_per_row, device)
+    def groups(self, shape: tuple[int, ...], device: torch.device) -> _Groups | None:
+        """The groups for an input of ``shape`` (less its feature dimension); None when no row has an
+        adapter in this bank. An input with k·len(indices) rows (``generate`` with ``num_beams`` or
+        ``num_return_sequences`` = k) gives each row's adapter to k consecutive rows, as transformers
+        expands the batch."""
+        key = (shape, device)
         if key not in self._cache:
-            self._cache[key] = self._build(tokens_per_row, device)
+            self._cache[key] = self._build(shape, device)
         return self._cache[key]
 
-    def _build(self, tokens_per_row: int, device: torch.device) -> _Groups | None:
-        rows = torch.tensor(self.indices, dtype=torch.int64).repeat_interleave(tokens_per_row)
+    def _build(self, shape: tuple[int, ...], device: torch.device) -> _Groups | None:
+        batch = shape[self.batch_dim]
+        per_row = torch.tensor(self.indices, dtype=torch.int64).repeat_interleave(batch // len(self.indices))
+        view = [1] * len(shape)
+        view[self.batch_dim] = batch
+        rows = per_row.view(view).expand(shape).reshape(-1)
         active = torch.nonzero(rows >= 0).flatten()
         if not len(active):
             return None
@@ -99,7 +108,6 @@ class AdapterBank(nn.Module):
         else:
             self.register_buffer("downs", empty(self.in_features, rank), persistent=False)
             self.register_buffer("expands", empty(self.out_features, rank), persistent=False)
-        self._rows: RowAdapters | None = None
 
     @property
     def _stacked(self) -> tuple[str, ...]:
@@ -125,22 +133,25 @@ class AdapterBank(nn.Module):
         self.names = [self.names[i] for i in keep]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._rows is None:
+        rows = None if selection.is_disabled(self) else selection.rows_of(self)
+        if rows is None:
             return self.base_layer(x)
         weight = base_weight(self.base_layer)
         if x.dim() < 2 or x.shape[-1] != self.in_features:
             raise ValueError(f"input: shape {tuple(x.shape)}; an adapter bank expects (rows, ..., in_features="
                              f"{self.in_features}): one batch row per name given to use_adapters")
-        if x.shape[0] != len(self._rows.indices):
-            raise ValueError(f"input: {x.shape[0]} batch rows (shape {tuple(x.shape)}), but use_adapters was given "
-                             f"{len(self._rows.indices)} names; give one name (or None) per batch row")
+        named = len(rows.indices)
+        if x.dim() < 2 + rows.batch_dim or x.shape[rows.batch_dim] % named:
+            raise ValueError(f"input: shape {tuple(x.shape)}; use_adapters was given {named} names for the batch "
+                             f"rows in dimension {rows.batch_dim}: expected a multiple of {named} there (one name, or "
+                             f"None, per batch row; k per row with num_beams or num_return_sequences = k)")
         if x.dtype != weight.dtype:
             raise TypeError(f"input dtype {x.dtype} differs from the base weight's {weight.dtype}; an adapter "
                             f"bank computes in the base dtype (no autocast)")
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("adapter banks serve inference only and have no backward: run the model under "
                                "torch.no_grad() or torch.inference_mode() (generate() does)")
-        groups = self._rows.groups(x[0, ..., 0].numel(), x.device)
+        groups = rows.groups(tuple(x.shape[:-1]), x.device)
         if groups is None:
             return self.base_layer(x)
         use_kernels = dispatch.resolve_backend(self.backend, x, self.rank) != "reference"

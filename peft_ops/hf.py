@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .layers import is_conv1d
-from .model import adapter_layers
+from .model import adapter_banks, adapter_layers
 from .save import save_adapter
 
 __all__ = ["merged_state_dict", "save_pretrained_merged", "AdapterCheckpointCallback"]
@@ -31,10 +31,15 @@ _MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pyt
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of ``model`` as the plain model would have it: each adapter layer's entries
     replaced by ``<name>.weight`` = W + ΔW (summed in float32, in the weight's dtype) and
-    ``<name>.bias``. The model is not changed."""
-    layers = dict(adapter_layers(model))
+    ``<name>.bias``; an adapter bank's by its base layer's own (a bank's many adapters have no one ΔW:
+    save them with ``save_adapter``). The model is not changed."""
+    layers, banks = dict(adapter_layers(model)), dict(adapter_banks(model))
     state = {}
     for key, value in model.state_dict().items():
+        bank = next((n for n in banks if key.startswith(n + ".base_layer.")), None)
+        if bank is not None:
+            state[f"{bank}.{key.removeprefix(bank + '.base_layer.')}"] = value
+            continue
         owner = next((n for n in layers if key.startswith(n + ".")), None)
         if owner is None:
             state[key] = value

@@ -10,9 +10,10 @@ import numbers
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch, ops, reference
+from . import dispatch, ops, reference, selection
 from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method, check_seed
 
 __all__ = ["LowRankLinear", "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear",
@@ -52,7 +53,6 @@ class LowRankLinear(nn.Module):
     """
 
     method: Method
-    disabled = False  # set by peft_ops.disable_adapters: the layer computes its (unmerged) base layer alone
 
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
                  seed: int = 0, backend: str = "auto", *, frozen_factors=None, **method_options):
@@ -150,8 +150,8 @@ class LowRankLinear(nn.Module):
         return self.method.factors(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
-            return self.base_layer(x)
+        if selection.is_disabled(self):  # the base layer alone, as it is without ΔW even while merged
+            return F.linear(x, self.unmerged_weight(), self.base_layer.bias) if self.merged else self.base_layer(x)
         if self.merged:
             if self.training and torch.is_grad_enabled() and not self._warned_merged_training:
                 warnings.warn(f"{self.method.name} layer is merged: its adapter gets no gradient in this forward; "
@@ -176,6 +176,7 @@ class LowRankLinear(nn.Module):
         original weight is kept so :meth:`unmerge` restores it bit for bit. No-op if merged."""
         if self.merged:
             return
+        _refuse_while_selected(self, "merge")
         weight = self.base_layer.weight
         delta = self.delta_weight()
         self._original_weight = weight.detach().clone()
@@ -187,6 +188,7 @@ class LowRankLinear(nn.Module):
         """Restore the base weight exactly as it was before :meth:`merge`. No-op if not merged."""
         if not self.merged:
             return
+        _refuse_while_selected(self, "unmerge")
         self.base_layer.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
@@ -202,6 +204,14 @@ class LowRankLinear(nn.Module):
         return (f"method={self.method.name}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, backend={self.backend!r}"
                 + (", merged=True" if self.merged else ""))
+
+
+def _refuse_while_selected(layer: LowRankLinear, what: str) -> None:
+    """merge and unmerge write the base weight in place: a forward selecting this layer in another thread
+    would read it half-written, so refuse while any thread's block selects it."""
+    if selection.in_use([layer]):
+        raise RuntimeError(f"{what}: a disable_adapters or use_adapters block (in some thread) selects this "
+                           f"{layer.method.name} layer; {what} once every such block has ended")
 
 
 def _unmerged_state_dict(layer: LowRankLinear, state_dict, prefix, local_metadata) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .bank_layer import AdapterBank
 from .layers import LowRankLinear
+from .selection import Selection, in_use, selected
 
 __all__ = ["adapter_layers", "adapter_banks", "replace_modules", "preserved_on_error", "modules_to_save",
            "register_modules_to_save", "module_tensors", "unsaved_trainable", "guard_save_pretrained", "merge",
@@ -93,11 +94,11 @@ class _GuardedSavePretrained:
         self.model, self.warned = model, False
 
     def __call__(self, save_directory, *args, **kwargs):
-        count = sum(1 for _ in adapter_layers(self.model))
+        count = sum(1 for _ in adapter_layers(self.model)) + sum(1 for _ in adapter_banks(self.model))
         if count and not self.warned:
             self.warned = True
             warnings.warn(
-                f"save_pretrained: this model has {count} peft-ops adapter layers; the checkpoint stores their base "
+                f"save_pretrained: this model has {count} peft-ops adapter layers or banks; the checkpoint stores their base "
                 f"weights as '<name>.base_layer.weight', which from_pretrained of the plain model will NOT load (it "
                 f"initialises those layers randomly); it reloads only into a model with the same adapters injected. "
                 f"For a checkpoint that reloads anywhere use peft_ops.hf.save_pretrained_merged(model, directory) "
@@ -124,34 +125,35 @@ def unmerge(model: nn.Module) -> None:
 
 
 def unload(model: nn.Module, *, merge: bool = False) -> list[str]:
-    """Put the base layers back in place of the adapters. With ``merge=True`` the adapters are folded
-    into the base weights first (for serving without peft-ops); otherwise the original weights return.
-    Returns the names of the layers restored."""
-    layers = dict(adapter_layers(model))
+    """Put the base layers back in place of the adapter layers and banks. With ``merge=True`` the
+    adapter layers are folded into the base weights first (for serving without peft-ops; a bank, which
+    holds many adapters, cannot be: refused); otherwise the original weights return. Refused while a
+    ``disable_adapters`` or ``use_adapters`` block in any thread selects the model. Returns the names of
+    the modules restored."""
+    layers, banks = dict(adapter_layers(model)), dict(adapter_banks(model))
+    if merge and banks:
+        raise ValueError(f"unload(merge=True): the model holds adapter banks on {sorted(banks)[:4]}, whose many "
+                         f"adapters cannot be folded into one weight; remove them first (peft_ops.remove_adapters, "
+                         f"or unload(model) without merge, which gives back the base layers)")
+    if in_use([*layers.values(), *banks.values()]):
+        raise RuntimeError("unload: a disable_adapters or use_adapters block (in some thread) selects this model's "
+                           "adapters; unload once every such block has ended")
     for layer in layers.values():
         if merge:
             layer.merge()
             layer.forget_original_weight()
         else:
             layer.unmerge()
-    replace_modules(model, {name: layer.base_layer for name, layer in layers.items()})
-    return list(layers)
+    restored = {name: module.base_layer for name, module in {**layers, **banks}.items()}
+    replace_modules(model, restored)
+    return list(restored)
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
-    """``with disable_adapters(model):`` the model computes as its base model (every method, TLoRA's
-    learned α included); merged adapters are unmerged for the block and merged again after it."""
-    layers = [layer for _, layer in adapter_layers(model) if not layer.disabled]
-    merged = [layer for layer in layers if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    for layer in layers:
-        layer.disabled = True
-    try:
+    """``with disable_adapters(model):`` in this thread the model computes as its base model (every
+    method, TLoRA's learned α included, merged layers and adapter banks too); other threads keep their
+    own selection. Nothing in the model changes."""
+    modules = [m for _, m in adapter_layers(model)] + [m for _, m in adapter_banks(model)]
+    with selected(Selection(disabled=frozenset(map(id, modules)))):
         yield model
-    finally:
-        for layer in layers:
-            layer.disabled = False
-        for layer in merged:
-            layer.merge()

@@ -2,7 +2,6 @@
 holds, read without a model."""
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from torch import nn
 
 from .adapter_file import dtype_name, read_adapter_file
 from .methods import get_method
-from .model import adapter_layers, modules_to_save, unsaved_trainable
+from .model import adapter_banks, adapter_layers, modules_to_save, unsaved_trainable
 from .peft_format import LATENT_KEYS, read_peft
 
 __all__ = ["trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription"]
@@ -26,6 +25,7 @@ class TrainableSummary:
     modules_to_save: int  # trainable values in registered whole modules
     other: int  # trainable values outside both (save_adapter would refuse them)
     frozen_factor_values: int  # LoRA-XS's and TLoRA's frozen factors: buffers, in neither count above
+    banks: tuple[int, int] = (0, 0)  # adapter banks (inference only): modules, adapters
 
     def __str__(self) -> str:
         share = 100 * self.trainable / self.total if self.total else 0.0
@@ -36,6 +36,9 @@ class TrainableSummary:
             lines.append(f"  modules_to_save: {self.modules_to_save:,} trainable")
         if self.other:
             lines.append(f"  other trainable parameters (not saved by save_adapter): {self.other:,}")
+        if self.banks[0]:
+            lines.append(f"  adapter banks (inference only, nothing trains): {self.banks[0]} modules, "
+                         f"{self.banks[1]} adapters")
         if self.frozen_factor_values:
             lines.append(f"  frozen factors (buffers, not counted above): {self.frozen_factor_values:,} values")
         return "\n".join(lines)
@@ -61,6 +64,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         modules_to_save=saved,
         other=sum(count for _, count in unsaved_trainable(model)),
         frozen_factor_values=frozen,
+        banks=(sum(1 for _ in adapter_banks(model)), len({n for _, b in adapter_banks(model) for n in b.names})),
     )
 
 
