@@ -9,7 +9,7 @@ from torch import nn
 from .layers import LowRankLinear, base_weight
 from .svd import probe
 
-__all__ = ["FINGERPRINT_RTOL", "fingerprint", "fingerprint_mismatch", "signature", "signature_rtol",
+__all__ = ["FINGERPRINT_RTOL", "full_tensor", "fingerprint", "fingerprint_mismatch", "signature", "signature_rtol",
            "signature_mismatch", "legacy_signature_mismatch"]
 
 FINGERPRINT_RTOL = 1e-2  # a bf16 copy of the same weights passes; another model's weights don't
@@ -19,14 +19,14 @@ _SIGNATURE_RTOL = 1e-4
 _SIGNATURE_EPS_FACTOR = 8
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor behind an FSDP2/DTensor shard (a collective: every rank must call), else ``t``."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def fingerprint(module: nn.Module, samples: int) -> torch.Tensor:
     """Values of the logical N×K base weight (unmerged) at fixed pseudo-random positions, float64 on the CPU."""
-    w = _full(module.unmerged_weight() if isinstance(module, LowRankLinear) else base_weight(module)).detach()
+    w = full_tensor(module.unmerged_weight() if isinstance(module, LowRankLinear) else base_weight(module)).detach()
     idx = torch.randint(w.numel(), (16,), generator=torch.Generator().manual_seed(0))[:samples]
     k = w.shape[1]
     return w[(idx // k).to(w.device), (idx % k).to(w.device)].double().cpu()
@@ -48,7 +48,7 @@ def fingerprint_mismatch(saved: torch.Tensor, module: nn.Module) -> str | None:
 def _column_statistics(factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column norms (LoRA-XS's singular values) and projections on a fixed probe (sensitive to sign and
     subspace), float64."""
-    f = _full(factor).detach().double().cpu()
+    f = full_tensor(factor).detach().double().cpu()
     return f.norm(dim=0), probe(f.shape[0]) @ f
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .adapter_file import FINGERPRINT_SAMPLES, SKETCH, adapter_file_bytes, dtype_name
-from .checks import fingerprint, signature
+from .checks import fingerprint, full_tensor, signature
 from .files import write_atomically
 from .model import adapter_layers, module_tensors, modules_to_save, unsaved_trainable
 
@@ -27,11 +27,6 @@ class AdapterFileInfo:
     def __str__(self) -> str:
         return (f"{self.path}: {self.modules} modules, {self.trainable_parameters} trainable parameters, "
                 f"{self.tensor_bytes} tensor bytes in a {self.file_bytes}-byte file")
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor behind an FSDP2/DTensor shard (a collective: every rank must call), else ``t``."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
@@ -70,7 +65,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
         if include_frozen:
             names += list(layer.method.frozen)
         for tensor_name in names:
-            stored[f"{name}.{tensor_name}"] = _full(getattr(layer, tensor_name)).detach().cpu().contiguous()
+            stored[f"{name}.{tensor_name}"] = full_tensor(getattr(layer, tensor_name)).detach().cpu().contiguous()
         group = {"method": layer.method.name, "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
                  "options": layer.options, "in_features": layer.in_features, "out_features": layer.out_features,
                  "dtype": dtype_name(stored[f"{name}.{names[0]}"].dtype),
@@ -84,7 +79,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     fingerprints = torch.stack([fingerprint(described[n], FINGERPRINT_SAMPLES) for n in order])
     frozen = [n for n in order if described[n].method.frozen]
     signatures = torch.stack([signature(described[n], SKETCH) for n in frozen]) if frozen else None
-    saved_modules = {name: {k.removeprefix(name + "."): _full(v) for k, v in module_tensors(model, name).items()}
+    saved_modules = {name: {k.removeprefix(name + "."): full_tensor(v) for k, v in module_tensors(model, name).items()}
                      for name in modules_to_save(model)}
     data = adapter_file_bytes(ordered, [described[n].seed for n in order], fingerprints, signatures, stored,
                               saved_modules)
