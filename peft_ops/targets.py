@@ -16,12 +16,33 @@ from .model import modules_to_save
 __all__ = ["DEFAULT_TARGET_MODULES", "HEAD_NAMES", "ModelView", "match_targets", "default_targets",
            "match_modules_to_save"]
 
-# What PEFT adapts when target_modules is not given, by transformers' config.model_type
-DEFAULT_TARGET_MODULES = {
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"], ["q_proj", "v_proj"]),
-    "gpt2": ["c_attn"],
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta"], ["query", "value"]),
-}
+# What PEFT adapts when target_modules is not given, by transformers' config.model_type: a copy, as data,
+# of peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (PEFT 0.22; peft is not
+# imported at run time; tests/test_modules_to_save.py compares the two). A list holds name suffixes, a
+# string is a regular expression matched against whole module names (as target_modules).
+_DEFAULT_TARGET_GROUPS = (
+    (["q", "v"], ["t5", "mt5"]),
+    (["q_proj", "v_proj"], ["bart", "opt", "gptj", "gpt_neo", "llama", "llama4", "mistral", "mixtral", "stablelm",
+                            "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"]),
+    (["c_attn"], ["gpt2", "gpt_bigcode"]),
+    (["query_key_value"], ["bloom", "gpt_neox", "chatglm", "RefinedWebModel", "RefinedWeb", "falcon"]),
+    (["q", "v", "q_proj", "v_proj"], ["blip-2"]),
+    (["query", "value"], ["bert", "roberta", "xlm-roberta", "electra", "layoutlm"]),
+    (["query_proj", "value_proj"], ["deberta-v2"]),
+    (["in_proj"], ["deberta"]),
+    (["Wqkv"], ["mpt"]),
+    (["c_proj", "c_attn"], ["btlm"]),
+    (["qkv_proj"], ["codegen"]),
+    (["q_proj", "v_proj", "fc1", "fc2"], ["phi"]),
+    (r".*language_model\..*\.(q_proj|v_proj)", ["gemma4"]),
+    (["q_proj", "k_proj", "v_proj", "o_proj"], ["nemotron_h"]),
+    (["key", "value", "receptance", "output"], ["rwkv"]),
+    (["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"], ["rwkv7"]),
+)
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    model_type: list(targets) if isinstance(targets, list) else targets  # a list of its own per model type
+    for targets, model_types in _DEFAULT_TARGET_GROUPS for model_type in model_types}
+
 # Task heads that "all-linear" leaves out (a name component of the module's name): they are trained
 # whole, with modules_to_save, not adapted
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "cls", "qa_outputs"})
@@ -149,14 +170,17 @@ def match_targets(target_modules, model: nn.Module, view: ModelView) -> list[str
     return [n for n in view.modules if _suffix_match(n, target_modules)]
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    """PEFT's default target modules for a transformers model's architecture."""
+def default_targets(model: nn.Module) -> list[str] | str:
+    """PEFT's default target modules for a transformers model's architecture (a copy: the table stays as
+    it is)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(f"target_modules not given and there is no default for this model (config.model_type="
-                         f"{model_type!r}; defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}); pass "
-                         f"target_modules, e.g. 'all-linear' or a list of module-name suffixes")
-    return DEFAULT_TARGET_MODULES[model_type]
+                         f"{model_type!r}; PEFT's defaults for {len(DEFAULT_TARGET_MODULES)} architectures are in "
+                         f"peft_ops.targets.DEFAULT_TARGET_MODULES); pass target_modules, e.g. 'all-linear' or a "
+                         f"list of module-name suffixes")
+    targets = DEFAULT_TARGET_MODULES[model_type]
+    return list(targets) if isinstance(targets, list) else targets
 
 
 def match_modules_to_save(patterns, view: ModelView) -> list[str]:

@@ -47,16 +47,34 @@ def test_all_linear_leaves_out_the_classification_head():
     (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2)), ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]),
+    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4, word_embed_proj_dim=32,
+        max_position_embeddings=64)), ["model.decoder.layers.0.self_attn.v_proj", "model.decoder.layers.0.self_attn.q_proj"]),
+    (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)),
+     [f"{stack}.block.0.layer.{i}.{attention}.{p}" for stack, i, attention in
+      (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
+      for p in ("q", "v")]),
 ])
 def test_default_targets_per_architecture(build, expected):
     assert peft_ops.inject(build(), "lora", 2) == expected
+
+
+def test_default_targets_are_peft_s():
+    """Our table is PEFT's, model type by model type (a copy, so that peft need not be imported)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as theirs
+
+    ours = peft_ops.targets.DEFAULT_TARGET_MODULES
+    assert sorted(ours) == sorted(theirs)
+    assert {t: ours[t] for t in ours if ours[t] != theirs[t]} == {}
 
 
 def test_no_default_targets_for_an_unknown_model():
     model = TinyModel()
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"target_modules not given and there is no default for this model "
-                                         r"\(config.model_type=None; defaults exist for bert, gemma"):
+                                         r"\(config.model_type=None; PEFT's defaults for \d+ architectures are in "
+                                         r"peft_ops.targets.DEFAULT_TARGET_MODULES\)"):
         peft_ops.inject(model, "lora", 2)
     _assert_unchanged(model, before)
 
