@@ -52,6 +52,12 @@ def _is_adapter(module: nn.Module) -> bool:
     return isinstance(module, (LowRankLinear, AdapterBank))
 
 
+def _peft_class(module: nn.Module) -> str:
+    """The name of the PEFT class ``module`` is or derives from (PeftModel, LoraModel, a LoRA layer), else ''.
+    Recognised by the defining module, so that peft need not be imported."""
+    return next((c.__name__ for c in type(module).__mro__ if c.__module__.split(".")[0] == "peft"), "")
+
+
 @dataclass
 class ModelView:
     """A model as the loading path sees it, computed once: every module name that is not inside an adapter
@@ -63,6 +69,7 @@ class ModelView:
     names: dict[int, list[str]]  # id(module) -> its names
     read_directly: set[str]
     saved_whole: list[str]
+    peft_wrapper: str = ""  # the class of PEFT's wrapper when the model is one (PeftModel, LoraModel)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
@@ -81,7 +88,15 @@ class ModelView:
             names.setdefault(id(module), []).append(name)
         read_directly = {f"{n}.out_proj".lstrip(".") for n, m in model.named_modules()
                          if isinstance(m, nn.MultiheadAttention)}
-        return cls(modules, hidden, names, read_directly, modules_to_save(model))
+        return cls(modules, hidden, names, read_directly, modules_to_save(model), _peft_class(model))
+
+    def refuse_peft_wrapper(self, error: type[Exception], where: str) -> None:
+        """Refuse PEFT's wrapper of a model: every module name inside it carries PEFT's prefix, so nothing
+        would be found where a file or a call says."""
+        if self.peft_wrapper:
+            raise error(f"{where}: the model is PEFT's {self.peft_wrapper}, whose module names carry PEFT's prefix "
+                        f"('base_model.model.'); pass the model it wraps: peft_model.get_base_model(), or "
+                        f"peft_model.unload(), which also takes PEFT's own adapter layers out")
 
     def adapters(self) -> dict[str, nn.Module]:
         """The adapter layers and banks, by name."""
@@ -99,9 +114,13 @@ class ModelView:
                         f"modules, never on an adapter's base layer")
         module = self.modules.get(name)
         if module is None:
+            self.refuse_peft_wrapper(error, where)
             raise error(f"{at} is not in the model (an adapter for another model?)")
         if _is_adapter(module):
             return module
+        if _peft_class(module):
+            raise error(f"{at} is PEFT's own adapter layer ({_peft_class(module)}); take PEFT's adapters out "
+                        f"first: peft_model.unload(), or merge_and_unload() to keep their effect in the weights")
         wrong_kind = TypeError if error is ValueError else error  # a call's argument of the wrong kind: TypeError
         if not is_adaptable(module):
             raise wrong_kind(f"{at} is a {type(module).__name__}; peft-ops adapts only nn.Linear and Conv1D layers")
@@ -131,6 +150,7 @@ class ModelView:
             if name in self.hidden:
                 raise error(f"{at} is inside the adapter at {self.hidden[name]!r}; a base layer stays frozen")
             if name not in self.modules:
+                self.refuse_peft_wrapper(error, where)
                 raise error(f"{at} is not a module of the model")
             clash = sorted(a for a in adapted if a == name or a.startswith(name + ".") or name.startswith(a + "."))
             if clash:
