@@ -38,10 +38,13 @@ The authors' checkpoints, in the layouts their released code writes:
   ``modules_to_save`` by itself. :func:`import_peft` does the same and builds ``LoRAXSLinear`` layers
   holding exactly the file's factors (save them with ``include_frozen=True``: our own SVD would not
   reproduce the authors' factors bit for bit).
-* TLoRA: state dicts holding, per module, ``random_A`` (K×r), ``random_C`` (r×N), ``lora_B`` (r×r)
-  and ``lora_scaling`` (α), with ``Δy = α·x A B C`` — the layout the TLoRA paper describes. We could
-  not read the authors' released code to confirm the key names and orientations; :func:`import_tlora`
-  takes this layout and refuses any other shape with an error naming what it expected.
+* TLoRA (github.com/itanvir/tlora, ``tlora.py``): ``TLoRALayer`` keeps the base layer as ``.linear`` and
+  holds ``random_A`` (K×r, frozen), ``lora_B`` (r×r, trains, starts at 0), ``random_C`` (r×N, frozen)
+  and ``lora_scaling`` (shape (1,), trains, starts at 1), with ``Δy = dropout(lora_scaling·x A B C)``,
+  dropout 0.5 on the output after the scaling. ``experiments.py`` saves the whole model with
+  ``torch.save(model)``, a pickle: :func:`import_tlora` takes that model object (or its
+  ``state_dict()``), maps their module ``M`` (``M.linear.weight``, ``M.random_A``, ...) to the model's
+  module ``M``, and refuses to unpickle the file itself.
 """
 from __future__ import annotations
 
@@ -412,45 +415,92 @@ def _check_latent(where: str, key: str, latent: torch.Tensor, r: int) -> None:
 _TLORA_KEYS = ("random_A", "random_C", "lora_B", "lora_scaling")
 
 
+def _tlora_state(checkpoint) -> tuple[str, dict]:
+    """``(where, state dict)`` of what :func:`import_tlora` is given."""
+    if isinstance(checkpoint, nn.Module):  # the authors' model object, as their experiments.py saves it
+        return f"the {type(checkpoint).__name__} given as checkpoint", checkpoint.state_dict()
+    if isinstance(checkpoint, dict):
+        return "checkpoint", checkpoint
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint={type(checkpoint).__name__}; expected a state dict, a model (nn.Module) or the "
+                        f"path of a .safetensors or torch.save file")
+    path = Path(checkpoint)
+    where = os.fspath(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: no such checkpoint file")
+    if not path.is_file():
+        raise PeftFormatError(f"{where}: not a regular file (a directory, device or pipe); expected a checkpoint file")
+    if path.suffix != ".safetensors":
+        return where, _torch_load(path)
+    from safetensors.torch import load_file
+
+    try:
+        return where, load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise PeftFormatError(f"{where}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _tlora_rank(k: int, n: int, random_a, random_c, core) -> int:
+    """The rank most of the three tensors agree on (A: K×r, C: r×N, B: r×r), so that the odd one out is
+    the one blamed; -1 if none tells."""
+    votes = [t.shape[i] for t, i, j, size in ((random_a, 1, 0, k), (random_c, 0, 1, n))
+             if t.dim() == 2 and t.shape[j] == size]
+    votes += [core.shape[0]] if core.dim() == 2 and core.shape[0] == core.shape[1] else []
+    return max(votes, key=votes.count) if votes else -1
+
+
 def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend: str = "auto") -> list[str]:
     """Load a TLoRA checkpoint in its authors' layout into ``model`` as ``TLoRALinear`` layers, exactly;
     returns the module names.
 
-    ``checkpoint``: a state dict, or the path of a ``.safetensors`` file or a ``torch.save`` file (read
-    with ``weights_only=True``). Per module ``<name>``: ``<name>.random_A`` (K×r), ``<name>.random_C``
-    (r×N), ``<name>.lora_B`` (r×r) and ``<name>.lora_scaling`` (α, one value), with
-    ``Δy = α·x A B C``; a ``base_model.model.`` prefix is ignored. The frozen A and C are kept as given
-    (save with ``include_frozen=True``: our seeded generator would not redraw them). On any error the
-    model is left untouched."""
-    where = "checkpoint" if isinstance(checkpoint, dict) else os.fspath(checkpoint)
-    if not isinstance(checkpoint, dict):
-        path = Path(checkpoint)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(path)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix(_PREFIX): v for k, v in checkpoint.items()}
+    ``checkpoint``: the authors' model object (an ``nn.Module``: its ``state_dict()`` is read), a state
+    dict, or the path of a ``.safetensors`` file or of a ``torch.save`` file of a state dict (read with
+    ``weights_only=True``). Their ``experiments.py`` saves the whole model, ``torch.save(model)``: a
+    pickle, which is refused, since unpickling runs code; for a file you trust,
+    ``torch.load(path, weights_only=False)`` gives the model to pass here. Per module ``<name>``:
+    ``<name>.random_A`` (K×r), ``<name>.random_C`` (r×N), ``<name>.lora_B`` (r×r) and
+    ``<name>.lora_scaling`` (α: a tensor of one value, or a number), with ``Δy = α·x A B C``; their
+    ``<name>.linear.*`` (the wrapped base layer) and every other tensor are ignored, and a
+    ``base_model.model.`` prefix too. The authors apply dropout 0.5 to the adapter's output: pass
+    ``dropout=0.5`` to go on training as they do. The frozen A and C are kept as given (save with
+    ``include_frozen=True``: our seeded generator would not redraw them). On any error the model is left
+    untouched."""
+    where, checkpoint = _tlora_state(checkpoint)
+    state = {k.removeprefix(_PREFIX): v for k, v in checkpoint.items() if isinstance(k, str)}
     modules = sorted({k.rpartition(".")[0] for k in state if k.rpartition(".")[2] in _TLORA_KEYS})
     if not modules:
         raise PeftFormatError(f"{where}: no TLoRA tensors (keys ending in {', '.join(_TLORA_KEYS)})")
     view = ModelView.of(model)
+    view.refuse_peft_wrapper(PeftFormatError, where)
     plan = Plan(where, error=PeftFormatError)
     with preserved_on_error(model):
         for name in modules:
             missing = [t for t in _TLORA_KEYS if f"{name}.{t}" not in state]
             if missing:
                 raise PeftFormatError(f"{where}: module {name!r} lacks {missing}")
+            values = {}
+            for t in _TLORA_KEYS:
+                value = state[f"{name}.{t}"]
+                if t == "lora_scaling" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    value = torch.tensor([float(value)])  # α given as a plain number
+                if not isinstance(value, torch.Tensor):
+                    raise PeftFormatError(f"{where}: {name}.{t} is a {type(value).__name__}; expected a tensor")
+                values[t] = value
             base = _plain_target(view, name, where)
             n, k = base_weight(base).shape
-            random_a, random_c, core, scaling = (state[f"{name}.{t}"] for t in _TLORA_KEYS)
-            r = core.shape[0] if core.dim() == 2 else -1  # the r×r core tells the rank
-            for what, tensor, expected in (("random_A", random_a, (k, r)), ("random_C", random_c, (r, n)),
-                                           ("lora_B", core, (r, r))):
-                if tuple(tensor.shape) != expected:
-                    raise PeftFormatError(f"{where}: {name}.{what} has shape {tuple(tensor.shape)}; expected {expected} "
-                                          f"(A: K×r, C: r×N, B: r×r) for the model's {n}×{k} layer")
+            random_a, random_c, core, scaling = (values[t] for t in _TLORA_KEYS)
+            r = _tlora_rank(k, n, random_a, random_c, core)
+            if r < 1:
+                raise PeftFormatError(f"{where}: module {name!r}: random_A {tuple(random_a.shape)}, random_C "
+                                      f"{tuple(random_c.shape)} and lora_B {tuple(core.shape)} fit no rank; expected "
+                                      f"({k}, r), (r, {n}) and (r, r) for the model's {n}×{k} layer")
+            wrong = [f"{name}.{what} has shape {tuple(tensor.shape)}; expected {expected}"
+                     for what, tensor, expected in (("random_A", random_a, (k, r)), ("random_C", random_c, (r, n)),
+                                                    ("lora_B", core, (r, r)))
+                     if tuple(tensor.shape) != expected]
+            if wrong:
+                raise PeftFormatError(f"{where}: {'; '.join(wrong)} (A: K×r, C: r×N, B: r×r, at rank {r}) for the "
+                                      f"model's {n}×{k} layer")
             if scaling.numel() != 1:
                 raise PeftFormatError(f"{where}: {name}.lora_scaling has {scaling.numel()} values; expected one (α)")
             try:

@@ -388,14 +388,91 @@ def test_a_peft_model_is_refused_with_what_to_pass(tmp_path):
     theirs.save_pretrained(tmp_path / "peft")
     ours = adapted("llama", "lora")
     peft_ops.save_adapter(ours, tmp_path / "ours.safetensors")
+    tlora = {f"{Q}.random_A": torch.randn(32, 2), f"{Q}.random_C": torch.randn(2, 32), f"{Q}.lora_B": torch.zeros(2, 2),
+             f"{Q}.lora_scaling": torch.ones(1)}
     before = _snapshot(theirs)
     wrapped = r"the model is PEFT's PeftModel, whose module names carry PEFT's prefix .*; pass the model it wraps: " \
               r"peft_model.get_base_model\(\), or peft_model.unload\(\)"
     with pytest.raises(PeftFormatError, match=wrapped):
         peft_ops.import_peft(theirs, tmp_path / "peft")
+    with pytest.raises(PeftFormatError, match=wrapped):
+        peft_ops.import_tlora(theirs, tlora)
     with pytest.raises(peft_ops.AdapterFileError, match=wrapped):
         peft_ops.load_adapter(theirs, tmp_path / "ours.safetensors")
     with pytest.raises(PeftFormatError, match=rf"module '{Q}' is PEFT's own adapter layer \(Linear\); take PEFT's "
                                               rf"adapters out first: peft_model.unload\(\)"):
         peft_ops.import_peft(theirs.get_base_model(), tmp_path / "peft")
     _assert_unchanged(theirs, before)
+
+
+class AuthorsTLoRALayer(torch.nn.Module):
+    """The layout of the TLoRA authors' layer (github.com/itanvir/tlora, tlora.py), rebuilt for the tests:
+    the base layer kept as ``.linear``; ``random_A`` (K×r) and ``random_C`` (r×N) frozen, ``lora_B`` (r×r)
+    and ``lora_scaling`` (shape (1,)) trained; dropout 0.5 on the adapter's output after the scaling."""
+
+    def __init__(self, base, rank, seed):
+        super().__init__()
+        n, k = base.weight.shape
+        g = torch.Generator().manual_seed(seed)
+        self.linear = base
+        self.random_A = torch.nn.Parameter(torch.randn(k, rank, generator=g), requires_grad=False)
+        self.lora_B = torch.nn.Parameter(torch.randn(rank, rank, generator=g) * 0.3)  # trained: not at 0
+        self.random_C = torch.nn.Parameter(torch.randn(rank, n, generator=g), requires_grad=False)
+        self.lora_scaling = torch.nn.Parameter(torch.tensor([0.7]))
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.linear(x) + self.dropout(self.lora_scaling * (x @ self.random_A @ self.lora_B @ self.random_C))
+
+
+def authors_tlora_model():
+    """A tiny RoBERTa with the authors' layers on query and value, as their create_lora_model places them."""
+    from test_modules_to_save import tiny_roberta
+
+    model = tiny_roberta()
+    attention = model.roberta.encoder.layer[0].attention.self
+    attention.query = AuthorsTLoRALayer(attention.query, 4, seed=1)
+    attention.value = AuthorsTLoRALayer(attention.value, 4, seed=2)
+    return model.eval()
+
+
+def test_authors_tlora_model_and_its_pickle(tmp_path):
+    """Their experiments.py saves torch.save(model): the model object imports; the pickle is refused with
+    what it is, and loads once the trusted file is unpickled by hand."""
+    from test_modules_to_save import logits as cls_logits, tiny_roberta
+
+    theirs = authors_tlora_model()
+    expected = cls_logits(theirs)
+    ours = tiny_roberta()
+    names = peft_ops.import_tlora(ours, theirs)
+    assert names == [f"roberta.encoder.layer.0.attention.self.{p}" for p in ("query", "value")]
+    assert rel_error(cls_logits(ours), expected) <= 1e-5
+    torch.save(theirs, tmp_path / "model.pt")
+    fresh = tiny_roberta()
+    before = _snapshot(fresh)
+    with pytest.raises(PeftFormatError, match=r"model.pt: holds Python objects other than tensors \(a pickled model, "
+                                              r"as torch.save\(model\) writes\), which loading would run as code.* Only "
+                                              r"for a file you trust: torch.load\(path, weights_only=False\)"
+                                              r".state_dict\(\) gives its state dict"):
+        peft_ops.import_tlora(fresh, tmp_path / "model.pt")
+    _assert_unchanged(fresh, before)
+    trusted = torch.load(tmp_path / "model.pt", weights_only=False).state_dict()
+    peft_ops.import_tlora(fresh, trusted)
+    assert rel_error(cls_logits(fresh), expected) <= 1e-5
+
+
+def test_import_tlora_blames_the_tensor_at_fault():
+    model = BUILD["gpt2"]()
+    name = "transformer.h.0.mlp.c_fc"  # 32 -> 128
+    state = {f"{name}.random_A": torch.randn(32, 4), f"{name}.random_C": torch.randn(4, 128),
+             f"{name}.lora_B": torch.randn(4, 4), f"{name}.lora_scaling": 0.5}  # α as a plain number
+    fresh = BUILD["gpt2"]()
+    peft_ops.import_tlora(fresh, state)
+    assert fresh.transformer.h[0].mlp.c_fc.tlora_alpha.item() == 0.5
+    before = _snapshot(model)
+    with pytest.raises(PeftFormatError, match=rf"checkpoint: {name}.lora_B has shape \(5, 5\); expected \(4, 4\) "
+                                              rf"\(A: K×r, C: r×N, B: r×r, at rank 4\) for the model's 128×32 layer$"):
+        peft_ops.import_tlora(model, state | {f"{name}.lora_B": torch.randn(5, 5)})
+    with pytest.raises(PeftFormatError, match=rf"checkpoint: {name}.lora_scaling is a str; expected a tensor"):
+        peft_ops.import_tlora(model, state | {f"{name}.lora_scaling": "0.5"})
+    _assert_unchanged(model, before)
