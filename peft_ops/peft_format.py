@@ -200,10 +200,12 @@ def _torch_load(path: Path) -> dict:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refuses objects other than tensors and containers
+        found = re.search(r"GLOBAL (\S+)", str(e))  # the first class it refused, if torch says
         raise PeftFormatError(
-            f"{path}: holds Python objects other than tensors (a pickled model, as torch.save(model) writes), "
-            f"which loading would run as code, so it is refused ({str(e).splitlines()[0]}). Only for a file you "
-            f"trust: torch.load(path, weights_only=False).state_dict() gives its state dict") from None
+            f"{path}: holds Python objects other than tensors (a pickled model, as torch.save(model) writes"
+            f"{'; here ' + found.group(1) if found else ''}), which loading would run as code, so it is refused. "
+            f"Only for a file you trust: torch.load(path, weights_only=False).state_dict() gives its state "
+            f"dict") from None
     except Exception as e:  # a truncated or garbled file: torch raises several kinds of error
         raise PeftFormatError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from None
     if not isinstance(loaded, dict):

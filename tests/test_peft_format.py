@@ -366,7 +366,8 @@ BAD_PEFT_DIRS = [
     ("truncated-safetensors", {}, _truncated, r"adapter_model.safetensors: not a readable safetensors file"),
     ("bin-truncated", {}, _truncated_legacy_bin, r"adapter_model.bin: not a readable torch.save file"),
     ("bin-pickled-model", {}, lambda d: _as_legacy_bin(d, torch.nn.Linear(2, 2)),
-     r"adapter_model.bin: holds Python objects other than tensors \(a pickled model, as torch.save\(model\) writes\)"),
+     r"adapter_model.bin: holds Python objects other than tensors \(a pickled model, as torch.save\(model\) writes; "
+     r"here torch.nn.modules.linear.Linear\), which loading would run as code, so it is refused"),
 ]
 
 
@@ -451,7 +452,8 @@ def test_authors_tlora_model_and_its_pickle(tmp_path):
     fresh = tiny_roberta()
     before = _snapshot(fresh)
     with pytest.raises(PeftFormatError, match=r"model.pt: holds Python objects other than tensors \(a pickled model, "
-                                              r"as torch.save\(model\) writes\), which loading would run as code.* Only "
+                                              r"as torch.save\(model\) writes; here transformers\..*\), which loading "
+                                              r"would run as code, so it is refused. Only "
                                               r"for a file you trust: torch.load\(path, weights_only=False\)"
                                               r".state_dict\(\) gives its state dict"):
         peft_ops.import_tlora(fresh, tmp_path / "model.pt")
