@@ -23,24 +23,36 @@ Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`
 layers set ``fan_in_fan_out`` (the LoRA factors keep the same orientation; only the base weight is
 stored transposed).
 
-The authors' checkpoints:
+The authors' checkpoints, in the layouts their released code writes:
 
-* LoRA-XS (github.com/MohammadrezaBanaei/LoRA-XS) trains inside PEFT's LoRA layers: its
-  ``adapter_model`` holds ``lora_A.weight`` = Σ_r V_rᵀ (r×K) and ``lora_B.weight`` = U_r (N×r) — the
-  frozen SVD factors — and ``default_lora_latent_mapping.weight`` = R (r×r), with
-  ``ΔW = (lora_alpha/r)·B R A``. :func:`import_peft` recognises the latent mapping and builds
-  ``LoRAXSLinear`` layers holding exactly those factors (save them with ``include_frozen=True``:
-  our own SVD would not reproduce the authors' factors bit for bit).
-* TLoRA: state dicts holding, per module, ``random_A`` (K×r), ``random_C`` (r×N), ``lora_B`` (r×r)
-  and ``lora_scaling`` (α), with ``Δy = α·x A B C`` — the layout the TLoRA paper describes. We could
-  not read the authors' released code to confirm the key names and orientations; :func:`import_tlora`
-  takes this layout and refuses any other shape with an error naming what it expected.
+* LoRA-XS (github.com/MohammadrezaBanaei/LoRA-XS, ``utils/initialization_utils.py``) trains inside PEFT's
+  LoRA layers: it puts the frozen SVD factors of W into PEFT's ``lora_A.weight`` = Σ_r V_rᵀ (r×K) and
+  ``lora_B.weight`` = U_r (N×r) and adds the r×r R as the layer's ``default_lora_latent_mapping``, with
+  ``ΔW = (lora_alpha/r)·B R A``. Its pinned PEFT 0.10 removes ``.default`` from every saved key, so the
+  file holds ``<module>.lora_A.weight``, ``<module>.lora_B.weight`` and
+  ``<module>_lora_latent_mapping.weight`` (their loaders put ``.default`` back with
+  ``.replace("_lora_latent", ".default_lora_latent")``); ``<module>.default_lora_latent_mapping.weight``
+  (a state dict saved by hand) is read too. Their GLUE scripts use ``task_type="SEQ_CLS"`` and save the
+  ``classifier`` tensors with ``"modules_to_save": null``, as PEFT does: PEFT adds the task's head
+  (``classifier``, ``score``, ``pre_classifier``; ``qa_outputs`` for question answering) to
+  ``modules_to_save`` by itself. :func:`import_peft` does the same and builds ``LoRAXSLinear`` layers
+  holding exactly the file's factors (save them with ``include_frozen=True``: our own SVD would not
+  reproduce the authors' factors bit for bit).
+* TLoRA (github.com/itanvir/tlora, ``tlora.py``): ``TLoRALayer`` keeps the base layer as ``.linear`` and
+  holds ``random_A`` (K×r, frozen), ``lora_B`` (r×r, trains, starts at 0), ``random_C`` (r×N, frozen)
+  and ``lora_scaling`` (shape (1,), trains, starts at 1), with ``Δy = dropout(lora_scaling·x A B C)``,
+  dropout 0.5 on the output after the scaling. ``experiments.py`` saves the whole model with
+  ``torch.save(model)``, a pickle: :func:`import_tlora` takes that model object (or its
+  ``state_dict()``), maps their module ``M`` (``M.linear.weight``, ``M.random_A``, ...) to the model's
+  module ``M``, and refuses to unpickle the file itself.
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -55,12 +67,19 @@ from .load import Plan, apply, check_module_tensors
 from .model import adapter_layers, module_tensors, modules_to_save, preserved_on_error
 from .targets import ModelView
 
-__all__ = ["export_peft", "import_peft", "import_tlora", "PeftFormatError", "read_peft", "LATENT_KEYS"]
+__all__ = ["export_peft", "import_peft", "import_tlora", "PeftFormatError", "read_peft", "LATENT_SUFFIXES", "latent_key",
+           "TASK_HEADS", "task_heads"]
 
 CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 _PREFIX = "base_model.model."
-# LoRA-XS's r×r matrix, as its authors' code names the attribute it adds to PEFT's LoRA layer
-LATENT_KEYS = ("default_lora_latent_mapping.weight", "lora_latent_mapping.weight")
+# LoRA-XS's r×r matrix R after a module's name: the attribute its authors add to PEFT's LoRA layer, and
+# the key PEFT 0.10 saves it under (it deletes ".default" from every key)
+LATENT_SUFFIXES = (".default_lora_latent_mapping.weight", "_lora_latent_mapping.weight")
+# The heads PEFT adds to modules_to_save by itself for a task_type (PeftModelForSequenceClassification
+# and ...ForTokenClassification, ...ForQuestionAnswering); the config may still say null (PEFT ≤ 0.10)
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score", "pre_classifier"),
+              "TOKEN_CLS": ("classifier", "score", "pre_classifier"),
+              "QUESTION_ANS": ("qa_outputs",)}
 # adapter_config.json options a LoRALinear cannot represent: what each one is
 _UNSUPPORTED = {
     "use_dora": "DoRA (a learned magnitude vector)",
@@ -166,18 +185,79 @@ def read_peft(directory) -> tuple[dict, dict[str, torch.Tensor]]:
             raise PeftFormatError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file "
                                   f"({type(e).__name__}: {e})") from None
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-        tensors = torch.load(directory / LEGACY_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        tensors = _torch_load(directory / LEGACY_WEIGHTS_NAME)
+        bad = next((k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        if bad is not None:
+            raise PeftFormatError(f"{directory / LEGACY_WEIGHTS_NAME}: entry {bad!r} is not a named tensor; expected "
+                                  f"a state dict of tensors")
     else:
         raise FileNotFoundError(f"{directory}: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
     return config, {k.removeprefix(_PREFIX): v for k, v in tensors.items()}
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: a key matches a module name's tail."""
+def _torch_load(path: Path) -> dict:
+    """A ``torch.save`` file of a state dict, read without running code from it."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refuses objects other than tensors and containers
+        found = re.search(r"GLOBAL (\S+)", str(e))  # the first class it refused, if torch says
+        raise PeftFormatError(
+            f"{path}: holds Python objects other than tensors (a pickled model, as torch.save(model) writes"
+            f"{'; here ' + found.group(1) if found else ''}), which loading would run as code, so it is refused. "
+            f"Only for a file you trust: torch.load(path, weights_only=False).state_dict() gives its state "
+            f"dict") from None
+    except Exception as e:  # a truncated or garbled file: torch raises several kinds of error
+        raise PeftFormatError(f"{path}: not a readable torch.save file ({type(e).__name__}: {e})") from None
+    if not isinstance(loaded, dict):
+        raise PeftFormatError(f"{path}: holds a {type(loaded).__name__}; expected a state dict")
+    return loaded
+
+
+def latent_key(tensors, name: str) -> str | None:
+    """The key of module ``name``'s LoRA-XS latent r×r mapping among ``tensors``' keys, or None."""
+    return next((name + suffix for suffix in LATENT_SUFFIXES if name + suffix in tensors), None)
+
+
+def task_heads(config: dict) -> tuple[str, ...]:
+    """The heads PEFT saves whole for the config's ``task_type`` although ``modules_to_save`` omits them."""
+    return TASK_HEADS.get(config.get("task_type"), ()) if isinstance(config.get("task_type"), str) else ()
+
+
+def _number(value, where: str, what: str, *, integer: bool = False):
+    """``value`` from adapter_config.json if it is a number (an integer if ``integer``), else an error
+    naming the file and the entry ``what``."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise PeftFormatError(f"{where}: {what}={value!r}; expected {'an integer' if integer else 'a finite number'}")
+    return value
+
+
+def _pattern_value(config: dict, field: str, name: str, where: str):
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: a key matches a module name's tail; ``(key,
+    value)`` of the first that matches, else None."""
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise PeftFormatError(f"{where}: {field}={patterns!r}; expected an object of module-name patterns")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return key, value
+        except re.error as e:
+            raise PeftFormatError(f"{where}: {field} key {key!r} is not a valid regular expression ({e}); matched "
+                                  f"against module {name!r}") from None
+    return None
+
+
+def _module_config(config: dict, name: str, where: str, r: int) -> tuple[int, float]:
+    """Module ``name``'s rank and lora_alpha: the config's, or its ``rank_pattern``/``alpha_pattern``'s,
+    checked to be numbers (``r``: the tensors' rank, the default when the config has none)."""
+    found = _pattern_value(config, "rank_pattern", name, where)
+    rank = _number(found[1], where, f"rank_pattern[{found[0]!r}] (module {name!r})", integer=True) if found else \
+        _number(config.get("r", r), where, "r", integer=True)
+    found = _pattern_value(config, "alpha_pattern", name, where)
+    alpha = _number(found[1], where, f"alpha_pattern[{found[0]!r}] (module {name!r})") if found else \
+        _number(config.get("lora_alpha", 8), where, "lora_alpha")
+    return rank, float(alpha)
 
 
 def _plain_target(view: ModelView, name: str, where: str) -> nn.Module:
@@ -194,12 +274,18 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
     Each adapted module becomes a ``LoRALinear`` with the file's A, B and scaling (``lora_alpha / r``,
     or ``lora_alpha / √r`` with rsLoRA; ``rank_pattern``/``alpha_pattern`` per module), so it runs on
     the fused kernels; a file written by the LoRA-XS authors' code (with a latent r×r mapping) becomes
-    ``LoRAXSLinear`` layers holding its factors exactly. ``modules_to_save`` tensors are copied into
-    the model and registered (``save_adapter`` carries them). Refused, with the model untouched: other
-    PEFT methods, DoRA, trained biases, embedding or convolution targets, any option or tensor a
-    peft-ops layer cannot represent, and modules missing from the model or of another shape."""
+    ``LoRAXSLinear`` layers holding its factors exactly. ``modules_to_save`` tensors — and, as PEFT does,
+    those of the task's head for ``task_type`` ``SEQ_CLS``, ``TOKEN_CLS`` or ``QUESTION_ANS`` — are copied
+    into the model and registered (``save_adapter`` carries them). The copy of a base weight PEFT saves
+    beside an adapter on the output head (``lm_head.base_layer.weight``) is accepted if it equals the
+    model's. Refused, with the model untouched: other PEFT methods, DoRA, trained biases, embedding or
+    convolution targets, any option or tensor a peft-ops layer cannot represent, modules missing from
+    the model or of another shape, and PEFT's ``PeftModel`` in place of the model it wraps."""
     where = os.fspath(directory)
+    config_where = os.path.join(where, CONFIG_NAME)
     config, tensors = read_peft(directory)
+    view = ModelView.of(model)
+    view.refuse_peft_wrapper(PeftFormatError, where)
     if config.get("peft_type") != "LORA":
         raise PeftFormatError(f"{where}: peft_type={config.get('peft_type')!r}; only LoRA adapters (peft_type='LORA') "
                               f"can be imported")
@@ -212,54 +298,56 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
     if embedding:
         raise PeftFormatError(f"{where}: the adapter targets embedding layers ({embedding[0]}, ...); peft-ops adapts "
                               f"only nn.Linear and Conv1D layers")
-    view = ModelView.of(model)
-    saved_modules = list(config.get("modules_to_save") or [])
-    saved_modules = [n for n in view.modules if any(n == s or n.endswith("." + s) for s in saved_modules)]
+    factors = (".lora_A.weight", ".lora_B.weight")
+    modules = sorted({k.removesuffix(f) for k in tensors for f in factors if k.endswith(f)})
+    adapter_keys = {f"{name}{suffix}" for name in modules for suffix in (*factors, *LATENT_SUFFIXES)} & set(tensors)
+    # the base weight (and bias) PEFT saves beside an adapter on an output head or an embedding
+    base_copies = {k for k in set(tensors) - adapter_keys
+                   if k.partition(".base_layer.")[0] in modules and k.partition(".base_layer.")[2] in ("weight", "bias")}
+    saved_modules = _saved_modules(config, config_where, set(tensors) - adapter_keys - base_copies, view)
     extra = {k: v for k, v in tensors.items() if any(k.startswith(m + ".") for m in saved_modules)}
-    modules = sorted({k.rpartition(".lora_A.weight")[0] for k in tensors if k.endswith(".lora_A.weight")})
-    understood = set(extra)
-    for name in modules:
-        understood |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight", *(f"{name}.{k}" for k in LATENT_KEYS)}
-    unknown = sorted(set(tensors) - understood)
+    unknown = sorted(set(tensors) - adapter_keys - base_copies - set(extra))
     if unknown:
-        raise PeftFormatError(f"{where}: tensors {unknown[:4]}{' ...' if len(unknown) > 4 else ''} are not LoRA "
-                              f"factors peft-ops can represent (DoRA magnitudes, biases, another method?)")
+        raise PeftFormatError(_not_understood(where, unknown, config))
     if not modules:
         raise PeftFormatError(f"{where}: the file holds no lora_A/lora_B tensors")
     plan = Plan(where, error=PeftFormatError, module_tensors=extra)
     plan.saved_whole = view.check_saved_whole(saved_modules, modules, PeftFormatError, where)
     check_module_tensors(model, {k: (v.dtype, tuple(v.shape)) for k, v in extra.items()}, plan.saved_whole,
                          PeftFormatError, where)
+    dropout = _number(config.get("lora_dropout", 0.0), config_where, "lora_dropout")
     with preserved_on_error(model):
         for name in modules:
+            a, b = (tensors.get(name + f) for f in factors)
+            if a is None or b is None:
+                missing, present = ("lora_A", "lora_B") if a is None else ("lora_B", "lora_A")
+                raise PeftFormatError(f"{where}: module {name!r}: {name}.{missing}.weight is missing (the file has "
+                                      f"{name}.{present}.weight)")
             base = _plain_target(view, name, where)
             n, k = base_weight(base).shape
-            a, b = tensors[f"{name}.lora_A.weight"], tensors.get(f"{name}.lora_B.weight")
-            if b is None:
-                raise PeftFormatError(f"{where}: {name}.lora_B.weight is missing")
-            r = a.shape[0]
+            r = a.shape[0] if a.dim() == 2 else -1
             if a.dim() != 2 or tuple(a.shape) != (r, k) or tuple(b.shape) != (n, r):
                 raise PeftFormatError(f"{where}: module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                                       f"expected (r, {k}) and ({n}, r) for the model's {n}×{k} layer")
-            expected_r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", r))
+            expected_r, lora_alpha = _module_config(config, name, config_where, r)
             if expected_r != r:
                 raise PeftFormatError(f"{where}: module {name!r}: the tensors have rank {r}, the config says {expected_r}")
-            lora_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8)))
             # our scale is alpha / r: rsLoRA's lora_alpha / √r is alpha = lora_alpha·√r
             alpha = lora_alpha * math.sqrt(r) if config.get("use_rslora") else lora_alpha
-            dropout = float(config.get("lora_dropout", 0.0))
-            latent = next((tensors[f"{name}.{key}"] for key in LATENT_KEYS if f"{name}.{key}" in tensors), None)
+            key = latent_key(tensors, name)
             try:
-                if latent is None:
+                if key is None:
                     layer = LoRALinear(base, r, alpha=alpha, dropout=dropout, backend=backend)
                     trained = {"lora_A": a, "lora_B": b}
                 else:
-                    _check_latent(where, name, latent, r)
+                    _check_latent(where, key, tensors[key], r)
                     layer = LoRAXSLinear(base, r, alpha=alpha, dropout=dropout, backend=backend,
                                          frozen_factors={"loraxs_B": b, "loraxs_A": a})
-                    trained = {"loraxs_R": latent}
+                    trained = {"loraxs_R": tensors[key]}
             except (TypeError, ValueError) as e:
                 raise PeftFormatError(f"{where}: module {name!r}: {e}") from None
+            _check_base_copies(where, name, base, {k: tensors[k] for k in base_copies
+                                                  if k.partition(".base_layer.")[0] == name})
             with torch.no_grad():
                 for tensor_name, value in trained.items():
                     getattr(layer, tensor_name).copy_(value)
@@ -268,54 +356,153 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
     return modules
 
 
-def _check_latent(where: str, name: str, latent: torch.Tensor, r: int) -> None:
+def _saved_modules(config: dict, config_where: str, keys: set[str], view: ModelView) -> list[str]:
+    """The model's modules the file saves whole: those ``modules_to_save`` names, and — as PEFT adds them
+    for the task whatever the config says — the task's heads among ``keys`` (the tensors outside the
+    adapters)."""
+    declared = config.get("modules_to_save") or []
+    if not isinstance(declared, list) or not all(isinstance(s, str) and s for s in declared):
+        raise PeftFormatError(f"{config_where}: modules_to_save={declared!r}; expected a list of module names")
+
+    def matching(patterns):
+        return [n for n in view.modules if any(n == p or n.endswith("." + p) for p in patterns)]
+
+    heads = [n for n in matching(task_heads(config)) if any(k.startswith(n + ".") for k in keys)]
+    return list(dict.fromkeys(matching(declared) + heads))
+
+
+def _not_understood(where: str, unknown: list[str], config: dict) -> str:
+    """What each kind of tensor a LoRALinear or LoRAXSLinear has no place for is."""
+    groups: dict[str, list[str]] = {}
+    for key in unknown:
+        if "lora_magnitude_vector" in key:
+            why = "a DoRA magnitude vector"
+        elif ".base_layer." in key:
+            why = "a copy of a base layer's weights, of a module without LoRA factors in the file"
+        elif "lora_" in key:
+            why = "a LoRA tensor of a kind peft-ops cannot represent (another method or option?)"
+        else:
+            why = (f"a tensor of no adapted module, and of no module saved whole: modules_to_save is "
+                   f"{config.get('modules_to_save')!r} and task_type {config.get('task_type')!r}, which names no "
+                   f"head PEFT saves whole")
+        groups.setdefault(why, []).append(key)
+    return f"{where}: tensors peft-ops has no place for: " + "; ".join(
+        f"{keys[0]!r}{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''} is {why}" for why, keys in groups.items())
+
+
+def _check_base_copies(where: str, name: str, base: nn.Module, copies: dict[str, torch.Tensor]) -> None:
+    """PEFT saves an output head's (or embedding's) base weight beside its adapter, in case the vocabulary
+    was resized: accepted when it is the model's own, else refused (an adapter never replaces a weight)."""
+    for key, stored in copies.items():
+        own = getattr(base, key.rpartition(".")[2], None)
+        if own is None or tuple(own.shape) != tuple(stored.shape):
+            detail = f"it is {tuple(stored.shape)}, the model's is {None if own is None else tuple(own.shape)}"
+        elif not torch.equal(stored.to(own.dtype), own.detach().cpu()):
+            detail = "same shape, other values"
+        else:
+            continue
+        raise PeftFormatError(
+            f"{where}: module {name!r}: {key} is the copy of the base layer's {key.rpartition('.')[2]} that PEFT saves "
+            f"beside an adapter on an output head or embedding (in case the vocabulary was resized), and it differs "
+            f"from the model's ({detail}): the adapter was trained on another base model. peft-ops adapters never "
+            f"replace a base weight; load it into the base model it was trained with")
+
+
+def _check_latent(where: str, key: str, latent: torch.Tensor, r: int) -> None:
     if tuple(latent.shape) != (r, r):
-        raise PeftFormatError(f"{where}: module {name!r}: the LoRA-XS latent mapping has shape {tuple(latent.shape)}; "
+        raise PeftFormatError(f"{where}: {key} (the LoRA-XS latent mapping) has shape {tuple(latent.shape)}; "
                               f"expected ({r}, {r})")
 
 
 _TLORA_KEYS = ("random_A", "random_C", "lora_B", "lora_scaling")
 
 
+def _tlora_state(checkpoint) -> tuple[str, dict]:
+    """``(where, state dict)`` of what :func:`import_tlora` is given."""
+    if isinstance(checkpoint, nn.Module):  # the authors' model object, as their experiments.py saves it
+        return f"the {type(checkpoint).__name__} given as checkpoint", checkpoint.state_dict()
+    if isinstance(checkpoint, dict):
+        return "checkpoint", checkpoint
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint={type(checkpoint).__name__}; expected a state dict, a model (nn.Module) or the "
+                        f"path of a .safetensors or torch.save file")
+    path = Path(checkpoint)
+    where = os.fspath(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: no such checkpoint file")
+    if not path.is_file():
+        raise PeftFormatError(f"{where}: not a regular file (a directory, device or pipe); expected a checkpoint file")
+    if path.suffix != ".safetensors":
+        return where, _torch_load(path)
+    from safetensors.torch import load_file
+
+    try:
+        return where, load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise PeftFormatError(f"{where}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+
+
+def _tlora_rank(k: int, n: int, random_a, random_c, core) -> int:
+    """The rank most of the three tensors agree on (A: K×r, C: r×N, B: r×r), so that the odd one out is
+    the one blamed; -1 if none tells."""
+    votes = [t.shape[i] for t, i, j, size in ((random_a, 1, 0, k), (random_c, 0, 1, n))
+             if t.dim() == 2 and t.shape[j] == size]
+    votes += [core.shape[0]] if core.dim() == 2 and core.shape[0] == core.shape[1] else []
+    return max(votes, key=votes.count) if votes else -1
+
+
 def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend: str = "auto") -> list[str]:
     """Load a TLoRA checkpoint in its authors' layout into ``model`` as ``TLoRALinear`` layers, exactly;
     returns the module names.
 
-    ``checkpoint``: a state dict, or the path of a ``.safetensors`` file or a ``torch.save`` file (read
-    with ``weights_only=True``). Per module ``<name>``: ``<name>.random_A`` (K×r), ``<name>.random_C``
-    (r×N), ``<name>.lora_B`` (r×r) and ``<name>.lora_scaling`` (α, one value), with
-    ``Δy = α·x A B C``; a ``base_model.model.`` prefix is ignored. The frozen A and C are kept as given
-    (save with ``include_frozen=True``: our seeded generator would not redraw them). On any error the
-    model is left untouched."""
-    where = "checkpoint" if isinstance(checkpoint, dict) else os.fspath(checkpoint)
-    if not isinstance(checkpoint, dict):
-        path = Path(checkpoint)
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(path)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix(_PREFIX): v for k, v in checkpoint.items()}
+    ``checkpoint``: the authors' model object (an ``nn.Module``: its ``state_dict()`` is read), a state
+    dict, or the path of a ``.safetensors`` file or of a ``torch.save`` file of a state dict (read with
+    ``weights_only=True``). Their ``experiments.py`` saves the whole model, ``torch.save(model)``: a
+    pickle, which is refused, since unpickling runs code; for a file you trust,
+    ``torch.load(path, weights_only=False)`` gives the model to pass here. Per module ``<name>``:
+    ``<name>.random_A`` (K×r), ``<name>.random_C`` (r×N), ``<name>.lora_B`` (r×r) and
+    ``<name>.lora_scaling`` (α: a tensor of one value, or a number), with ``Δy = α·x A B C``; their
+    ``<name>.linear.*`` (the wrapped base layer) and every other tensor are ignored, and a
+    ``base_model.model.`` prefix too. The authors apply dropout 0.5 to the adapter's output: pass
+    ``dropout=0.5`` to go on training as they do. The frozen A and C are kept as given (save with
+    ``include_frozen=True``: our seeded generator would not redraw them). On any error the model is left
+    untouched."""
+    where, checkpoint = _tlora_state(checkpoint)
+    state = {k.removeprefix(_PREFIX): v for k, v in checkpoint.items() if isinstance(k, str)}
     modules = sorted({k.rpartition(".")[0] for k in state if k.rpartition(".")[2] in _TLORA_KEYS})
     if not modules:
         raise PeftFormatError(f"{where}: no TLoRA tensors (keys ending in {', '.join(_TLORA_KEYS)})")
     view = ModelView.of(model)
+    view.refuse_peft_wrapper(PeftFormatError, where)
     plan = Plan(where, error=PeftFormatError)
     with preserved_on_error(model):
         for name in modules:
             missing = [t for t in _TLORA_KEYS if f"{name}.{t}" not in state]
             if missing:
                 raise PeftFormatError(f"{where}: module {name!r} lacks {missing}")
+            values = {}
+            for t in _TLORA_KEYS:
+                value = state[f"{name}.{t}"]
+                if t == "lora_scaling" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    value = torch.tensor([float(value)])  # α given as a plain number
+                if not isinstance(value, torch.Tensor):
+                    raise PeftFormatError(f"{where}: {name}.{t} is a {type(value).__name__}; expected a tensor")
+                values[t] = value
             base = _plain_target(view, name, where)
             n, k = base_weight(base).shape
-            random_a, random_c, core, scaling = (state[f"{name}.{t}"] for t in _TLORA_KEYS)
-            r = core.shape[0] if core.dim() == 2 else -1  # the r×r core tells the rank
-            for what, tensor, expected in (("random_A", random_a, (k, r)), ("random_C", random_c, (r, n)),
-                                           ("lora_B", core, (r, r))):
-                if tuple(tensor.shape) != expected:
-                    raise PeftFormatError(f"{where}: {name}.{what} has shape {tuple(tensor.shape)}; expected {expected} "
-                                          f"(A: K×r, C: r×N, B: r×r) for the model's {n}×{k} layer")
+            random_a, random_c, core, scaling = (values[t] for t in _TLORA_KEYS)
+            r = _tlora_rank(k, n, random_a, random_c, core)
+            if r < 1:
+                raise PeftFormatError(f"{where}: module {name!r}: random_A {tuple(random_a.shape)}, random_C "
+                                      f"{tuple(random_c.shape)} and lora_B {tuple(core.shape)} fit no rank; expected "
+                                      f"({k}, r), (r, {n}) and (r, r) for the model's {n}×{k} layer")
+            wrong = [f"{name}.{what} has shape {tuple(tensor.shape)}; expected {expected}"
+                     for what, tensor, expected in (("random_A", random_a, (k, r)), ("random_C", random_c, (r, n)),
+                                                    ("lora_B", core, (r, r)))
+                     if tuple(tensor.shape) != expected]
+            if wrong:
+                raise PeftFormatError(f"{where}: {'; '.join(wrong)} (A: K×r, C: r×N, B: r×r, at rank {r}) for the "
+                                      f"model's {n}×{k} layer")
             if scaling.numel() != 1:
                 raise PeftFormatError(f"{where}: {name}.lora_scaling has {scaling.numel()} values; expected one (α)")
             try:

@@ -12,7 +12,7 @@ from torch import nn
 from .adapter_file import dtype_name, read_adapter_file
 from .methods import get_method
 from .model import adapter_banks, adapter_layers, modules_to_save, unsaved_trainable
-from .peft_format import LATENT_KEYS, read_peft
+from .peft_format import LATENT_SUFFIXES, latent_key, read_peft, task_heads
 
 __all__ = ["trainable_summary", "TrainableSummary", "read_adapter_info", "AdapterDescription"]
 
@@ -126,12 +126,16 @@ def _describe_peft(directory) -> AdapterDescription:
             continue
         name = key.removesuffix(".lora_A.weight")
         b = tensors.get(f"{name}.lora_B.weight")
-        latent = any(f"{name}.{k}" in tensors for k in LATENT_KEYS)
+        latent = latent_key(tensors, name) is not None
         modules[name] = {"method": "loraxs" if latent else "lora", "rank": a.shape[0], "in_features": a.shape[1],
                          "out_features": None if b is None else b.shape[0], "dtype": str(a.dtype).removeprefix("torch.")}
         trainable += a.shape[0] ** 2 if latent else a.numel() + (0 if b is None else b.numel())
     saved = list(config.get("modules_to_save") or [])
-    adapter_keys = {k for k in tensors if ".lora_" in k or k.endswith(LATENT_KEYS)}
+    # the task's head, which PEFT saves whole although the config may not say so (PEFT ≤ 0.10)
+    saved += [h for h in task_heads(config) if h not in saved
+              and any(k.startswith(h + ".") or f".{h}." in k for k in tensors)]
+    # LoRA factors, latent mappings, and the frozen copy of a base weight PEFT saves beside an adapted output head
+    adapter_keys = {k for k in tensors if ".lora_" in k or k.endswith(LATENT_SUFFIXES) or ".base_layer." in k}
     trainable += sum(t.numel() for k, t in tensors.items() if k not in adapter_keys)
     files = [p for p in Path(directory).iterdir() if p.is_file()]
     return AdapterDescription(

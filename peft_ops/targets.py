@@ -16,12 +16,33 @@ from .model import modules_to_save
 __all__ = ["DEFAULT_TARGET_MODULES", "HEAD_NAMES", "ModelView", "match_targets", "default_targets",
            "match_modules_to_save"]
 
-# What PEFT adapts when target_modules is not given, by transformers' config.model_type
-DEFAULT_TARGET_MODULES = {
-    **dict.fromkeys(["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"], ["q_proj", "v_proj"]),
-    "gpt2": ["c_attn"],
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta"], ["query", "value"]),
-}
+# What PEFT adapts when target_modules is not given, by transformers' config.model_type: a copy, as data,
+# of peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING (PEFT 0.22; peft is not
+# imported at run time; tests/test_modules_to_save.py compares the two). A list holds name suffixes, a
+# string is a regular expression matched against whole module names (as target_modules).
+_DEFAULT_TARGET_GROUPS = (
+    (["q", "v"], ["t5", "mt5"]),
+    (["q_proj", "v_proj"], ["bart", "opt", "gptj", "gpt_neo", "llama", "llama4", "mistral", "mixtral", "stablelm",
+                            "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3"]),
+    (["c_attn"], ["gpt2", "gpt_bigcode"]),
+    (["query_key_value"], ["bloom", "gpt_neox", "chatglm", "RefinedWebModel", "RefinedWeb", "falcon"]),
+    (["q", "v", "q_proj", "v_proj"], ["blip-2"]),
+    (["query", "value"], ["bert", "roberta", "xlm-roberta", "electra", "layoutlm"]),
+    (["query_proj", "value_proj"], ["deberta-v2"]),
+    (["in_proj"], ["deberta"]),
+    (["Wqkv"], ["mpt"]),
+    (["c_proj", "c_attn"], ["btlm"]),
+    (["qkv_proj"], ["codegen"]),
+    (["q_proj", "v_proj", "fc1", "fc2"], ["phi"]),
+    (r".*language_model\..*\.(q_proj|v_proj)", ["gemma4"]),
+    (["q_proj", "k_proj", "v_proj", "o_proj"], ["nemotron_h"]),
+    (["key", "value", "receptance", "output"], ["rwkv"]),
+    (["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"], ["rwkv7"]),
+)
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
+    model_type: list(targets) if isinstance(targets, list) else targets  # a list of its own per model type
+    for targets, model_types in _DEFAULT_TARGET_GROUPS for model_type in model_types}
+
 # Task heads that "all-linear" leaves out (a name component of the module's name): they are trained
 # whole, with modules_to_save, not adapted
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "cls", "qa_outputs"})
@@ -29,6 +50,12 @@ HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "cls", "qa_outputs"})
 
 def _is_adapter(module: nn.Module) -> bool:
     return isinstance(module, (LowRankLinear, AdapterBank))
+
+
+def _peft_class(module: nn.Module) -> str:
+    """The name of the PEFT class ``module`` is or derives from (PeftModel, LoraModel, a LoRA layer), else ''.
+    Recognised by the defining module, so that peft need not be imported."""
+    return next((c.__name__ for c in type(module).__mro__ if c.__module__.split(".")[0] == "peft"), "")
 
 
 @dataclass
@@ -42,6 +69,7 @@ class ModelView:
     names: dict[int, list[str]]  # id(module) -> its names
     read_directly: set[str]
     saved_whole: list[str]
+    peft_wrapper: str = ""  # the class of PEFT's wrapper when the model is one (PeftModel, LoraModel)
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelView":
@@ -60,7 +88,15 @@ class ModelView:
             names.setdefault(id(module), []).append(name)
         read_directly = {f"{n}.out_proj".lstrip(".") for n, m in model.named_modules()
                          if isinstance(m, nn.MultiheadAttention)}
-        return cls(modules, hidden, names, read_directly, modules_to_save(model))
+        return cls(modules, hidden, names, read_directly, modules_to_save(model), _peft_class(model))
+
+    def refuse_peft_wrapper(self, error: type[Exception], where: str) -> None:
+        """Refuse PEFT's wrapper of a model: every module name inside it carries PEFT's prefix, so nothing
+        would be found where a file or a call says."""
+        if self.peft_wrapper:
+            raise error(f"{where}: the model is PEFT's {self.peft_wrapper}, whose module names carry PEFT's prefix "
+                        f"('base_model.model.'); pass the model it wraps: peft_model.get_base_model(), or "
+                        f"peft_model.unload(), which also takes PEFT's own adapter layers out")
 
     def adapters(self) -> dict[str, nn.Module]:
         """The adapter layers and banks, by name."""
@@ -78,9 +114,13 @@ class ModelView:
                         f"modules, never on an adapter's base layer")
         module = self.modules.get(name)
         if module is None:
+            self.refuse_peft_wrapper(error, where)
             raise error(f"{at} is not in the model (an adapter for another model?)")
         if _is_adapter(module):
             return module
+        if _peft_class(module):
+            raise error(f"{at} is PEFT's own adapter layer ({_peft_class(module)}); take PEFT's adapters out "
+                        f"first: peft_model.unload(), or merge_and_unload() to keep their effect in the weights")
         wrong_kind = TypeError if error is ValueError else error  # a call's argument of the wrong kind: TypeError
         if not is_adaptable(module):
             raise wrong_kind(f"{at} is a {type(module).__name__}; peft-ops adapts only nn.Linear and Conv1D layers")
@@ -110,6 +150,7 @@ class ModelView:
             if name in self.hidden:
                 raise error(f"{at} is inside the adapter at {self.hidden[name]!r}; a base layer stays frozen")
             if name not in self.modules:
+                self.refuse_peft_wrapper(error, where)
                 raise error(f"{at} is not a module of the model")
             clash = sorted(a for a in adapted if a == name or a.startswith(name + ".") or name.startswith(a + "."))
             if clash:
@@ -149,14 +190,17 @@ def match_targets(target_modules, model: nn.Module, view: ModelView) -> list[str
     return [n for n in view.modules if _suffix_match(n, target_modules)]
 
 
-def default_targets(model: nn.Module) -> list[str]:
-    """PEFT's default target modules for a transformers model's architecture."""
+def default_targets(model: nn.Module) -> list[str] | str:
+    """PEFT's default target modules for a transformers model's architecture (a copy: the table stays as
+    it is)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(f"target_modules not given and there is no default for this model (config.model_type="
-                         f"{model_type!r}; defaults exist for {', '.join(sorted(DEFAULT_TARGET_MODULES))}); pass "
-                         f"target_modules, e.g. 'all-linear' or a list of module-name suffixes")
-    return DEFAULT_TARGET_MODULES[model_type]
+                         f"{model_type!r}; PEFT's defaults for {len(DEFAULT_TARGET_MODULES)} architectures are in "
+                         f"peft_ops.targets.DEFAULT_TARGET_MODULES); pass target_modules, e.g. 'all-linear' or a "
+                         f"list of module-name suffixes")
+    targets = DEFAULT_TARGET_MODULES[model_type]
+    return list(targets) if isinstance(targets, list) else targets
 
 
 def match_modules_to_save(patterns, view: ModelView) -> list[str]:

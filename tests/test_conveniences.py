@@ -100,3 +100,19 @@ def test_recommended_settings_are_valid_inject_arguments(method):
     layer = model.blocks[0].q_proj
     assert all(getattr(layer, k, layer.options.get(k)) == v for k, v in recommendation.kwargs.items())
     assert peft_ops.RECOMMENDED["tlora"].kwargs["dropout"] == 0.5
+
+
+def test_read_adapter_info_of_the_loraxs_authors_glue_files(tmp_path):
+    """Their PEFT 0.10 files: the latent core under '<module>_lora_latent_mapping.weight', the classifier
+    saved whole for task_type SEQ_CLS although modules_to_save is null."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from test_modules_to_save import tiny_roberta
+    from test_peft_format import authors_loraxs_glue_dir
+
+    model = tiny_roberta()
+    authors_loraxs_glue_dir(tmp_path / "xs", model, r=4)
+    described = peft_ops.read_adapter_info(tmp_path / "xs")
+    assert described.methods == {"loraxs": 4} and described.ranks == {4: 4}
+    assert described.modules_to_save == ["classifier"]
+    assert described.trainable_parameters == 4 * 4 * 4 + sum(p.numel() for p in model.classifier.parameters())

@@ -1,6 +1,8 @@
 """Whole modules trained beside the adapters (a classification head), task heads left out of
 "all-linear", per-architecture default targets, and requires_grad flags the user set: on a tiny
 RobertaForSequenceClassification built from a config."""
+import json
+
 import pytest
 import torch
 
@@ -47,16 +49,34 @@ def test_all_linear_leaves_out_the_classification_head():
     (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2)), ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]),
+    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=1, num_attention_heads=4, word_embed_proj_dim=32,
+        max_position_embeddings=64)), ["model.decoder.layers.0.self_attn.v_proj", "model.decoder.layers.0.self_attn.q_proj"]),
+    (lambda: transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)),
+     [f"{stack}.block.0.layer.{i}.{attention}.{p}" for stack, i, attention in
+      (("encoder", 0, "SelfAttention"), ("decoder", 0, "SelfAttention"), ("decoder", 1, "EncDecAttention"))
+      for p in ("q", "v")]),
 ])
 def test_default_targets_per_architecture(build, expected):
     assert peft_ops.inject(build(), "lora", 2) == expected
+
+
+def test_default_targets_are_peft_s():
+    """Our table is PEFT's, model type by model type (a copy, so that peft need not be imported)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as theirs
+
+    ours = peft_ops.targets.DEFAULT_TARGET_MODULES
+    assert sorted(ours) == sorted(theirs)
+    assert {t: ours[t] for t in ours if ours[t] != theirs[t]} == {}
 
 
 def test_no_default_targets_for_an_unknown_model():
     model = TinyModel()
     before = _snapshot(model)
     with pytest.raises(ValueError, match=r"target_modules not given and there is no default for this model "
-                                         r"\(config.model_type=None; defaults exist for bert, gemma"):
+                                         r"\(config.model_type=None; PEFT's defaults for \d+ architectures are in "
+                                         r"peft_ops.targets.DEFAULT_TARGET_MODULES\)"):
         peft_ops.inject(model, "lora", 2)
     _assert_unchanged(model, before)
 
@@ -123,3 +143,49 @@ def test_head_travels_through_the_peft_format(tmp_path):
     peft_ops.import_peft(ours, tmp_path)
     assert rel_error(logits(ours), logits(model)) <= 1e-5
     assert peft_ops.modules_to_save(ours) == ["classifier"]
+
+
+def _tiny(cls):
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=48, max_position_embeddings=72,
+                                        num_labels=2 if cls.__name__.endswith("QuestionAnswering") else 3)
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+def outputs(model):
+    with torch.no_grad():
+        out = model(TOKENS)
+    return torch.cat([out.start_logits, out.end_logits]) if hasattr(out, "start_logits") else out.logits
+
+
+@pytest.mark.parametrize("task_type, cls, head", [
+    ("SEQ_CLS", "RobertaForSequenceClassification", "classifier"),
+    ("TOKEN_CLS", "RobertaForTokenClassification", "classifier"),
+    ("QUESTION_ANS", "RobertaForQuestionAnswering", "qa_outputs"),
+])
+def test_task_head_saved_without_modules_to_save(task_type, cls, head, tmp_path):
+    """PEFT saves the task's head whole for these task types, although the config's modules_to_save may
+    be null (PEFT 0.10 wrote it so, the LoRA-XS authors' GLUE files among others): imported as PEFT loads it."""
+    build = lambda: _tiny(getattr(transformers, cls))  # noqa: E731
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(task_type=task_type, r=4, target_modules=["query", "value"]))
+    randomize(theirs)
+    theirs.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["modules_to_save"] = None  # as PEFT 0.10 writes it
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    judge = peft.PeftModel.from_pretrained(build(), tmp_path).eval()
+    assert rel_error(outputs(judge), outputs(theirs.eval())) <= 1e-6 and rel_error(outputs(judge), outputs(build())) > 1e-2
+    ours = build()
+    peft_ops.import_peft(ours, tmp_path)
+    assert peft_ops.modules_to_save(ours) == [head]
+    assert rel_error(outputs(ours), outputs(judge)) <= 1e-5
+    config["task_type"] = None  # nothing then says the head's tensors belong to the adapter
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = build()
+    before = _snapshot(fresh)
+    with pytest.raises(peft_ops.PeftFormatError, match=rf"'{head}\..*' \(and \d+ more\) is a tensor of no adapted module, "
+                                                       rf"and of no module saved whole: modules_to_save is None and "
+                                                       rf"task_type None"):
+        peft_ops.import_peft(fresh, tmp_path)
+    _assert_unchanged(fresh, before)

@@ -230,3 +230,251 @@ def test_authors_tlora_state_dict(tmp_path):
     with pytest.raises(PeftFormatError, match=r"random_A has shape \(4, 32\); expected \(32, 4\)"):
         peft_ops.import_tlora(fresh, bad)
     _assert_unchanged(fresh, before)
+
+
+GLUE_TARGETS = ["query", "value", "attention.output.dense", "output.dense"]  # the LoRA-XS authors' GLUE targets
+
+
+def authors_loraxs_glue_dir(directory, model, r=4, lora_alpha=16):
+    """What the LoRA-XS authors' GLUE script (main_glue.py, PEFT 0.10) saves for a RoBERTa classifier:
+    per target ``M.lora_A.weight`` = Σ_r V_rᵀ, ``M.lora_B.weight`` = U_r and ``M_lora_latent_mapping.weight``
+    = R (PEFT 0.10 deletes ".default" from every key, the latent's too), the ``classifier`` tensors, and
+    a config with task_type SEQ_CLS and modules_to_save null. Returns the model with ΔW and the head in
+    place (the expected result)."""
+    from test_modules_to_save import tiny_roberta
+
+    expected = copy.deepcopy(model)
+    tensors, generator = {}, torch.Generator().manual_seed(5)
+    for name in [n for n, _ in model.named_modules() if n.startswith("roberta.encoder")
+                 and any(n.endswith("." + t) for t in GLUE_TARGETS)]:
+        w = model.get_submodule(name).weight.detach()
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        a, b, latent = (torch.diag(s) @ vh)[:r], u[:, :r], torch.randn(r, r, generator=generator) * 0.5
+        tensors |= {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b, f"{name}_lora_latent_mapping.weight": latent}
+        with torch.no_grad():
+            expected.get_submodule(name).weight += lora_alpha / r * b @ latent @ a
+    for key, value in tiny_roberta().classifier.state_dict().items():
+        tensors[f"classifier.{key}"] = torch.randn(value.shape, generator=generator) * 0.3
+    expected.classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in tensors.items()
+                                         if k.startswith("classifier.")})
+    _write_peft_dir(directory, dict(task_type="SEQ_CLS", r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                                    target_modules=GLUE_TARGETS), tensors)
+    assert json.loads((directory / "adapter_config.json").read_text())["modules_to_save"] is None  # as theirs
+    return expected
+
+
+def test_authors_loraxs_glue_checkpoint(tmp_path):
+    """The LoRA-XS authors' GLUE files as their pinned PEFT 0.10 writes them: the latent core under
+    ``<module>_lora_latent_mapping.weight`` and the classifier inferred from task_type SEQ_CLS."""
+    from test_modules_to_save import logits as cls_logits, tiny_roberta
+
+    model = tiny_roberta()
+    expected = authors_loraxs_glue_dir(tmp_path / "xs", model)
+    names = peft_ops.import_peft(model, tmp_path / "xs")
+    assert len(names) == 4 and all(isinstance(model.get_submodule(n), peft_ops.LoRAXSLinear) for n in names)
+    assert peft_ops.modules_to_save(model) == ["classifier"]
+    assert rel_error(cls_logits(model), cls_logits(expected)) <= 1e-5
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{n}.loraxs_R" for n in names} | {f"classifier.{k}" for k in model.classifier.state_dict()}
+
+
+def test_import_peft_adapter_on_the_output_head(tmp_path):
+    """PEFT saves lm_head's base weight beside an adapter on lm_head: a copy of the model's is accepted,
+    another one refused with the reason."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(BUILD["llama"](), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"])).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path / "head")
+    saved = load_file(tmp_path / "head" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in saved
+    ours = BUILD["llama"]()
+    assert "lm_head" in peft_ops.import_peft(ours, tmp_path / "head")
+    assert rel_error(logits(ours), logits(theirs)) <= 1e-5
+    assert peft_ops.read_adapter_info(tmp_path / "head").trainable_parameters == theirs.get_nb_trainable_parameters()[0]
+    saved["base_model.model.lm_head.base_layer.weight"][0, 0] += 1.0  # trained on another base
+    (tmp_path / "other").mkdir()
+    save_file(saved, tmp_path / "other" / "adapter_model.safetensors")
+    (tmp_path / "other" / "adapter_config.json").write_text((tmp_path / "head" / "adapter_config.json").read_text())
+    fresh = BUILD["llama"]()
+    before = _snapshot(fresh)
+    with pytest.raises(PeftFormatError, match=r"other: module 'lm_head': lm_head.base_layer.weight is the copy of the "
+                                              r"base layer's weight that PEFT saves beside an adapter on an output "
+                                              r"head .* differs from the model's \(same shape, other values\)"):
+        peft_ops.import_peft(fresh, tmp_path / "other")
+    _assert_unchanged(fresh, before)
+
+
+def _peft_dir(directory, config=None, tensors=None, drop=()):
+    """A LoRA adapter on q_proj of layer 0 of the tiny Llama, written by hand: ``config`` entries replace
+    the defaults, ``drop`` keys are left out."""
+    q = "model.layers.0.self_attn.q_proj"
+    tensors = tensors if tensors is not None else {f"{q}.lora_A.weight": torch.randn(4, 32) * 0.1,
+                                                   f"{q}.lora_B.weight": torch.randn(32, 4) * 0.1}
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "bias": "none"} | (config or {})
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items() if k not in drop},
+              directory / "adapter_model.safetensors")
+    return directory
+
+
+def _truncated(directory):
+    data = (directory / "adapter_model.safetensors").read_bytes()
+    (directory / "adapter_model.safetensors").write_bytes(data[:len(data) - 7])
+
+
+def _as_legacy_bin(directory, value):
+    (directory / "adapter_model.safetensors").unlink()
+    torch.save(value, directory / "adapter_model.bin")
+
+
+def _truncated_legacy_bin(directory):
+    _as_legacy_bin(directory, {"x": torch.zeros(3)})
+    (directory / "adapter_model.bin").write_bytes((directory / "adapter_model.bin").read_bytes()[:50])
+
+
+Q = "model.layers.0.self_attn.q_proj"
+BAD_PEFT_DIRS = [
+    ("lora-alpha-null", dict(config={"lora_alpha": None}), None,
+     r"adapter_config.json: lora_alpha=None; expected a finite number"),
+    ("lora-alpha-string", dict(config={"lora_alpha": "big"}), None, r"adapter_config.json: lora_alpha='big'; expected"),
+    ("rank-float", dict(config={"r": 4.5}), None, r"adapter_config.json: r=4.5; expected an integer"),
+    ("dropout-string", dict(config={"lora_dropout": "0.1"}), None, r"adapter_config.json: lora_dropout='0.1'; expected"),
+    ("rank-pattern-bad-regex", dict(config={"rank_pattern": {"q_proj(": 2}}), None,
+     rf"adapter_config.json: rank_pattern key 'q_proj\(' is not a valid regular expression \(.*\); matched against "
+     rf"module '{Q}'"),
+    ("alpha-pattern-string", dict(config={"alpha_pattern": {"q_proj": "big"}}), None,
+     rf"adapter_config.json: alpha_pattern\['q_proj'\] \(module '{Q}'\)='big'; expected a finite number"),
+    ("modules-to-save-string", dict(config={"modules_to_save": "lm_head"}), None,
+     r"adapter_config.json: modules_to_save='lm_head'; expected a list of module names"),
+    ("lora-a-missing", dict(drop=[f"{Q}.lora_A.weight"]), None,
+     rf"module '{Q}': {Q}.lora_A.weight is missing \(the file has {Q}.lora_B.weight\)"),
+    ("lora-b-missing", dict(drop=[f"{Q}.lora_B.weight"]), None,
+     rf"module '{Q}': {Q}.lora_B.weight is missing \(the file has {Q}.lora_A.weight\)"),
+    ("dora-magnitude", dict(tensors={f"{Q}.lora_A.weight": torch.zeros(4, 32), f"{Q}.lora_B.weight": torch.zeros(32, 4),
+                                     f"{Q}.lora_magnitude_vector": torch.ones(32)}), None,
+     rf"tensors peft-ops has no place for: '{Q}.lora_magnitude_vector' is a DoRA magnitude vector"),
+    ("head-without-task", dict(tensors={f"{Q}.lora_A.weight": torch.zeros(4, 32), f"{Q}.lora_B.weight": torch.zeros(32, 4),
+                                        "lm_head.weight": torch.zeros(64, 32)}), None,
+     r"'lm_head.weight' is a tensor of no adapted module, and of no module saved whole: modules_to_save is None and "
+     r"task_type None"),
+    ("truncated-safetensors", {}, _truncated, r"adapter_model.safetensors: not a readable safetensors file"),
+    ("bin-truncated", {}, _truncated_legacy_bin, r"adapter_model.bin: not a readable torch.save file"),
+    ("bin-pickled-model", {}, lambda d: _as_legacy_bin(d, torch.nn.Linear(2, 2)),
+     r"adapter_model.bin: holds Python objects other than tensors \(a pickled model, as torch.save\(model\) writes; "
+     r"here torch.nn.modules.linear.Linear\), which loading would run as code, so it is refused"),
+]
+
+
+@pytest.mark.parametrize("spec, damage, message", [c[1:] for c in BAD_PEFT_DIRS], ids=[c[0] for c in BAD_PEFT_DIRS])
+def test_import_peft_refuses_with_the_reason(spec, damage, message, tmp_path):
+    directory = _peft_dir(tmp_path / "adapter", **spec)
+    if damage:
+        damage(directory)
+    model = BUILD["llama"]()
+    before = _snapshot(model)
+    with pytest.raises(PeftFormatError, match=message):
+        peft_ops.import_peft(model, directory)
+    _assert_unchanged(model, before)
+
+
+def test_a_peft_model_is_refused_with_what_to_pass(tmp_path):
+    """PEFT's PeftModel in place of the model: every name inside it carries PEFT's prefix."""
+    theirs = peft.get_peft_model(BUILD["llama"](), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = adapted("llama", "lora")
+    peft_ops.save_adapter(ours, tmp_path / "ours.safetensors")
+    tlora = {f"{Q}.random_A": torch.randn(32, 2), f"{Q}.random_C": torch.randn(2, 32), f"{Q}.lora_B": torch.zeros(2, 2),
+             f"{Q}.lora_scaling": torch.ones(1)}
+    before = _snapshot(theirs)
+    wrapped = r"the model is PEFT's PeftModel, whose module names carry PEFT's prefix .*; pass the model it wraps: " \
+              r"peft_model.get_base_model\(\), or peft_model.unload\(\)"
+    with pytest.raises(PeftFormatError, match=wrapped):
+        peft_ops.import_peft(theirs, tmp_path / "peft")
+    with pytest.raises(PeftFormatError, match=wrapped):
+        peft_ops.import_tlora(theirs, tlora)
+    with pytest.raises(peft_ops.AdapterFileError, match=wrapped):
+        peft_ops.load_adapter(theirs, tmp_path / "ours.safetensors")
+    with pytest.raises(PeftFormatError, match=rf"module '{Q}' is PEFT's own adapter layer \(Linear\); take PEFT's "
+                                              rf"adapters out first: peft_model.unload\(\)"):
+        peft_ops.import_peft(theirs.get_base_model(), tmp_path / "peft")
+    _assert_unchanged(theirs, before)
+
+
+class AuthorsTLoRALayer(torch.nn.Module):
+    """The layout of the TLoRA authors' layer (github.com/itanvir/tlora, tlora.py), rebuilt for the tests:
+    the base layer kept as ``.linear``; ``random_A`` (K×r) and ``random_C`` (r×N) frozen, ``lora_B`` (r×r)
+    and ``lora_scaling`` (shape (1,)) trained; dropout 0.5 on the adapter's output after the scaling."""
+
+    def __init__(self, base, rank, seed):
+        super().__init__()
+        n, k = base.weight.shape
+        g = torch.Generator().manual_seed(seed)
+        self.linear = base
+        self.random_A = torch.nn.Parameter(torch.randn(k, rank, generator=g), requires_grad=False)
+        self.lora_B = torch.nn.Parameter(torch.randn(rank, rank, generator=g) * 0.3)  # trained: not at 0
+        self.random_C = torch.nn.Parameter(torch.randn(rank, n, generator=g), requires_grad=False)
+        self.lora_scaling = torch.nn.Parameter(torch.tensor([0.7]))
+        self.dropout = torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.linear(x) + self.dropout(self.lora_scaling * (x @ self.random_A @ self.lora_B @ self.random_C))
+
+
+def authors_tlora_model():
+    """A tiny RoBERTa with the authors' layers on query and value, as their create_lora_model places them."""
+    from test_modules_to_save import tiny_roberta
+
+    model = tiny_roberta()
+    attention = model.roberta.encoder.layer[0].attention.self
+    attention.query = AuthorsTLoRALayer(attention.query, 4, seed=1)
+    attention.value = AuthorsTLoRALayer(attention.value, 4, seed=2)
+    return model.eval()
+
+
+def test_authors_tlora_model_and_its_pickle(tmp_path):
+    """Their experiments.py saves torch.save(model): the model object imports; the pickle is refused with
+    what it is, and loads once the trusted file is unpickled by hand."""
+    from test_modules_to_save import logits as cls_logits, tiny_roberta
+
+    theirs = authors_tlora_model()
+    expected = cls_logits(theirs)
+    ours = tiny_roberta()
+    names = peft_ops.import_tlora(ours, theirs)
+    assert names == [f"roberta.encoder.layer.0.attention.self.{p}" for p in ("query", "value")]
+    assert rel_error(cls_logits(ours), expected) <= 1e-5
+    torch.save(theirs, tmp_path / "model.pt")
+    fresh = tiny_roberta()
+    before = _snapshot(fresh)
+    with pytest.raises(PeftFormatError, match=r"model.pt: holds Python objects other than tensors \(a pickled model, "
+                                              r"as torch.save\(model\) writes; here transformers\..*\), which loading "
+                                              r"would run as code, so it is refused. Only "
+                                              r"for a file you trust: torch.load\(path, weights_only=False\)"
+                                              r".state_dict\(\) gives its state dict"):
+        peft_ops.import_tlora(fresh, tmp_path / "model.pt")
+    _assert_unchanged(fresh, before)
+    trusted = torch.load(tmp_path / "model.pt", weights_only=False).state_dict()
+    peft_ops.import_tlora(fresh, trusted)
+    assert rel_error(cls_logits(fresh), expected) <= 1e-5
+
+
+def test_import_tlora_blames_the_tensor_at_fault():
+    model = BUILD["gpt2"]()
+    name = "transformer.h.0.mlp.c_fc"  # 32 -> 128
+    state = {f"{name}.random_A": torch.randn(32, 4), f"{name}.random_C": torch.randn(4, 128),
+             f"{name}.lora_B": torch.randn(4, 4), f"{name}.lora_scaling": 0.5}  # α as a plain number
+    fresh = BUILD["gpt2"]()
+    peft_ops.import_tlora(fresh, state)
+    assert fresh.transformer.h[0].mlp.c_fc.tlora_alpha.item() == 0.5
+    before = _snapshot(model)
+    with pytest.raises(PeftFormatError, match=rf"checkpoint: {name}.lora_B has shape \(5, 5\); expected \(4, 4\) "
+                                              rf"\(A: K×r, C: r×N, B: r×r, at rank 4\) for the model's 128×32 layer$"):
+        peft_ops.import_tlora(model, state | {f"{name}.lora_B": torch.randn(5, 5)})
+    with pytest.raises(PeftFormatError, match=rf"checkpoint: {name}.lora_scaling is a str; expected a tensor"):
+        peft_ops.import_tlora(model, state | {f"{name}.lora_scaling": "0.5"})
+    _assert_unchanged(model, before)
