@@ -29,8 +29,8 @@ The authors' checkpoints:
   ``adapter_model`` holds ``lora_A.weight`` = Σ_r V_rᵀ (r×K) and ``lora_B.weight`` = U_r (N×r) — the
   frozen SVD factors — and ``default_lora_latent_mapping.weight`` = R (r×r), with
   ``ΔW = (lora_alpha/r)·B R A``. :func:`import_peft` recognises the latent mapping and builds
-  ``LoRAXSLinear`` layers holding exactly those factors (save them with ``include_frozen=True``:
-  our own SVD would not reproduce the authors' factors bit for bit).
+  ``LoRAXSLinear`` layers holding exactly those factors (``save_adapter`` stores them: our own SVD
+  would not reproduce the authors' factors bit for bit).
 * TLoRA: state dicts holding, per module, ``random_A`` (K×r), ``random_C`` (r×N), ``lora_B`` (r×r)
   and ``lora_scaling`` (α), with ``Δy = α·x A B C`` — the layout the TLoRA paper describes. We could
   not read the authors' released code to confirm the key names and orientations; :func:`import_tlora`
@@ -285,8 +285,8 @@ def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend:
     with ``weights_only=True``). Per module ``<name>``: ``<name>.random_A`` (K×r), ``<name>.random_C``
     (r×N), ``<name>.lora_B`` (r×r) and ``<name>.lora_scaling`` (α, one value), with
     ``Δy = α·x A B C``; a ``base_model.model.`` prefix is ignored. The frozen A and C are kept as given
-    (save with ``include_frozen=True``: our seeded generator would not redraw them). On any error the
-    model is left untouched."""
+    (``save_adapter`` stores them: our seeded generator would not redraw them). On any error the model is
+    left untouched."""
     where = "checkpoint" if isinstance(checkpoint, dict) else os.fspath(checkpoint)
     if not isinstance(checkpoint, dict):
         path = Path(checkpoint)

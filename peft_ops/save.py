@@ -21,7 +21,7 @@ class AdapterFileInfo:
     path: str
     modules: int
     trainable_parameters: int
-    tensor_bytes: int  # bytes of the adapters' tensors stored (the trainable ones, unless include_frozen)
+    tensor_bytes: int  # bytes of the adapters' tensors stored (the trainable ones, and frozen ones given or included)
     file_bytes: int
 
     def __str__(self) -> str:
@@ -37,8 +37,11 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
     """Write the adapters of ``model`` to a safetensors file at ``path``.
 
-    Only trainable tensors are stored; frozen factors are regenerated at load unless
-    ``include_frozen=True``. The modules registered with ``modules_to_save`` are stored whole. Any
+    The trainable tensors are stored. Frozen factors the layer made itself (LoRA-XS's from the SVD of its
+    base weight, TLoRA's from its seed) are regenerated at load, unless ``include_frozen=True`` stores them;
+    those it was given (``import_peft`` of the LoRA-XS authors' files, ``import_tlora``, a file that stores
+    them) are stored always, since nothing could regenerate them: the file loads back whatever the
+    argument. The modules registered with ``modules_to_save`` are stored whole. Any
     other trainable parameter is refused, naming it: the file would silently lose it. The previous file
     at ``path`` is replaced only once the new one is complete on disk (a symlink is written through).
     The same adapter gives the same bytes in every process. Returns sizes: the file against the tensor
@@ -67,7 +70,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     stored, described = {}, {}
     for name, layer in sorted(layers.items()):
         names = [n for n, _ in layer.named_parameters(recurse=False)]
-        if include_frozen:
+        if include_frozen or layer.given_frozen_factors:
             names += list(layer.method.frozen)
         for tensor_name in names:
             stored[f"{name}.{tensor_name}"] = _full(getattr(layer, tensor_name)).detach().cpu().contiguous()
