@@ -13,7 +13,7 @@ from .checks import fingerprint, signature
 from .files import write_atomically
 from .model import adapter_layers, module_tensors, modules_to_save, unsaved_trainable
 
-__all__ = ["save_adapter", "AdapterFileInfo"]
+__all__ = ["save_adapter", "check_savable", "AdapterFileInfo"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,20 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def check_savable(model: nn.Module) -> None:
+    """What :func:`save_adapter` refuses in a model, whatever the path: no adapters, or trainable parameters
+    the file would lose. A ``ValueError`` that says what to do."""
+    if next(adapter_layers(model), None) is None:
+        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    lost = unsaved_trainable(model)
+    if lost:
+        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
+        raise ValueError(
+            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
+            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
+            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
     """Write the adapters of ``model`` to a safetensors file at ``path``.
 
@@ -47,9 +61,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     The same adapter gives the same bytes in every process. Returns sizes: the file against the tensor
     bytes. On a model sharded with FSDP2, call it on every rank (it gathers the shards); give rank 0
     the real path."""
-    layers = dict(adapter_layers(model))
-    if not layers:
-        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    check_savable(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path={path!r}; expected a file path (str or os.PathLike)")
     path = os.fspath(path)
@@ -59,13 +71,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"path={path!r}: the directory {folder!r} does not exist; create it first")
-    lost = unsaved_trainable(model)
-    if lost:
-        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
-        raise ValueError(
-            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
-            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
-            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
+    layers = dict(adapter_layers(model))
     groups: dict[str, dict] = {}
     stored, described = {}, {}
     for name, layer in sorted(layers.items()):
