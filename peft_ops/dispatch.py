@@ -13,9 +13,12 @@ Both implementations compute ``out = a Wᵀ + bias + s·drop_out((drop_in(a) D) 
 with roles swapped the backward's ``dx``) with the same dropout masks and the same ``t``:
 
 * ``fused``: one Triton GEMM whose epilogue adds the rank-r term (:func:`peft_ops.kernels.lowrank_linear`);
-* ``composed``: cuBLAS (``F.linear``) for the base, the shrink kernel for ``t``, then the rank-r term
-  added in place into cuBLAS's output by a small kernel (:func:`peft_ops.kernels.add_lowrank_`): what a
-  user could write, so a layer on ``"triton"`` is never slower than that composition.
+* ``composed``: cuBLAS for the base (its float32 result, for 16-bit inputs too), the shrink kernel for
+  ``t``, then the rank-r term and the bias added to cuBLAS's output by a small kernel
+  (:func:`peft_ops.kernels.add_lowrank_`): what a user could write, so a layer on ``"triton"`` is never
+  slower than that composition.
+
+Both round the whole sum once to the output dtype: the same row is finite (or infinite) whichever runs.
 
 The choice is keyed like an autotuner (:class:`Key`). The first time a key is seen on a GPU both are
 timed on the call's own arguments (``triton.testing.do_bench``, a few ms) and the faster is kept for the
@@ -37,7 +40,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import reference_kernels
 from .files import write_atomically
@@ -52,6 +54,9 @@ DECODE_ROWS = 16  # the rule's crossover: at most this many rows, one fused laun
 DROPOUT_SITES = ("none", "input", "output")
 ROLES = ("forward", "dx")
 CACHE_MAX_BYTES = 4 << 20  # a real table is a few kB: anything larger is not one we wrote
+# cuBLAS writes a 16-bit GEMM's float32 accumulator (torch >= 2.8 on CUDA); without it the composition's
+# GEMM runs on float32 copies, and the rule keeps to the fused kernel
+FLOAT32_OUTPUT_GEMM = hasattr(torch.ops.aten.mm, "dtype")
 
 
 def check_backend(backend) -> str:
@@ -101,16 +106,31 @@ def kernel_module(backend: str):
     return kernels
 
 
+def _float32_product(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``a Wᵀ`` in float32, from cuBLAS's float32 accumulator for 16-bit inputs (``aten::mm.dtype``, torch ≥ 2.8
+    on CUDA); elsewhere from float32 copies of the operands (exact products: slower, not less accurate)."""
+    if a.dtype == torch.float32:
+        return a @ weight.T
+    if a.is_cuda and FLOAT32_OUTPUT_GEMM:
+        return torch.mm(a, weight.T, out_dtype=torch.float32)
+    return a.float() @ weight.float().T
+
+
 def composed_lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *, dropout_p: float = 0.0,
                             dropout_site: str = "input", seed=None, store_t: bool = False, t=None):
-    """:func:`peft_ops.kernels.lowrank_linear`'s contract as cuBLAS plus two small Triton kernels: ``F.linear``,
-    the shrink ``t = drop_in(a) D``, and ``out += scale·drop_out(t Eᵀ)`` in place."""
+    """:func:`peft_ops.kernels.lowrank_linear`'s contract as cuBLAS plus two small Triton kernels: ``a Wᵀ`` in
+    float32 (:func:`_float32_product`), the shrink ``t = drop_in(a) D``, and ``out = a Wᵀ + bias +
+    scale·drop_out(t Eᵀ)`` rounded once to ``a``'s dtype, as the fused kernel does: a 16-bit ``a Wᵀ`` rounded
+    on its own could overflow where the whole sum does not (or round to the largest finite value where
+    the fused sum overflows)."""
     from peft_ops import kernels
 
-    out = F.linear(a, weight, bias)
+    base = _float32_product(a, weight)
+    out = base if a.dtype == torch.float32 else torch.empty(base.shape, dtype=a.dtype, device=a.device)
     if t is None:
         t = kernels.shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
-    kernels.add_lowrank_(out, t, expand, scale, dropout_p=dropout_p if dropout_site == "output" else 0.0, seed=seed)
+    kernels.add_lowrank_(out, t, expand, scale, base=base, bias=bias,
+                         dropout_p=dropout_p if dropout_site == "output" else 0.0, seed=seed)
     return out, (t if store_t else None)
 
 
@@ -153,8 +173,11 @@ class Key:
 def rule(key: Key) -> str:
     """The choice without timing (``PEFT_OPS_AUTOTUNE=0``, tracing, capture): fused for decode-sized batches
     (M ≤ 16: one launch instead of three, and a fused GEMM reads W once like cuBLAS), composed otherwise
-    (cuBLAS's GEMM plus the rank-r term: never slower than what a user would write)."""
-    return "fused" if key.m_bucket <= DECODE_ROWS else "composed"
+    (cuBLAS's GEMM plus the rank-r term: never slower than what a user would write), except for 16-bit
+    inputs where torch lacks the GEMM with a float32 output (:data:`FLOAT32_OUTPUT_GEMM`)."""
+    if key.m_bucket <= DECODE_ROWS or (key.dtype != "float32" and not FLOAT32_OUTPUT_GEMM):
+        return "fused"
+    return "composed"
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 
 from .layers import is_conv1d
 from .model import adapter_banks, adapter_layers
-from .save import save_adapter
+from .save import check_savable, save_adapter
 
 __all__ = ["merged_state_dict", "save_pretrained_merged", "AdapterCheckpointCallback"]
 
@@ -62,13 +62,26 @@ def save_pretrained_merged(model: nn.Module, save_directory: str | os.PathLike, 
     type(model).save_pretrained(model, save_directory, state_dict=merged_state_dict(model), **kwargs)
 
 
+def _remove_model_weights(checkpoint: Path) -> None:
+    if checkpoint.is_dir():  # the Trainer may have rotated it away (save_total_limit)
+        for path in checkpoint.iterdir():
+            sharded = path.name.startswith("model-") and path.name.endswith(".safetensors")
+            if path.name in _MODEL_WEIGHT_FILES or sharded:
+                path.unlink()
+
+
 class _AdapterCheckpointSaving:
     """A ``transformers.Trainer`` callback: at each checkpoint, write the adapter file
     (``checkpoint-<step>/adapter.safetensors``, with ``modules_to_save``) and, with
     ``remove_model_weights=True`` (the default), delete the full model weights the Trainer wrote
-    there, so a checkpoint costs the adapter's size. To resume: inject as before,
+    there, so a checkpoint costs the adapter's size. With the Trainer's ``load_best_model_at_end=True``
+    the best checkpoint keeps its weights (the Trainer reloads the best model from them at the end; the
+    other checkpoints lose theirs, the previous best's included). To resume: inject as before,
     ``peft_ops.load_adapter(model, ".../checkpoint-N/adapter.safetensors")``, then train (the
     Trainer's own ``resume_from_checkpoint`` needs the full weights: keep them for it).
+
+    The model is checked when training begins, before any step: a model without adapters, or with
+    trainable parameters an adapter file would lose, is a ``ValueError`` (see ``save_adapter``).
 
         trainer = Trainer(model, args, train_dataset=ds, callbacks=[peft_ops.hf.AdapterCheckpointCallback()])
     """
@@ -76,19 +89,31 @@ class _AdapterCheckpointSaving:
     def __init__(self, filename: str = ADAPTER_FILENAME, *, remove_model_weights: bool = True,
                  include_frozen: bool = False):
         self.filename, self.remove_model_weights, self.include_frozen = filename, remove_model_weights, include_frozen
+        self._kept_weights: Path | None = None  # the best checkpoint so far, kept whole for load_best_model_at_end
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # here, not at the first checkpoint: a model whose adapters cannot be saved costs no training
+        if model is None:
+            raise ValueError("AdapterCheckpointCallback: the Trainer passed no model")
+        try:
+            check_savable(model)
+        except ValueError as e:
+            raise ValueError(f"AdapterCheckpointCallback: {e}") from None
+        return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if model is None:
             raise ValueError("AdapterCheckpointCallback.on_save: the Trainer passed no model")
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        checkpoint = Path(os.path.abspath(args.output_dir)) / f"checkpoint-{state.global_step}"
         checkpoint.mkdir(parents=True, exist_ok=True)
-        if getattr(state, "is_world_process_zero", True):
+        if state.is_world_process_zero:
             save_adapter(model, checkpoint / self.filename, include_frozen=self.include_frozen)
             if self.remove_model_weights:
-                for path in checkpoint.iterdir():
-                    if path.name in _MODEL_WEIGHT_FILES or (path.name.startswith("model-") and
-                                                            path.name.endswith(".safetensors")):
-                        path.unlink()
+                best = state.best_model_checkpoint if args.load_best_model_at_end else None
+                best = Path(os.path.abspath(best)) if best else None
+                for folder in {checkpoint, self._kept_weights} - {None, best}:
+                    _remove_model_weights(folder)
+                self._kept_weights = best
         return control
 
 

@@ -48,7 +48,9 @@ class LowRankLinear(nn.Module):
         backend: ``"auto"``, ``"triton"``, ``"fused"``, ``"composed"`` or ``"reference"`` (see
             :mod:`peft_ops.dispatch`).
         frozen_factors: values for the method's frozen tensors (LoRA-XS's SVD factors, TLoRA's random
-            matrices), to use instead of regenerating them — as an adapter file saved with them does.
+            matrices), to use instead of regenerating them — as an adapter file saved with them does. The
+            layer records that they were given (``given_frozen_factors``): nothing could regenerate them,
+            so ``save_adapter`` stores them.
         **method_options: the method's own options (``Method.options``).
     """
 
@@ -90,6 +92,7 @@ class LowRankLinear(nn.Module):
         self.dropout, self.seed, self.backend = float(dropout), int(seed), backend
         self.options = options
         self.merged = False
+        self.given_frozen_factors = bool(frozen_factors)
 
         ctx = InitContext(n, k, self.rank, self.alpha, weight.detach(),
                           torch.Generator().manual_seed(self.seed), options, frozen_factors)

@@ -94,8 +94,8 @@ def apply(model: nn.Module, plan: Plan) -> None:
             for tensor_name, value in [*built.named_parameters(recurse=False), *built.named_buffers(recurse=False)]:
                 if value is not None:
                     getattr(existing, tensor_name).copy_(value)
-            existing.alpha, existing.dropout, existing.seed, existing.options = (
-                built.alpha, built.dropout, built.seed, built.options)
+            existing.alpha, existing.dropout, existing.seed, existing.options, existing.given_frozen_factors = (
+                built.alpha, built.dropout, built.seed, built.options, built.given_frozen_factors)
         for key, value in plan.module_tensors.items():
             _own_tensor(model, key).copy_(value)
     for bank, names, contributions in plan.bank_additions:

@@ -36,8 +36,8 @@ The authors' checkpoints, in the layouts their released code writes:
   ``classifier`` tensors with ``"modules_to_save": null``, as PEFT does: PEFT adds the task's head
   (``classifier``, ``score``, ``pre_classifier``; ``qa_outputs`` for question answering) to
   ``modules_to_save`` by itself. :func:`import_peft` does the same and builds ``LoRAXSLinear`` layers
-  holding exactly the file's factors (save them with ``include_frozen=True``: our own SVD would not
-  reproduce the authors' factors bit for bit).
+  holding exactly the file's factors (``save_adapter`` stores them: our own SVD would not reproduce the
+  authors' factors bit for bit).
 * TLoRA (github.com/itanvir/tlora, ``tlora.py``): ``TLoRALayer`` keeps the base layer as ``.linear`` and
   holds ``random_A`` (K×r, frozen), ``lora_B`` (r×r, trains, starts at 0), ``random_C`` (r×N, frozen)
   and ``lora_scaling`` (shape (1,), trains, starts at 1), with ``Δy = dropout(lora_scaling·x A B C)``,
@@ -464,8 +464,8 @@ def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend:
     ``<name>.lora_scaling`` (α: a tensor of one value, or a number), with ``Δy = α·x A B C``; their
     ``<name>.linear.*`` (the wrapped base layer) and every other tensor are ignored, and a
     ``base_model.model.`` prefix too. The authors apply dropout 0.5 to the adapter's output: pass
-    ``dropout=0.5`` to go on training as they do. The frozen A and C are kept as given (save with
-    ``include_frozen=True``: our seeded generator would not redraw them). On any error the model is left
+    ``dropout=0.5`` to go on training as they do. The frozen A and C are kept as given (``save_adapter``
+    stores them: our seeded generator would not redraw them). On any error the model is left
     untouched."""
     where, checkpoint = _tlora_state(checkpoint)
     state = {k.removeprefix(_PREFIX): v for k, v in checkpoint.items() if isinstance(k, str)}

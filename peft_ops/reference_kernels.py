@@ -93,12 +93,13 @@ def _low_rank_term(t, expand, scale, dropout_p, seed):
     return low_rank
 
 
-def add_lowrank_(out, t, expand, scale: float = 1.0, *, dropout_p: float = 0.0, seed=None):
-    """In place ``out += scale · drop(t Eᵀ)`` (the output-side mask), summed in float32 (float64 for a
-    float64 ``t``) and rounded once to ``out``'s dtype; returns ``out``."""
+def add_lowrank_(out, t, expand, scale: float = 1.0, *, base=None, bias=None, dropout_p: float = 0.0, seed=None):
+    """``out = base + bias + scale · drop(t Eᵀ)`` (the output-side mask; ``base`` defaults to ``out``),
+    summed in float32 (float64 for a float64 ``t``) and rounded once to ``out``'s dtype; returns ``out``."""
     if out.numel():
         acc = torch.promote_types(t.dtype, torch.float32)
-        out.copy_(out.to(acc) + _low_rank_term(t.to(acc), expand, scale, dropout_p, seed))
+        total = (out if base is None else base).to(acc) + _low_rank_term(t.to(acc), expand, scale, dropout_p, seed)
+        out.copy_(total if bias is None else total + bias.to(acc))
     return out
 
 

@@ -13,7 +13,7 @@ from .checks import fingerprint, full_tensor, signature
 from .files import write_atomically
 from .model import adapter_layers, module_tensors, modules_to_save, unsaved_trainable
 
-__all__ = ["save_adapter", "AdapterFileInfo"]
+__all__ = ["save_adapter", "check_savable", "AdapterFileInfo"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,7 @@ class AdapterFileInfo:
     path: str
     modules: int
     trainable_parameters: int
-    tensor_bytes: int  # bytes of the adapters' tensors stored (the trainable ones, unless include_frozen)
+    tensor_bytes: int  # bytes of the adapters' tensors stored (the trainable ones, and frozen ones given or included)
     file_bytes: int
 
     def __str__(self) -> str:
@@ -29,19 +29,34 @@ class AdapterFileInfo:
                 f"{self.tensor_bytes} tensor bytes in a {self.file_bytes}-byte file")
 
 
+def check_savable(model: nn.Module) -> None:
+    """What :func:`save_adapter` refuses in a model, whatever the path: no adapters, or trainable parameters
+    the file would lose. A ``ValueError`` that says what to do."""
+    if next(adapter_layers(model), None) is None:
+        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    lost = unsaved_trainable(model)
+    if lost:
+        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
+        raise ValueError(
+            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
+            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
+            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: bool = False) -> AdapterFileInfo:
     """Write the adapters of ``model`` to a safetensors file at ``path``.
 
-    Only trainable tensors are stored; frozen factors are regenerated at load unless
-    ``include_frozen=True``. The modules registered with ``modules_to_save`` are stored whole. Any
+    The trainable tensors are stored. Frozen factors the layer made itself (LoRA-XS's from the SVD of its
+    base weight, TLoRA's from its seed) are regenerated at load, unless ``include_frozen=True`` stores them;
+    those it was given (``import_peft`` of the LoRA-XS authors' files, ``import_tlora``, a file that stores
+    them) are stored always, since nothing could regenerate them: the file loads back whatever the
+    argument. The modules registered with ``modules_to_save`` are stored whole. Any
     other trainable parameter is refused, naming it: the file would silently lose it. The previous file
     at ``path`` is replaced only once the new one is complete on disk (a symlink is written through).
     The same adapter gives the same bytes in every process. Returns sizes: the file against the tensor
     bytes. On a model sharded with FSDP2, call it on every rank (it gathers the shards); give rank 0
     the real path."""
-    layers = dict(adapter_layers(model))
-    if not layers:
-        raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
+    check_savable(model)
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path={path!r}; expected a file path (str or os.PathLike)")
     path = os.fspath(path)
@@ -51,18 +66,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"path={path!r}: the directory {folder!r} does not exist; create it first")
-    lost = unsaved_trainable(model)
-    if lost:
-        listed = ", ".join(f"{n} ({count:,} values)" for n, count in lost[:6]) + (" ..." if len(lost) > 6 else "")
-        raise ValueError(
-            f"save_adapter: {len(lost)} trainable parameters outside the adapters would not be saved "
-            f"({sum(c for _, c in lost):,} values: {listed}). Register their modules with "
-            f"inject(..., modules_to_save=[...]) to save them too, or freeze them (requires_grad_(False))")
+    layers = dict(adapter_layers(model))
     groups: dict[str, dict] = {}
     stored, described = {}, {}
     for name, layer in sorted(layers.items()):
         names = [n for n, _ in layer.named_parameters(recurse=False)]
-        if include_frozen:
+        if include_frozen or layer.given_frozen_factors:
             names += list(layer.method.frozen)
         for tensor_name in names:
             stored[f"{name}.{tensor_name}"] = full_tensor(getattr(layer, tensor_name)).detach().cpu().contiguous()

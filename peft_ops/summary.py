@@ -74,7 +74,7 @@ class AdapterDescription:
     format: str  # "peft-ops" (a save_adapter file) or "peft" (a PEFT adapter directory)
     modules: dict[str, dict] = field(repr=False)  # per module: method, rank, alpha, in/out features, ...
     modules_to_save: list[str]
-    trainable_parameters: int  # values stored that train (frozen factors saved with include_frozen excluded)
+    trainable_parameters: int  # values stored that train (frozen factors stored beside them excluded)
     tensor_bytes: int
     file_bytes: int
 

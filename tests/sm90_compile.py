@@ -190,12 +190,12 @@ def variants(which: str):
                                 dtype, BLOCK_R=256, PRECISION=PRECISION[dtype]))
     out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, PRECISION["float32"]),
                               "float32", 256, False))
-    # the in-place low-rank add at its largest rank, with and without dropout
+    # the low-rank add at its largest rank, with and without dropout, onto cuBLAS's float32 result, with a bias
     for dtype in TYPE:
         for drop in (False, True):
             out.append(_variant(lowrank_add._add_lowrank_kernel, lowrank_add.ADD_LOWRANK_CONFIG, dtype,
-                                {"t_ptr": "*fp32", "expand_ptr": "*bf16", "seed_ptr": "*i64"},
-                                dict(DROPOUT=drop, PRECISION=PRECISION[dtype], BLOCK_R=256)))
+                                {"base_ptr": "*fp32", "t_ptr": "*fp32", "expand_ptr": "*bf16", "seed_ptr": "*i64"},
+                                dict(HAS_BIAS=True, DROPOUT=drop, PRECISION=PRECISION[dtype], BLOCK_R=256)))
     # dropout masks
     out.append(_variant(dropout._dropout_mask_kernel, triton.Config({}), "float32",
                         {"out_ptr": "*i8", "seed_ptr": "*i64"}, dict(BLOCK_ROWS=32, BLOCK_COLS=64)))

@@ -187,6 +187,16 @@ def test_nothing_is_timed_while_tracing_or_capturing(monkeypatch):
     assert not dispatch._measuring_allowed(cuda)
 
 
+@pytest.mark.parametrize("wide_gemm, choice", [(True, "composed"), (False, "fused")])
+def test_the_rule_keeps_16_bit_inputs_fused_without_a_float32_output_gemm(monkeypatch, wide_gemm, choice):
+    """Without cuBLAS's float32 output (torch < 2.8) the composition's GEMM would run on float32 copies."""
+    monkeypatch.setattr(dispatch, "FLOAT32_OUTPUT_GEMM", wide_gemm)
+    key = dispatch.Key(64, 90, 70, 16, "bfloat16", "none", False, "forward")
+    assert dispatch.rule(key) == choice
+    assert dispatch.rule(dataclasses.replace(key, dtype="float32")) == "composed"
+    assert dispatch.rule(dataclasses.replace(key, m_bucket=16)) == "fused"
+
+
 def test_a_traced_call_records_no_rule_decision(monkeypatch):
     """Under tracing the rule answers, but an eager call afterwards may still measure."""
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

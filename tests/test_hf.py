@@ -103,8 +103,8 @@ def test_adapter_checkpoint_callback_on_save(tmp_path):
     (checkpoint / "optimizer.pt").write_bytes(b"kept")
     callback = peft_ops.hf.AdapterCheckpointCallback()
     assert isinstance(callback, transformers.TrainerCallback)
-    args, state = types.SimpleNamespace(output_dir=str(tmp_path)), types.SimpleNamespace(global_step=7,
-                                                                                         is_world_process_zero=True)
+    args = types.SimpleNamespace(output_dir=str(tmp_path), load_best_model_at_end=False)
+    state = types.SimpleNamespace(global_step=7, is_world_process_zero=True, best_model_checkpoint=None)
     callback.on_save(args, state, control=None, model=model)
     assert sorted(p.name for p in checkpoint.iterdir()) == ["adapter.safetensors", "optimizer.pt"]
     fresh = tiny_llama()
@@ -130,3 +130,50 @@ def test_trainer_with_the_callback(tmp_path):
     fresh = tiny_llama()
     peft_ops.load_adapter(fresh, tmp_path / "checkpoint-2" / "adapter.safetensors")
     assert torch.equal(logits(fresh), logits(model.eval()))
+
+
+def _trainer(model, output_dir, **kwargs):
+    data = [{"input_ids": TOKENS[0], "labels": TOKENS[0]}] * 4
+    args = transformers.TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=2, report_to=[],
+                                          use_cpu=True, logging_strategy="no", **kwargs)
+    return transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:2],
+                                callbacks=[peft_ops.hf.AdapterCheckpointCallback()])
+
+
+@pytest.mark.parametrize("greater_is_better, best_step", [(True, 1), (False, 3)])
+def test_load_best_model_at_end_finds_the_best_checkpoints_weights(greater_is_better, best_step, tmp_path):
+    """With load_best_model_at_end the best checkpoint keeps its full weights, from which the Trainer
+    restores the best model at the end; the others lose theirs (a former best too). The eval loss falls
+    as it trains: made "best" by greater_is_better, the highest one is the first checkpoint's, and the
+    restored model is not the last one."""
+    model = tiny_llama().train()
+    peft_ops.inject(model, "tlora", 4, target_modules="all-linear")
+    trainer = _trainer(model, tmp_path, max_steps=3, save_steps=1, eval_strategy="steps", eval_steps=1,
+                       learning_rate=1e-3, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                       greater_is_better=greater_is_better)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
+    assert [(tmp_path / f"checkpoint-{step}" / "model.safetensors").exists() for step in (1, 2, 3)] == \
+        [step == best_step for step in (1, 2, 3)]
+    best, last = tiny_llama(), tiny_llama()
+    peft_ops.load_adapter(best, tmp_path / f"checkpoint-{best_step}" / "adapter.safetensors")
+    peft_ops.load_adapter(last, tmp_path / "checkpoint-3" / "adapter.safetensors")
+    assert torch.equal(logits(model.eval()), logits(best))
+    assert torch.equal(logits(best), logits(last)) == (best_step == 3)
+
+
+@pytest.mark.parametrize("unsavable, message", [
+    ("no adapters", "model has no peft-ops adapter layers"),
+    ("a trainable head", r"save_adapter: 1 trainable parameters outside the adapters would not be saved \(.*lm_head"),
+])
+def test_a_model_the_callback_cannot_save_is_refused_before_any_step(unsavable, message, tmp_path):
+    model = tiny_llama().train()
+    if unsavable == "a trainable head":
+        peft_ops.inject(model, "tlora", 4, target_modules="all-linear")
+        model.lm_head.requires_grad_(True)
+    trainer = _trainer(model, tmp_path, max_steps=2, save_steps=1)
+    with pytest.raises(ValueError, match=f"AdapterCheckpointCallback: {message}"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list(tmp_path.glob("checkpoint-*"))

@@ -1,11 +1,13 @@
 """The in-place low-rank add (``kernels.add_lowrank_``) against float64 and against its PyTorch twin;
 its output-side dropout against the fused kernel's, element for element."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from peft_ops import kernels, reference_kernels
-from utils import DEVICE, DTYPES, TOLERANCE, randn, rel_error
+from utils import DEVICE, DTYPES, ON_GPU, TOLERANCE, randn, rel_error
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 
@@ -105,6 +107,29 @@ def test_kernel_equals_twin(dtype, rank):
     assert rel_error(out, twin) < TOLERANCE[dtype]
     twin64 = reference_kernels.add_lowrank_(out_before.double(), t.double(), expand, SCALE)
     torch.testing.assert_close(twin64, _expected(out_before, t, expand, SCALE), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ON_GPU, reason="the interpreter casts float32 to bfloat16 toward zero, a GPU to nearest"))], ids=str)
+def test_a_float32_base_and_a_bias_are_rounded_once_into_out(dtype):
+    """The composition's step, ``out = base + bias + scale·t Eᵀ`` with a float32 ``base`` just past ``out``'s
+    range (rounded on its own, every element would be inf): each element is inf exactly where the exact
+    sum rounds to inf. Small integers times a power of two make every sum exact in float32, so the kernel
+    and its twin must give the float64 sum rounded once, bit for bit; ``base`` is left alone."""
+    finfo = torch.finfo(dtype)
+    ulp = 2.0 ** (math.frexp(finfo.max)[1] - 1) * finfo.eps  # the spacing of the dtype's largest values
+    integers = lambda *shape: torch.randint(-2, 3, shape).float().to(DEVICE)  # noqa: E731
+    t, expand, scale = integers(130, 8), integers(N, 8), ulp / 8
+    bias = (integers(N) * scale).to(dtype)
+    base = torch.where(torch.rand(130, 1, device=DEVICE) < 0.5, -1.0, 1.0).expand(130, N) * (finfo.max + 0.75 * ulp)
+    before = base.clone()
+    expected = (base.double() + bias.double() + scale * (t.double() @ expand.double().T)).to(dtype)
+    assert torch.isinf(expected).float().mean() > 0.2 and torch.isfinite(expected).float().mean() > 0.2
+    for add in (kernels.add_lowrank_, reference_kernels.add_lowrank_):
+        out = torch.empty(130, N, device=DEVICE, dtype=dtype)
+        assert add(out, t, expand, scale, base=base, bias=bias) is out
+        assert torch.equal(out, expected) and torch.equal(base, before)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -58,3 +58,36 @@ def test_float16_overflow_matches_the_exact_result(backend, method):
     assert torch.equal(torch.sign(y[overflow]).double(), torch.sign(exact[overflow]))
     assert torch.isfinite(y[fits]).all()
     assert torch.allclose(y[:8].double(), exact[:8], rtol=5e-3, atol=5e-3)
+
+
+# A square layer and a row whose base product a Wᵀ overflows the dtype while the whole sum need not:
+# (features, input and gradient value, weight value, alpha). bfloat16 has float32's exponent range, so
+# its base must round to inf in bfloat16 yet stay finite in a float32 accumulator (≈ 1.998·2¹²⁷).
+OVERFLOW_CASES = {torch.float16: (32, 4.0, 550.0, 100.0),  # base 70400 > 65504; low-rank term ∓12800
+                  torch.bfloat16: (33, 2.0**61, 1.9375 * 2.0**61, 2.0**65 / 33)}  # low-rank term ∓2¹²⁶
+
+
+@pytest.mark.parametrize("dtype", list(OVERFLOW_CASES), ids=str)
+@pytest.mark.parametrize("sign", [-1.0, 1.0], ids=["sum-fits", "sum-overflows"])
+@pytest.mark.parametrize("backend", ["reference", "fused", "composed", "triton"])
+def test_overflow_does_not_depend_on_the_implementation_or_the_batch(backend, sign, dtype):
+    """Every implementation rounds the whole sum once: the row is finite (or infinite) as the exact sum
+    rounded to the dtype is, in a batch of 4 rows (the dispatcher's fused kernel) as in one of 32 (the
+    cuBLAS composition), in the forward and in the backward's dx (the same sum, the layer being square)."""
+    features, value, weight, alpha = OVERFLOW_CASES[dtype]
+    layer = peft_ops.LoRALinear(nn.Linear(features, features, bias=False).to(DEVICE, dtype), 1, alpha=alpha,
+                                backend=backend)
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(weight)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(sign)
+    layer.requires_grad_(False)  # the backward computes dx alone (the factors' gradients overflow float32)
+    exact = torch.tensor(features * value * weight + sign * alpha * features * value, dtype=torch.float64)
+    assert torch.isinf(torch.tensor(features * value * weight, dtype=dtype))  # the base alone overflows
+    for rows in (4, 32):
+        x = torch.full((rows, features), value, dtype=dtype, device=DEVICE, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.full_like(y, value))
+        for name, got in (("forward", y), ("dx", x.grad)):
+            expected = torch.full_like(got, exact.to(dtype).item())
+            torch.testing.assert_close(got, expected, rtol=torch.finfo(dtype).eps, atol=0, msg=f"{name}, {rows} rows")

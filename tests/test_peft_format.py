@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import peft_ops
 from peft_ops import PeftFormatError
+from peft_ops.adapter_file import read_adapter_file
 from test_inject import _assert_unchanged, _snapshot
 from utils import rel_error
 
@@ -179,14 +180,13 @@ def _write_peft_dir(directory, config, tensors):
               directory / "adapter_model.safetensors")
 
 
-def test_authors_loraxs_checkpoint(tmp_path):
-    """A file in the LoRA-XS authors' layout: PEFT's lora_A = Σ_r V_rᵀ and lora_B = U_r (their SVD of Wᵀ,
-    frozen) and the r×r ``default_lora_latent_mapping``; ΔW = (lora_alpha/r)·B R A."""
-    model = BUILD["llama"]()
-    expected = copy.deepcopy(model)
-    r, lora_alpha, tensors = 4, 16, {}
+def _authors_loraxs(model, directory, modules=("q_proj", "v_proj"), r=4, lora_alpha=16):
+    """A directory in the LoRA-XS authors' layout for the Llama ``model`` (PEFT's lora_A = Σ_r V_rᵀ and
+    lora_B = U_r: their SVD of Wᵀ, frozen; the r×r ``default_lora_latent_mapping`` = R) and a copy of the
+    model with ΔW = (lora_alpha/r)·B R A merged; returns the tensors and that copy."""
+    expected, tensors = copy.deepcopy(model), {}
     for i in range(2):
-        for proj in ("q_proj", "v_proj"):
+        for proj in modules:
             name = f"model.layers.{i}.self_attn.{proj}"
             w = model.get_submodule(name).weight.detach()
             u, s, vh = torch.linalg.svd(w.T, full_matrices=False)  # as their initialisation does
@@ -196,7 +196,28 @@ def test_authors_loraxs_checkpoint(tmp_path):
                         f"{name}.default_lora_latent_mapping.weight": latent}
             with torch.no_grad():
                 expected.get_submodule(name).weight += lora_alpha / r * b @ latent @ a
-    _write_peft_dir(tmp_path / "xs", dict(r=r, lora_alpha=lora_alpha, target_modules=["q_proj", "v_proj"]), tensors)
+    _write_peft_dir(directory, dict(r=r, lora_alpha=lora_alpha, target_modules=list(modules)), tensors)
+    return tensors, expected
+
+
+def _authors_tlora(model, r=4):
+    """A state dict in TLoRA's layout for the GPT-2 ``model``'s ``mlp.c_fc`` layers (random_A K×r,
+    random_C r×N, lora_B r×r, lora_scaling; Δy = α·x A B C), and a copy of the model with it merged."""
+    expected, state = copy.deepcopy(model), {}
+    for i in range(2):
+        name = f"transformer.h.{i}.mlp.c_fc"  # Conv1D: its weight is stored K×N
+        k, n = model.get_submodule(name).weight.shape
+        a, c, b, alpha = torch.randn(k, r), torch.randn(r, n), torch.randn(r, r), torch.tensor(0.7)
+        state |= {f"{name}.random_A": a, f"{name}.random_C": c, f"{name}.lora_B": b, f"{name}.lora_scaling": alpha}
+        with torch.no_grad():
+            expected.get_submodule(name).weight += alpha * a @ b @ c
+    return state, expected
+
+
+def test_authors_loraxs_checkpoint(tmp_path):
+    """A file in the LoRA-XS authors' layout: their frozen factors and R, held exactly."""
+    model = BUILD["llama"]()
+    tensors, expected = _authors_loraxs(model, tmp_path / "xs")
     names = peft_ops.import_peft(model, tmp_path / "xs")
     q = model.model.layers[1].self_attn.q_proj
     assert isinstance(q, peft_ops.LoRAXSLinear) and len(names) == 4
@@ -209,15 +230,7 @@ def test_authors_loraxs_checkpoint(tmp_path):
 def test_authors_tlora_state_dict(tmp_path):
     """TLoRA's layout: random_A (K×r), random_C (r×N), lora_B (r×r), lora_scaling; Δy = α·x A B C."""
     model = BUILD["gpt2"]()
-    expected = copy.deepcopy(model)
-    r, state = 4, {}
-    for i in range(2):
-        name = f"transformer.h.{i}.mlp.c_fc"  # Conv1D: its weight is stored K×N
-        k, n = model.get_submodule(name).weight.shape
-        a, c, b, alpha = torch.randn(k, r), torch.randn(r, n), torch.randn(r, r), torch.tensor(0.7)
-        state |= {f"{name}.random_A": a, f"{name}.random_C": c, f"{name}.lora_B": b, f"{name}.lora_scaling": alpha}
-        with torch.no_grad():
-            expected.get_submodule(name).weight += alpha * a @ b @ c
+    state, expected = _authors_tlora(model)
     torch.save(state, tmp_path / "tlora.pt")
     peft_ops.import_tlora(model, tmp_path / "tlora.pt")
     fc = model.transformer.h[0].mlp.c_fc
@@ -478,3 +491,36 @@ def test_import_tlora_blames_the_tensor_at_fault():
     with pytest.raises(PeftFormatError, match=rf"checkpoint: {name}.lora_scaling is a str; expected a tensor"):
         peft_ops.import_tlora(model, state | {f"{name}.lora_scaling": "0.5"})
     _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["loraxs", "tlora"])
+def test_authors_adapters_save_and_load_back(method, tmp_path):
+    """The authors' frozen factors are given, not ours to regenerate: ``save_adapter`` (include_frozen left
+    False) stores them, so the file loads back into a fresh model, and in place into injected adapters,
+    with the same logits, and saves again to the same bytes. Adapters injected beside them store only
+    their trainable tensors (their factors are regenerated at load)."""
+    arch, given, injected = (("llama", ["q_proj", "v_proj"], ["k_proj"]) if method == "loraxs" else
+                             ("gpt2", ["mlp.c_fc"], ["attn.c_attn"]))
+    model = BUILD[arch]()
+    if method == "loraxs":
+        _authors_loraxs(model, tmp_path / "xs")
+        peft_ops.import_peft(model, tmp_path / "xs")
+    else:
+        peft_ops.import_tlora(model, _authors_tlora(model)[0])
+    peft_ops.inject(model, method, 4, target_modules=injected)
+    path = tmp_path / "a.safetensors"
+    peft_ops.save_adapter(model, path)
+    trainable = {"loraxs": {"loraxs_R"}, "tlora": {"tlora_B", "tlora_alpha"}}[method]
+    frozen = set(peft_ops.METHODS[method].frozen)
+    stored = {name: set(entry.shapes) for name, entry in read_adapter_file(path).entries.items()}
+    assert stored == {name: trainable | (frozen if any(name.endswith(g) for g in given) else set())
+                      for name, _ in peft_ops.adapter_layers(model)}
+    data = path.read_bytes()
+
+    fresh, in_place = BUILD[arch](), BUILD[arch]()
+    peft_ops.inject(in_place, method, 4, target_modules=given + injected)
+    for loaded in (fresh, in_place):
+        peft_ops.load_adapter(loaded, path)
+        assert torch.equal(logits(loaded), logits(model))
+        peft_ops.save_adapter(loaded, tmp_path / "again.safetensors")
+        assert (tmp_path / "again.safetensors").read_bytes() == data

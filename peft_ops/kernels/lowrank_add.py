@@ -1,12 +1,13 @@
-"""The rank-r term added in place into an existing output: ``out += scale · drop(t Eᵀ)``.
+"""The rank-r term added to an existing output: ``out = base + bias + scale · drop(t Eᵀ)``, in place
+when ``base`` is ``out``.
 
-For the composition of a cuBLAS GEMM (``F.linear``) with the low-rank adapter: ``out`` is cuBLAS's
-M×N result, ``t`` (M×r, float32) the shrink, ``E`` (N×r) the expand factor. Each tile of ``out`` is
-read once and written once; the rank-r dot runs on float32 operands and the sum is rounded once to
-``out``'s dtype. Output-side dropout drops element ``(row, col)`` of the M×N output with the same
-Philox mask as the fused kernel's (:func:`keep_mask` at ``(row, col)``), so
-``F.linear(a, W, b)`` followed by :func:`add_lowrank_` drops exactly the elements that
-``lowrank_linear(..., dropout_site="output")`` drops.
+For the composition of a cuBLAS GEMM with the low-rank adapter: ``base`` is cuBLAS's M×N result (float32
+for 16-bit inputs, so that the whole sum is rounded once, as in the fused kernel), ``t`` (M×r, float32)
+the shrink, ``E`` (N×r) the expand factor. Each tile of ``base`` is read once and of ``out`` written once;
+the rank-r dot runs on float32 operands and the sum is rounded once to ``out``'s dtype. Output-side
+dropout drops element ``(row, col)`` of the M×N output with the same Philox mask as the fused kernel's
+(:func:`keep_mask` at ``(row, col)``), so ``F.linear(a, W, b)`` followed by :func:`add_lowrank_` drops
+exactly the elements that ``lowrank_linear(..., dropout_site="output")`` drops.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ _GRID_AXIS_LIMIT = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 @triton.jit
-def _add_lowrank_kernel(out_ptr, t_ptr, expand_ptr, M, N, R,
-                        stride_om, stride_on, stride_tm, stride_tr, stride_en, stride_er,
-                        scale, seed_ptr, drop_threshold, drop_scale,
-                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+def _add_lowrank_kernel(out_ptr, base_ptr, bias_ptr, t_ptr, expand_ptr, M, N, R,
+                        stride_om, stride_on, stride_bm, stride_bn, stride_bias, stride_tm, stride_tr, stride_en,
+                        stride_er, scale, seed_ptr, drop_threshold, drop_scale,
+                        HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     # row blocks on axis 0: M (tokens) is the dimension that can pass axis 1's 65535 blocks
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -50,10 +51,13 @@ def _add_lowrank_kernel(out_ptr, t_ptr, expand_ptr, M, N, R,
     if DROPOUT:  # the fused kernel's output-side mask, element for element
         keep = keep_mask(tl.load(seed_ptr), offs_m, col_start, N, drop_threshold, BLOCK_N)
         low_rank = tl.where(keep, low_rank * drop_scale, 0.0)
+    if HAS_BIAS:
+        low_rank += tl.load(bias_ptr + offs_n * stride_bias, mask=in_n, other=0.0).to(tl.float32)[None, :]
     inside = in_m[:, None] & in_n[None, :]
-    out_tile = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out = tl.load(out_tile, mask=inside, other=0.0).to(tl.float32) + low_rank
-    tl.store(out_tile, out.to(out_ptr.dtype.element_ty), mask=inside)
+    base = tl.load(base_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=inside, other=0.0)
+    out = base.to(tl.float32) + low_rank
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, out.to(out_ptr.dtype.element_ty),
+             mask=inside)
 
 
 # 64×64 tiles over 8 warps: no spills at any rank and dtype, and no ptxas serialization advisory
@@ -62,17 +66,25 @@ ADD_LOWRANK_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, 
 
 
 def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale: float = 1.0, *,
-                 dropout_p: float = 0.0, seed=None) -> torch.Tensor:
-    """In place ``out += scale · drop(t Eᵀ)``; returns ``out``.
+                 base: torch.Tensor | None = None, bias: torch.Tensor | None = None, dropout_p: float = 0.0,
+                 seed=None) -> torch.Tensor:
+    """``out = base + bias + scale · drop(t Eᵀ)`` (``base`` defaults to ``out``: in place); returns ``out``.
 
-    ``out``: M×N (float32, float16 or bfloat16, any strides), ``t``: M×r float32, ``expand``: N×r (any
-    float dtype, any strides), r from 1 to 256. The sum is float32, rounded once to ``out``'s dtype.
+    ``out``: M×N (float32, float16 or bfloat16, any strides), ``base``: M×N of those dtypes (may be
+    ``out`` itself), ``bias``: N values, ``t``: M×r float32, ``expand``: N×r (any float dtype, any
+    strides), r from 1 to 256. The sum is float32, rounded once to ``out``'s dtype.
     With ``dropout_p`` > 0, element ``(row, col)`` is kept (and scaled by 1/(1 − p)) where
     ``dropout_mask(seed, M, N, p)`` is True; ``seed``: an int or a 0-d int64 tensor (read on the device)."""
     if out.dim() != 2 or out.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"out: expected a 2-D float32, float16 or bfloat16 tensor, got {out.dtype} "
                          f"{tuple(out.shape)}")
     m, n = out.shape
+    base = out if base is None else base
+    if base.shape != out.shape or base.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"base: expected a float32, float16 or bfloat16 tensor of shape {(m, n)}, got {base.dtype} "
+                         f"{tuple(base.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias: expected a float tensor of shape {(n,)}, got {bias.dtype} {tuple(bias.shape)}")
     if t.dim() != 2 or t.shape[0] != m or t.dtype != torch.float32:
         raise ValueError(f"t: expected float32 of shape ({m}, r), got {t.dtype} {tuple(t.shape)}")
     rank = t.shape[1]
@@ -90,9 +102,10 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
     if grid[1] > _GRID_AXIS_LIMIT:
         raise ValueError(f"out: {n} columns need {grid[1]} column blocks, more than the grid's {_GRID_AXIS_LIMIT}")
     wrap_triton(_add_lowrank_kernel)[grid](
-        out, t, expand, m, n, rank,
-        out.stride(0), out.stride(1), t.stride(0), t.stride(1), expand.stride(0), expand.stride(1),
+        out, base, out if bias is None else bias, t, expand, m, n, rank,
+        out.stride(0), out.stride(1), base.stride(0), base.stride(1), 0 if bias is None else bias.stride(0),
+        t.stride(0), t.stride(1), expand.stride(0), expand.stride(1),
         float(scale), seed_arg(seed, dropout_p, out), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
-        DROPOUT=dropout_p > 0, PRECISION=dot_precision(out.dtype), BLOCK_R=rank_block(rank), **config.kwargs,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PRECISION=dot_precision(out.dtype), BLOCK_R=rank_block(rank),
+        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
