@@ -50,7 +50,7 @@ from torch import nn
 from .bank_layer import AdapterBank
 from .errors import PeftFormatError
 from .files import write_atomically
-from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, base_weight, is_conv1d
+from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, base_shape, is_conv1d
 from .load import Plan, apply, check_module_tensors
 from .model import adapter_layers, module_tensors, modules_to_save, preserved_on_error
 from .targets import ModelView
@@ -233,7 +233,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
     with preserved_on_error(model):
         for name in modules:
             base = _plain_target(view, name, where)
-            n, k = base_weight(base).shape
+            n, k = base_shape(base)
             a, b = tensors[f"{name}.lora_A.weight"], tensors.get(f"{name}.lora_B.weight")
             if b is None:
                 raise PeftFormatError(f"{where}: {name}.lora_B.weight is missing")
@@ -308,7 +308,7 @@ def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend:
             if missing:
                 raise PeftFormatError(f"{where}: module {name!r} lacks {missing}")
             base = _plain_target(view, name, where)
-            n, k = base_weight(base).shape
+            n, k = base_shape(base)
             random_a, random_c, core, scaling = (state[f"{name}.{t}"] for t in _TLORA_KEYS)
             r = core.shape[0] if core.dim() == 2 else -1  # the r×r core tells the rank
             for what, tensor, expected in (("random_A", random_a, (k, r)), ("random_C", random_c, (r, n)),
