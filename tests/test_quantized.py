@@ -249,11 +249,14 @@ def model_bytes(model):
 
 
 def saved_bytes(model):
-    """Bytes autograd keeps for the backward of one step (each storage once)."""
+    """Bytes autograd keeps for the backward of one step beyond the model's own tensors (each storage once):
+    a dequantized weight saved for backward would show here."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen = {}
 
     def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in own:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(TOKENS, labels=TOKENS).loss
@@ -273,4 +276,4 @@ def test_a_4bit_base_takes_well_under_a_third_of_the_fp32_bytes(tmp_path):
     (fp32, fp32_saved), (q4, q4_saved) = sizes[False], sizes[True]
     # the 4-bit model keeps its embeddings and head in fp32; its 14 projections take ~1/7 of their fp32 size
     assert q4 < fp32 / 3, (q4, fp32)
-    assert q4_saved <= fp32_saved * 1.1, (q4_saved, fp32_saved)  # no dequantized weight saved for backward
+    assert q4_saved <= fp32_saved * 1.05, (q4_saved, fp32_saved)  # no dequantized weight saved for backward
