@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import bank_kernels, dispatch, selection
-from .layers import LowRankLinear, base_weight
+from .layers import LowRankLinear, base_weight, is_quantized
 from .methods import Method
 
 __all__ = ["AdapterBank", "RowAdapters", "adapter_contribution"]
@@ -90,6 +90,9 @@ class AdapterBank(nn.Module):
                  frozen: dict[str, torch.Tensor] | None = None, signature: dict | None = None,
                  shared_factors: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
+        if is_quantized(base_layer):
+            raise ValueError(f"adapter bank: the base layer is quantized ({type(base_layer).__name__}); adapter banks "
+                             f"need a dense base weight for their fused GEMM (not yet done for quantized bases)")
         weight = base_weight(base_layer)
         self.base_layer, self.method, self.rank, self.backend = base_layer, method, rank, backend
         self.out_features, self.in_features = weight.shape

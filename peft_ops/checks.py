@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LowRankLinear, base_weight
+from .layers import LowRankLinear, logical_weight
 from .svd import probe
 
 __all__ = ["FINGERPRINT_RTOL", "full_tensor", "fingerprint", "fingerprint_mismatch", "signature", "signature_rtol",
@@ -25,8 +25,9 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprint(module: nn.Module, samples: int) -> torch.Tensor:
-    """Values of the logical N×K base weight (unmerged) at fixed pseudo-random positions, float64 on the CPU."""
-    w = full_tensor(module.unmerged_weight() if isinstance(module, LowRankLinear) else base_weight(module)).detach()
+    """Values of the logical N×K base weight (unmerged; dequantized for a quantized base) at fixed
+    pseudo-random positions, float64 on the CPU."""
+    w = full_tensor(module.unmerged_weight() if isinstance(module, LowRankLinear) else logical_weight(module)).detach()
     idx = torch.randint(w.numel(), (16,), generator=torch.Generator().manual_seed(0))[:samples]
     k = w.shape[1]
     return w[(idx // k).to(w.device), (idx % k).to(w.device)].double().cpu()

@@ -34,6 +34,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ``<name>.bias``; an adapter bank's by its base layer's own (a bank's many adapters have no one ΔW:
     save them with ``save_adapter``). The model is not changed."""
     layers, banks = dict(adapter_layers(model)), dict(adapter_banks(model))
+    quantized = sorted(n for n, layer in layers.items() if layer.quantized)
+    if quantized:
+        raise ValueError(f"merged_state_dict: the adapters on {quantized[:4]} have quantized base layers, whose W + ΔW "
+                         f"would have to be quantized again (lossy); save the adapter (save_adapter, export_peft) "
+                         f"and merge into the unquantized original model")
     state = {}
     for key, value in model.state_dict().items():
         bank = next((n for n in banks if key.startswith(n + ".base_layer.")), None)

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch, ops, reference, selection
+from . import dispatch, ops, quantized, reference, selection
 from .methods import LORA, LORAXS, SYMLORA, TLORA, InitContext, Method, check_seed
+from .quantized import is_quantized
 
 __all__ = ["LowRankLinear", "LoRALinear", "SymLoRALinear", "LoRAXSLinear", "TLoRALinear",
-           "LAYER_CLASSES", "is_conv1d", "is_adaptable", "base_weight"]
+           "LAYER_CLASSES", "is_conv1d", "is_adaptable", "is_quantized", "base_weight", "base_shape", "base_dtype",
+           "logical_weight"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -30,8 +32,29 @@ def is_adaptable(module: nn.Module) -> bool:
 
 
 def base_weight(layer: nn.Module) -> torch.Tensor:
-    """The logical N×K (out×in) weight of an ``nn.Linear`` or a ``Conv1D``, as a view."""
+    """The logical N×K (out×in) weight of an ``nn.Linear`` or a ``Conv1D``, as a view (dense layers only:
+    a quantized layer's storage is not its weight; see :func:`logical_weight`)."""
     return layer.weight.T if is_conv1d(layer) else layer.weight
+
+
+def base_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a dense or quantized base layer: the module's, not its storage's."""
+    if is_quantized(layer):
+        return quantized.quantized_shape(layer)
+    if isinstance(layer, nn.Linear):
+        return int(layer.out_features), int(layer.in_features)
+    return tuple(base_weight(layer).shape)
+
+
+def base_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype of the weight the layer computes with (a quantized layer's dequantized dtype)."""
+    return quantized.quantized_dtype(layer) if is_quantized(layer) else layer.weight.dtype
+
+
+def logical_weight(layer: nn.Module) -> torch.Tensor:
+    """The N×K weight the layer computes with: a view of a dense layer's, a new dequantized tensor for a
+    quantized one (for SVD, fingerprints; never kept)."""
+    return quantized.dequantize(layer) if is_quantized(layer) else base_weight(layer)
 
 
 class LowRankLinear(nn.Module):
@@ -62,14 +85,17 @@ class LowRankLinear(nn.Module):
         if not is_adaptable(base_layer):
             raise TypeError(f"base_layer: expected a torch.nn.Linear or a transformers Conv1D, "
                             f"got {type(base_layer).__name__}")
-        weight = base_weight(base_layer)
-        n, k = weight.shape
         name = self.method.name
-        if weight.is_meta:
+        if base_layer.weight.is_meta:
             raise ValueError(f"{name}: the base weight is on the meta device (no values); materialise the model "
                              f"first (e.g. model.to_empty(device=...) and load its weights), then add adapters: "
                              f"LoRA-XS reads the weight's values, and to_empty would discard the other methods' "
                              f"seeded initialisation")
+        n, k = base_shape(base_layer)
+        if not is_quantized(base_layer) and tuple(base_layer.weight.shape) != ((k, n) if is_conv1d(base_layer) else (n, k)):
+            raise TypeError(f"{name}: {type(base_layer).__name__}'s weight is stored as {tuple(base_layer.weight.shape)}, "
+                            f"not as its {n}×{k} (out×in) weight: a quantized layer peft-ops does not know; it adapts "
+                            f"dense layers and bitsandbytes' Linear4bit and Linear8bitLt")
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 1 <= rank <= min(n, k):
             raise ValueError(f"{name}: rank={rank!r}; expected an integer from 1 to min(in_features, "
                              f"out_features) = {min(n, k)} for this {n}×{k} weight")
@@ -85,6 +111,8 @@ class LowRankLinear(nn.Module):
         dispatch.check_backend(backend)
         options = self.method.resolve_options(method_options)
         self.method.check_shape(n, k, int(rank), options)
+        self.quantized = is_quantized(base_layer)
+        weight = logical_weight(base_layer)  # dequantized (temporarily) for a quantized base
 
         self.base_layer = base_layer
         self.in_features, self.out_features, self.rank = k, n, int(rank)
@@ -125,6 +153,7 @@ class LowRankLinear(nn.Module):
         self._remerge_after_load = False
         self._warned_merged_training = False
         base_layer.requires_grad_(False)  # last: a failure above leaves the base layer as it was
+        quantized.prepare_for_adapter(base_layer)
 
     @property
     def scaling(self) -> float:
@@ -143,10 +172,11 @@ class LowRankLinear(nn.Module):
         return self.base_layer.bias
 
     def unmerged_weight(self) -> torch.Tensor:
-        """The logical N×K base weight as it is without ΔW (the original while merged), as a view."""
+        """The logical N×K base weight as it is without ΔW (the original while merged): a view, or a
+        dequantized copy for a quantized base."""
         if self.merged:
             return self._original_weight.T if is_conv1d(self.base_layer) else self._original_weight
-        return base_weight(self.base_layer)
+        return logical_weight(self.base_layer)
 
     def factors(self):
         """``(U, C, D, s)`` as views of this layer's tensors (gradients flow to them)."""
@@ -162,16 +192,19 @@ class LowRankLinear(nn.Module):
                 self._warned_merged_training = True
             return self.base_layer(x)
         up, core, down, scale = self.factors()
+        dropout_p = self.dropout if self.training else 0.0
+        if self.quantized:  # bitsandbytes' own forward and backward (no saved W), plus the rank-r term alone
+            return self.base_layer(x) + ops.adapter_term(x, up, core, down, scale, dropout_p=dropout_p,
+                                                         dropout_site=self.method.dropout_site)
         return ops.adapted_linear(x, base_weight(self.base_layer), self.base_layer.bias, up, core, down, scale,
-                                  dropout_p=self.dropout if self.training else 0.0,
-                                  dropout_site=self.method.dropout_site, backend=self.backend)
+                                  dropout_p=dropout_p, dropout_site=self.method.dropout_site, backend=self.backend)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
         """``ΔW = s·U C Dᵀ`` as an N×K tensor, in float32 (float64 for a float64 base)."""
         up, core, down, scale = self.factors()
         return reference.delta_weight(up, core, down, scale,
-                                      torch.promote_types(self.base_layer.weight.dtype, torch.float32))
+                                      torch.promote_types(base_dtype(self.base_layer), torch.float32))
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -179,6 +212,11 @@ class LowRankLinear(nn.Module):
         original weight is kept so :meth:`unmerge` restores it bit for bit. No-op if merged."""
         if self.merged:
             return
+        if self.quantized:
+            raise ValueError(f"merge: the {self.method.name} layer's base is quantized "
+                             f"({type(self.base_layer).__name__}); folding ΔW in would quantize W + ΔW "
+                             f"again and lose most of the adapter (README, 'Quantized bases'). Keep "
+                             f"the adapter unmerged, or merge into the unquantized original model")
         _refuse_while_selected(self, "merge")
         weight = self.base_layer.weight
         delta = self.delta_weight()

@@ -15,7 +15,7 @@ from .bank_layer import AdapterBank
 from .checks import fingerprint_mismatch, legacy_signature_mismatch, signature_mismatch, signature_rtol
 from .dispatch import check_backend
 from .errors import AdapterFileError
-from .layers import LAYER_CLASSES, LowRankLinear, base_weight
+from .layers import LAYER_CLASSES, LowRankLinear, base_dtype, base_shape
 from .methods import get_method
 from .model import (adapter_layers, guard_save_pretrained, preserved_on_error, register_modules_to_save,
                     modules_to_save, replace_modules)
@@ -118,7 +118,7 @@ def apply(model: nn.Module, plan: Plan) -> None:
 def check_base(file: AdapterFile, entry: AdapterEntry, base: nn.Module) -> None:
     """The header-level checks of an entry against the base layer it would adapt: shape and bias."""
     where = f"{file.path}: module {entry.name!r}"
-    shape = tuple(base_weight(base).shape)
+    shape = base_shape(base)
     if shape != (entry.out_features, entry.in_features):
         raise AdapterFileError(f"{where}: the model's weight is {shape[0]}×{shape[1]}, the adapter was made for "
                                f"{entry.out_features}×{entry.in_features} (another base model)")
@@ -160,7 +160,7 @@ def build_layer(file: AdapterFile, entry: AdapterEntry, module: nn.Module, base:
                                    f"{method.name} layer expects {tuple(target.shape)}")
         target.data.copy_(value)
     if method.frozen:
-        rtol = signature_rtol(entry.base_dtype, base.weight.dtype)
+        rtol = signature_rtol(entry.base_dtype, base_dtype(base))
         if isinstance(entry.signature, dict):
             mismatch = legacy_signature_mismatch(entry.signature, layer, rtol)
         elif entry.signature is None:

@@ -131,6 +131,13 @@ def unload(model: nn.Module, *, merge: bool = False) -> list[str]:
     ``disable_adapters`` or ``use_adapters`` block in any thread selects the model. Returns the names of
     the modules restored."""
     layers, banks = dict(adapter_layers(model)), dict(adapter_banks(model))
+    quantized = sorted(n for n, layer in layers.items() if layer.quantized)
+    if merge and quantized:
+        raise ValueError(f"unload(merge=True): the adapters on {quantized[:4]} have quantized base layers; folding "
+                         f"ΔW in would quantize W + ΔW again and lose most of the adapter. unload(model) without "
+                         f"merge gives back the quantized base layers unchanged (the adapters are dropped: save them "
+                         f"first with peft_ops.save_adapter or export_peft); to merge, load the adapter into the "
+                         f"unquantized original model and unload(merge=True) there")
     if merge and banks:
         raise ValueError(f"unload(merge=True): the model holds adapter banks on {sorted(banks)[:4]}, whose many "
                          f"adapters cannot be folded into one weight; remove them first (peft_ops.remove_adapters, "

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 from torch.library import triton_op
 
-from . import dispatch
+from . import dispatch, reference
 
-__all__ = ["adapted_linear"]
+__all__ = ["adapted_linear", "adapter_term"]
 
 
 def _fold(factor: Tensor, core: Optional[Tensor], scale) -> Tensor:
@@ -154,6 +154,24 @@ def adapted_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor
             x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
             1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, backend, store_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def adapter_term(x: Tensor, up: Tensor, core: Optional[Tensor], down: Tensor, scale, *, dropout_p: float = 0.0,
+                 dropout_site: str = "input") -> Tensor:
+    """``s·((drop(x) D) Cᵀ) Uᵀ`` (dropout on the input, or on the output for ``dropout_site="output"``)
+    alone, in plain PyTorch under autograd, for a base layer that computes its own ``x Wᵀ + b`` (a
+    quantized one: its weight is no N×K tensor for the fused GEMM). The rank-r work runs in float32 (or
+    the factors' wider dtype) and the result is returned in x's dtype."""
+    k, r = down.shape
+    if x.shape[-1:] != (k,):
+        raise ValueError(f"input: shape {tuple(x.shape)}; expected a last dimension of in_features={k}")
+    if tuple(up.shape[1:]) != (r,):
+        raise ValueError(f"up: shape {tuple(up.shape)}; expected (out_features, {r})")
+    if x.device != down.device:
+        raise RuntimeError(f"input is on {x.device} but the adapter's tensors are on {down.device}")
+    dtype = torch.promote_types(torch.promote_types(x.dtype, down.dtype), torch.float32)
+    return reference.adapter_delta(x, up, core, down, scale, dropout_p=dropout_p, dropout_site=dropout_site,
+                                   dtype=dtype)
 
 
 def _check_arguments(x, weight, bias, up, core, down, scale) -> bool:

@@ -62,7 +62,7 @@ from torch import nn
 from .bank_layer import AdapterBank
 from .errors import PeftFormatError
 from .files import write_atomically
-from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, base_weight, is_conv1d
+from .layers import LoRALinear, LoRAXSLinear, LowRankLinear, TLoRALinear, base_shape, is_conv1d
 from .load import Plan, apply, check_module_tensors
 from .model import adapter_layers, module_tensors, modules_to_save, preserved_on_error
 from .targets import ModelView
@@ -324,7 +324,7 @@ def import_peft(model: nn.Module, directory: str | os.PathLike, *, backend: str 
                 raise PeftFormatError(f"{where}: module {name!r}: {name}.{missing}.weight is missing (the file has "
                                       f"{name}.{present}.weight)")
             base = _plain_target(view, name, where)
-            n, k = base_weight(base).shape
+            n, k = base_shape(base)
             r = a.shape[0] if a.dim() == 2 else -1
             if a.dim() != 2 or tuple(a.shape) != (r, k) or tuple(b.shape) != (n, r):
                 raise PeftFormatError(f"{where}: module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
@@ -489,7 +489,7 @@ def import_tlora(model: nn.Module, checkpoint, *, dropout: float = 0.0, backend:
                     raise PeftFormatError(f"{where}: {name}.{t} is a {type(value).__name__}; expected a tensor")
                 values[t] = value
             base = _plain_target(view, name, where)
-            n, k = base_weight(base).shape
+            n, k = base_shape(base)
             random_a, random_c, core, scaling = (values[t] for t in _TLORA_KEYS)
             r = _tlora_rank(k, n, random_a, random_c, core)
             if r < 1:

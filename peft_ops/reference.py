@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["oracle", "apply_core", "delta_weight"]
+__all__ = ["oracle", "adapter_delta", "apply_core", "delta_weight"]
 
 
 def apply_core(t: torch.Tensor, core: torch.Tensor | None) -> torch.Tensor:
@@ -31,14 +31,21 @@ def oracle(x, weight, bias, up, core, down, scale, *, dropout_p: float = 0.0, dr
     """The layer's output. Factors are cast to the input's dtype, as PEFT does; ``scale`` is a float or
     a 0-d tensor. With ``dropout_p > 0``, ``dropout_mask`` (bool, True = kept, the shape of ``x`` for
     input-side dropout or of the output for output-side dropout) reproduces a given mask."""
-    dtype = x.dtype
-    base = F.linear(x, weight, bias)
+    return F.linear(x, weight, bias) + adapter_delta(x, up, core, down, scale, dropout_p=dropout_p,
+                                                     dropout_site=dropout_site, dropout_mask=dropout_mask)
+
+
+def adapter_delta(x, up, core, down, scale, *, dropout_p: float = 0.0, dropout_site: str = "input",
+                  dropout_mask: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+    """The adapter's term alone, ``s · ((drop(x) D) Cᵀ) Uᵀ`` (or ``drop(s · ((x D) Cᵀ) Uᵀ)`` for
+    output-side dropout), computed in ``dtype`` (default: the input's), returned in the input's dtype."""
+    dtype = x.dtype if dtype is None else dtype
     a = _dropout(x, dropout_p, dropout_mask) if dropout_p and dropout_site == "input" else x
-    h = apply_core(a @ down.to(dtype), core)
+    h = apply_core(a.to(dtype) @ down.to(dtype), core)
     delta = (h * scale) @ up.to(dtype).T
     if dropout_p and dropout_site == "output":
         delta = _dropout(delta, dropout_p, dropout_mask)
-    return base + delta
+    return delta.to(x.dtype)
 
 
 def delta_weight(up, core, down, scale, dtype=torch.float32) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 from .adapter_file import FINGERPRINT_SAMPLES, SKETCH, adapter_file_bytes, dtype_name
 from .checks import fingerprint, full_tensor, signature
 from .files import write_atomically
+from .layers import base_dtype
 from .model import adapter_layers, module_tensors, modules_to_save, unsaved_trainable
 
 __all__ = ["save_adapter", "check_savable", "AdapterFileInfo"]
@@ -78,7 +79,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, *, include_frozen: b
         group = {"method": layer.method.name, "rank": layer.rank, "alpha": layer.alpha, "dropout": layer.dropout,
                  "options": layer.options, "in_features": layer.in_features, "out_features": layer.out_features,
                  "dtype": dtype_name(stored[f"{name}.{names[0]}"].dtype),
-                 "base_dtype": dtype_name(layer.base_layer.weight.dtype), "bias": layer.base_layer.bias is not None,
+                 "base_dtype": dtype_name(base_dtype(layer.base_layer)), "bias": layer.base_layer.bias is not None,
                  "tensors": {t: list(stored[f"{name}.{t}"].shape) for t in names}}
         key = json.dumps(group, sort_keys=True)
         groups.setdefault(key, {**group, "modules": []})["modules"].append(name)
