@@ -96,10 +96,9 @@ def variants(which: str):
                      estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"], path))
         if path == "tma":
             v["tma"] = True
-            # persistent tiles with at most one rank step before the K-loop (or the in-loop shrink):
-            # the tile loop must flatten with the K-loop, the epilogue's store inside the one loop
-            one_step = c["BLOCK_R"] <= fl.rank_step_size(c["BLOCK_R"], c["PRECISION"]) or c["SHRINK_IN_LOOP"]
-            v["flattened"] = not c["PARTIAL"] and (one_step or not c["HAS_LOW_RANK"])
+            # persistent tiles without a given t (the kernel flattens only those: see its FLATTEN): the
+            # tile loop must flatten with the K-loop, the epilogue's store inside the one loop
+            v["flattened"] = not c["PARTIAL"] and (c["SHRINK_IN_LOOP"] or not c["HAS_LOW_RANK"])
         return v
 
     def shrink_variant(config, dtype, block_r, drop):
