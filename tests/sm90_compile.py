@@ -23,10 +23,15 @@ import sys
 import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
+# Triton's C++ passes print their warnings (the pipeliner's "Pipelining will be disabled") to file
+# descriptor 2 only with this set, and only while compiling: no cache hits
+os.environ["MLIR_ENABLE_DIAGNOSTICS"] = "warnings"
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/, run as a script
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -63,7 +68,7 @@ def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=Non
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return dict(kernel=kernel.__name__, config=dict(config.kwargs), warps=config.num_warps, stages=config.num_stages,
                 dtype=dtype, constexprs=constexprs, signature=sig, attrs={str(k[0]): v for k, v in attrs.items()},
-                estimate=estimate)
+                aligned=list(aligned), estimate=estimate)
 
 
 def variants(which: str):
@@ -94,12 +99,12 @@ def variants(which: str):
         pointers = {**fp32, "out_ptr": "*fp32"} if c["PARTIAL"] else fp32
         v = _variant(gemm, config, dtype, pointers, c, unit=unit, aligned=aligned,
                      estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"], path))
+        v["extra_mma"] = c["SHRINK_IN_LOOP"]  # t's dot beside the yardstick's in the K-loop
         if path == "tma":
             v["tma"] = True
-            # persistent tiles with at most one rank step before the K-loop (or the in-loop shrink):
-            # the tile loop must flatten with the K-loop, the epilogue's store inside the one loop
-            one_step = c["BLOCK_R"] <= fl.rank_step_size(c["BLOCK_R"], c["PRECISION"]) or c["SHRINK_IN_LOOP"]
-            v["flattened"] = not c["PARTIAL"] and (one_step or not c["HAS_LOW_RANK"])
+            # persistent tiles without a given t (the kernel flattens only those: see its FLATTEN): the
+            # tile loop must flatten with the K-loop, the epilogue's store inside the one loop
+            v["flattened"] = not c["PARTIAL"] and (c["SHRINK_IN_LOOP"] or not c["HAS_LOW_RANK"])
         return v
 
     def shrink_variant(config, dtype, block_r, drop):
@@ -211,14 +216,47 @@ def tutorial_variants():
         # the same tile, without our kernel's own keys (the epilogue's sub-tile width)
         config = triton.Config({k: v for k, v in ours.kwargs.items() if k != "EPILOGUE_N"},
                                num_warps=ours.num_warps, num_stages=ours.num_stages)
-        out.append(_variant(tutorial_gemms.pointer_matmul_kernel, config, "bfloat16", {}, {},
+        out.append(_variant(tutorial_gemms.pointer_matmul_kernel, config, "bfloat16", {}, dict(PRECISION="tf32"),
                             unit=("stride_ak", "stride_wk", "stride_cn"),
                             aligned=("K", "N", "stride_am", "stride_wn", "stride_cm")))
-        out.append(_variant(tutorial_gemms.persistent_descriptor_matmul_kernel, config, "bfloat16", {},
-                            dict(NUM_PROGRAMS=132), aligned=("K", "N")))
-        out[-1]["tma"] = True
-        out[-1]["flattened"] = True
+        out.append(_descriptor_yardstick(config, "bfloat16", "tf32", flatten=True))
     return out
+
+
+def _descriptor_yardstick(config, dtype, precision, flatten):
+    v = _variant(tutorial_gemms.persistent_descriptor_matmul_kernel, config, dtype, {},
+                 dict(NUM_PROGRAMS=132, PRECISION=precision, FLATTEN=flatten), aligned=("K", "N"))
+    v["tma"], v["flattened"] = True, flatten
+    return v
+
+
+# the integer arguments of the kernels compared with tutorial 03 and the yardstick's arguments they stand for
+_GEMM_ARGS = {"K": "K", "N": "N", "stride_ak": "stride_ak", "stride_am": "stride_am", "stride_wk": "stride_wk",
+              "stride_wn": "stride_wn", "stride_on": "stride_cn", "stride_om": "stride_cm"}
+_SHRINK_ARGS = {"K": "K", "stride_ak": "stride_ak", "stride_am": "stride_am", "stride_dk": "stride_wk",
+                "stride_dr": "stride_wn"}
+
+
+def yardstick(v):
+    """The tutorial GEMM that ``v``'s main loop is measured against (None: no yardstick): for the fused
+    GEMM on the descriptor path tutorial 09 (persistent, descriptors) with the same tile, warps, stages
+    and loop form (flattened or nested), on the pointer path and for the shrink kernels tutorial 03
+    (pipelined pointer loads) with the same tile, warps, stages and stride specialisation (the rank
+    block as the tile's N); both in the variant's dtype and dot precision."""
+    c = {**v["constexprs"], **v["config"]}
+    if v["kernel"] not in ("_lowrank_linear_kernel", "_shrink_kernel", "_sgmv_shrink_kernel",
+                           "_unpipelined_matmul_kernel"):
+        return None
+    tile = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c.get("BLOCK_N", c["BLOCK_R"]), "BLOCK_K": c["BLOCK_K"],
+            "GROUP_M": c.get("GROUP_M", 8)}
+    config = triton.Config(tile, num_warps=v["warps"], num_stages=v["stages"])
+    if v.get("tma"):
+        return _descriptor_yardstick(config, v["dtype"], c["PRECISION"], bool(v.get("flattened")))
+    args = _GEMM_ARGS if v["kernel"] == "_lowrank_linear_kernel" else _SHRINK_ARGS
+    unit = tuple(args[name] for name in v["constexprs"] if name in args)
+    aligned = tuple(args[name] for name in v["aligned"] if name in args)
+    return _variant(tutorial_gemms.pointer_matmul_kernel, config, v["dtype"], {}, dict(PRECISION=c["PRECISION"]),
+                    unit=unit, aligned=aligned)
 
 
 def bank_variants():
@@ -238,7 +276,54 @@ def bank_variants():
     return out
 
 
-KERNELS = {k.__name__: k for k in (fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
+@triton.jit
+def _unpipelined_matmul_kernel(a_ptr, w_ptr, t_ptr, e_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                               NUM_PROGRAMS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+                               FLATTEN: tl.constexpr, MASK_A: tl.constexpr):
+    """The gate's counterexample: tutorial 09 with the accumulator seeded at each tile's start by a
+    rank-r product ``t Eᵀ``, as our kernel did before 2026-12: flattened (``FLATTEN``), Triton's
+    pipeliner gives up on the loop. ``MASK_A``: the ``a`` tile masked in registers every K-step (work a
+    descriptor makes needless), for the instruction count's check."""
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_tiles_m, num_tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    for tile in tl.range(tl.program_id(0), num_tiles_m * num_tiles_n, NUM_PROGRAMS, flatten=FLATTEN):
+        block_m, block_n = tutorial_gemms._grouped_tile(tile, num_tiles_m, num_tiles_n, GROUP_M)
+        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        t = tl.load(t_ptr + rows[:, None] * BLOCK_R + ranks[None, :], mask=rows[:, None] < M, other=0.0)
+        e = tl.load(e_ptr + cols[None, :] * BLOCK_R + ranks[:, None], mask=cols[None, :] < N, other=0.0)
+        acc = tl.dot(t, e, input_precision=PRECISION)
+        for k in range(0, K, BLOCK_K):
+            a = a_desc.load([block_m * BLOCK_M, k])
+            if MASK_A:
+                a = tl.where((k + tl.arange(0, BLOCK_K))[None, :] < K, a, 0.0)
+            w = w_desc.load([block_n * BLOCK_N, k])
+            acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+        c_desc.store([block_m * BLOCK_M, block_n * BLOCK_N], acc.to(c_desc.dtype))
+
+
+def counterexample_variants():
+    """The counterexample in bf16 at rank 16 on 128×128×64 tiles, 8 warps, 3 stages (its whole-tile
+    store does not fit beside 128×256 ones), flattened (the fused GEMM before the fix) and nested with
+    a masked ``a``; each measured against tutorial 09 with the same tile, warps, stages and loop form."""
+    ours = fused_linear._PREFERRED_TMA_GEMM[1]
+    config = triton.Config({k: v for k, v in ours.kwargs.items() if k != "EPILOGUE_N"},
+                           num_warps=ours.num_warps, num_stages=ours.num_stages)
+    out = []
+    for flatten, mask in ((True, False), (False, True)):
+        v = _variant(_unpipelined_matmul_kernel, config, "bfloat16", {"t_ptr": "*fp32", "e_ptr": "*fp32"},
+                     dict(NUM_PROGRAMS=132, PRECISION="tf32", BLOCK_R=16, FLATTEN=flatten, MASK_A=mask),
+                     aligned=("K", "N"))
+        v["tma"], v["flattened"] = True, flatten
+        out.append(v)
+    return out
+
+
+KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    fused_linear._sum_splits_kernel, reductions._rank_reduce_kernel,
                                    dropout._dropout_mask_kernel,
                                    lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
@@ -256,16 +341,30 @@ def _tool(name: str) -> str:
     return getattr(triton.knobs.nvidia, name).path
 
 
+_MLIR_WARNING = re.compile(r"^\S+:\d+:\d+: warning: (.*)$", re.MULTILINE)
+
+
 def _compile_with_log(source, options):
-    """The compiled kernel and ptxas's messages (its advisories, e.g. C7510/C7512 "wgmma.mma_async
+    """The compiled kernel, ptxas's messages (its advisories, e.g. C7510/C7512 "wgmma.mma_async
     instructions are serialized ..."): Triton prints them only while ``dump_ptxas_log`` is set, and
-    not at all on a cache hit, where ptxas runs again here."""
+    not at all on a cache hit, where ptxas runs again here) and the compiler's warnings (the MLIR
+    passes', e.g. the pipeliner's, written by C++ to file descriptor 2: read from there)."""
     triton.knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=TARGET, options=options)
+    with tempfile.TemporaryFile() as stderr, contextlib.redirect_stdout(log):
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(stderr.fileno(), 2)
+        try:
+            compiled = triton.compile(source, target=TARGET, options=options)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        stderr.seek(0)
+        warnings = sorted(set(_MLIR_WARNING.findall(stderr.read().decode(errors="replace"))))
     log = log.getvalue()
-    return compiled, log if "ptxas" in log else _ptxas_log(compiled.asm["ptx"], compiled.metadata)
+    return compiled, log if "ptxas" in log else _ptxas_log(compiled.asm["ptx"], compiled.metadata), warnings
 
 
 def _ptxas_log(ptx: str, options) -> str:
@@ -339,10 +438,19 @@ def main_loop(instructions, labels):
     return bodies[max(innermost, key=most_mma_then_fewest_instructions)]
 
 
-def read_compiled(compiled, log: str) -> dict:
+def _deepest_wait(ptx: str, instruction: str):
+    """The largest N of ``instruction`` N (a wait_group) in ``ptx``, None if it has none: a software
+    pipeline's loop waits with groups still in flight (N > 0), an unpipelined one at 0."""
+    depths = [int(n) for n in re.findall(rf"{re.escape(instruction)}\s+(\d+)", ptx)]
+    return max(depths) if depths else None
+
+
+def read_compiled(compiled, log: str, warnings=()) -> dict:
     """What the cubin says about speed: registers, stack and local memory, spill instructions, and the
-    main loop's MMA kind, loads and instruction count per K-step (one iteration: Triton does not unroll
-    it), and ptxas's advisories from its ``log``."""
+    main loop's MMA kind and shapes, loads and instruction count per K-step (one iteration: Triton does
+    not unroll it); the UTMALDG issued before the main loop (a pipeline's prologue); from the PTX the
+    deepest wgmma and cp.async wait_group; ptxas's advisories from its ``log`` and the compiler's
+    ``warnings``."""
     usage = _run_tool("cuobjdump", ["-res-usage"], compiled.asm["cubin"])
     registers, stack, local = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK", "LOCAL"))
     instructions, labels = read_sass(_run_tool("nvdisasm", ["-c"], compiled.asm["cubin"]))
@@ -350,13 +458,19 @@ def read_compiled(compiled, log: str) -> dict:
     report = dict(registers=registers, stack=stack, local=local, spill_ld=opcodes.count("LDL"),
                   spill_st=opcodes.count("STL"), utmaldg="UTMALDG" in opcodes,
                   serialized=bool(re.search(r"wgmma\.mma_async instructions are serialized", log)),
-                  advisories=sorted(set(re.findall(r"\((C\d{4})\)", log))), main_loop=None)
+                  advisories=sorted(set(re.findall(r"\((C\d{4})\)", log))), warnings=list(warnings),
+                  wgmma_wait=_deepest_wait(compiled.asm["ptx"], "wgmma.wait_group.sync.aligned"),
+                  cp_async_wait=_deepest_wait(compiled.asm["ptx"], "cp.async.wait_group"),
+                  prologue_utmaldg=0, main_loop=None)
     loop = main_loop(instructions, labels)
     if loop is not None:
         ops = [op for _, op, _ in loop]
+        report["prologue_utmaldg"] = sum(op == "UTMALDG" and address < loop[0][0] for address, op, _ in instructions)
+        shapes = [text.split()[0].split(".")[1] for _, op, text in loop if op in MMA]  # e.g. 64x256x16, 16816
         report["main_loop"] = dict(
             instructions=len(ops), integer=sum(bool(_INTEGER.match(op)) for op in ops),
             mma=next((kind for kind in MMA if kind in ops), None), mma_count=sum(op in MMA for op in ops),
+            mma_shapes={shape: shapes.count(shape) for shape in sorted(set(shapes))},
             loads={kind: ops.count(kind) for kind in GLOBAL_LOADS if kind in ops},
             waits=sum(text.startswith("WARPGROUP.DEPBAR") for _, _, text in loop),
             stores=ops.count("UTMASTG"),  # descriptor stores in the loop: the tile loop is flattened
@@ -370,17 +484,28 @@ def main_loop_rows(v):
     return None if key is None else {**v["constexprs"], **v["config"]}.get(key)
 
 
+_yardsticks = {}
+
+
 def compile_variant(v) -> dict:
+    """What ``read_compiled`` reads from ``v``, and under "yardstick" the same of its yardstick
+    (``yardstick(v)``; compiled once per process)."""
     kernel = KERNELS[v["kernel"]]
     source = ASTSource(kernel, v["signature"], constexprs={**v["constexprs"], **v["config"]},
                        attrs={(int(k),): a for k, a in v["attrs"].items()})
     try:
-        compiled, log = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"]))
+        compiled, log, warnings = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"]))
     except Exception as e:  # report every failure, not just the first
         return {"error": f"{type(e).__name__}: {e}"[:3000]}
-    return {"shared": compiled.metadata.shared, "estimate": v["estimate"], "tma": bool(v.get("tma")),
-            "flattened": bool(v.get("flattened")),
-            "rows": main_loop_rows(v), **read_compiled(compiled, log)}
+    report = {"shared": compiled.metadata.shared, "estimate": v["estimate"], "tma": bool(v.get("tma")),
+              "flattened": bool(v.get("flattened")), "stages": v["stages"], "extra_mma": bool(v.get("extra_mma")),
+              "rows": main_loop_rows(v), **read_compiled(compiled, log, warnings), "yardstick": None}
+    ruler = yardstick(v)
+    if ruler is not None:
+        if label(ruler) not in _yardsticks:
+            _yardsticks[label(ruler)] = {"label": label(ruler), **compile_variant(ruler)}
+        report["yardstick"] = _yardsticks[label(ruler)]
+    return report
 
 
 def label(v) -> str:
@@ -393,7 +518,8 @@ def label(v) -> str:
 def _variants(which: str):
     """The variants of ``which``: "paths", "configs", "tutorials" or "bank", each once (two branches of the
     enumeration may reach the same variant, as input dropout without an in-loop shrink compiles as none)."""
-    every = {"tutorials": tutorial_variants, "bank": bank_variants}.get(which, lambda: variants(which))()
+    every = {"tutorials": tutorial_variants, "bank": bank_variants,
+             "counterexample": counterexample_variants}.get(which, lambda: variants(which))()
     return list({label(v): v for v in every}.values())
 
 

@@ -9,7 +9,11 @@ use HMMA: the table in bench/NOTES.md records it); UTMALDG (TMA) in variants mar
 persistent ones, the tile loop flattened with the K-loop (the epilogue's descriptor store inside the
 main loop: the next tile's loads are in flight during the epilogue); no local
 memory (no LDL/STL, stack frame 0); no ptxas advisory that wgmma was serialized; shared memory within
-the chip's 227 KiB and within the launchers' bound. Variants of today's kernels known to fail a check
+the chip's 227 KiB and within the launchers' bound; no compiler warning (read from the compile's
+standard error with MLIR_ENABLE_DIAGNOSTICS=warnings: the pipeliner says there when it gives up); and,
+for the fused GEMM and the shrink kernels, a main loop pipelined like its yardstick's (tutorial 09 or
+03 at the same tile, warps and stages: ``pipeline_failures``). test_gate_flags_an_unpipelined_kernel
+shows each of these checks failing on a counterexample. Variants of today's kernels known to fail a check
 are listed by exact label and check in sm90_gate_known_failures.json: they are reported as xfail, and a
 listed check that passes (or a check not listed that fails) fails the test."""
 import json
@@ -65,6 +69,45 @@ def gate_failures(report) -> dict:
         failed["UTMALDG"] = "no TMA load in the kernel"
     if report["flattened"] and (loop is None or not loop["stores"]):
         failed["flattened tile loop"] = "the epilogue's descriptor store is outside the main loop"
+    if report["warnings"]:
+        failed["compiler warnings"] = "; ".join(report["warnings"])
+    ruler = report["yardstick"]
+    if ruler is not None:
+        failed.update(pipeline_failures(report, ruler))
+    return failed
+
+
+INSTRUCTION_MARGIN = 1.25, 16  # a nested K-step: at most 25% and 16 instructions more than the yardstick's
+
+
+def pipeline_failures(report, ruler) -> dict:
+    """How ``report``'s main loop falls short of its yardstick's (the tutorial GEMM at the same tile,
+    warps, stages and loop form, tests/sm90_compile.py's ``yardstick``): the same MMA count and shape
+    per K-step (the yardstick's among others where the variant has a second dot in its K-loop, the
+    in-loop shrink), the same deepest wgmma.wait_group (0 where each wgmma waits on its own
+    predecessor) and at least as deep a cp.async.wait_group (the groups left in flight: the in-loop
+    shrink's D tiles add one), on the descriptor path UTMALDG for ``stages - 1`` K-steps issued ahead
+    of the loop, and, for nested loops without a second dot (a flattened one also holds the tile's
+    start and epilogue; the in-loop shrink also t's dot and D's loads), at most
+    ``INSTRUCTION_MARGIN`` more instructions per K-step."""
+    failed, loop, ruler_loop = {}, report["main_loop"] or {}, ruler["main_loop"]
+    shapes, ruler_shapes = loop.get("mma_shapes", {}), ruler_loop["mma_shapes"]
+    if shapes != ruler_shapes and not (report["extra_mma"]
+                                       and all(shapes.get(k, 0) >= n for k, n in ruler_shapes.items())):
+        failed["MMA per K-step"] = f"{shapes}, yardstick {ruler_shapes}"
+    waits = [(kind, report[kind], ruler[kind]) for kind, fewer_in_flight in (
+        ("wgmma_wait", lambda ours, theirs: ours != theirs),
+        ("cp_async_wait", lambda ours, theirs: ours is None or ours < theirs))
+        if ruler[kind] is not None and fewer_in_flight(report[kind], ruler[kind])]
+    if waits:
+        failed["wait depth"] = ", ".join(f"deepest {kind} {ours}, yardstick {theirs}" for kind, ours, theirs in waits)
+    ahead = (report["stages"] - 1) * ruler_loop["loads"].get("UTMALDG", 0)
+    if report["prologue_utmaldg"] < ahead:
+        failed["prologue loads"] = f"{report['prologue_utmaldg']} UTMALDG before the main loop, {ahead} needed"
+    scale, slack = INSTRUCTION_MARGIN
+    nested_alike = not report["flattened"] and not report["extra_mma"]
+    if nested_alike and loop.get("instructions", 0) > scale * ruler_loop["instructions"] + slack:
+        failed["instructions per K-step"] = f"{loop['instructions']}, yardstick {ruler_loop['instructions']}"
     return failed
 
 
@@ -112,7 +155,9 @@ def test_every_autotune_config_compiles_for_sm90(group):
 def test_gate_reads_known_fast_kernels():
     """The gate's SASS reading on Triton's tutorial-style GEMMs (bench/tutorial_gemms.py): both pass the
     gate with HGMMA in the K-loop, the pipelined one fed by cp.async (LDGSTS), the persistent one by TMA
-    in one flattened loop with its descriptor store."""
+    in one flattened loop with its descriptor store. Both are software-pipelined (the rulers of
+    ``pipeline_failures``): wgmma.wait_group 1 in the loop, and cp.async groups or UTMALDG of
+    ``stages - 1`` K-steps in flight ahead of it."""
     reports = _compile("tutorials", 0, 1)
     assert len(reports) == 4
     for r in reports:
@@ -122,6 +167,24 @@ def test_gate_reads_known_fast_kernels():
         assert list(loop["loads"]) == (["UTMALDG"] if r["tma"] else ["LDGSTS"]), r
         assert r["utmaldg"] == r["tma"], r
         assert bool(loop["stores"]) == r["tma"] == r["flattened"], r
+        assert r["wgmma_wait"] == 1 and not r["warnings"], r
+        if r["tma"]:
+            assert r["prologue_utmaldg"] == (r["stages"] - 1) * loop["loads"]["UTMALDG"], r
+        else:
+            assert r["cp_async_wait"] >= 1, r
+
+
+@pytest.mark.skipif(ON_GPU, reason="reads compiled code only; a GPU session runs the kernels")
+def test_gate_flags_an_unpipelined_kernel():
+    """Each check the pipeline added fails on the counterexample of tests/sm90_compile.py (tutorial 09
+    with the accumulator seeded at the tile's start, as the fused GEMM was): flattened, the pipeliner's
+    warning, wgmma.wait_group 0 against the yardstick's 1, no UTMALDG ahead of the loop and the
+    seeding dot inside it; nested with the ``a`` tile masked in registers, the instruction count."""
+    flattened, masked = _compile("counterexample", 0, 1)
+    assert set(gate_failures(flattened)) == {"compiler warnings", "wait depth", "prologue loads",
+                                             "MMA per K-step"}, gate_failures(flattened)
+    assert "Pipelining will be disabled" in gate_failures(flattened)["compiler warnings"]
+    assert set(gate_failures(masked)) == {"instructions per K-step"}, gate_failures(masked)
 
 
 def test_tutorial_gemms_compute_a_times_w_transposed(poisoned):
@@ -132,11 +195,15 @@ def test_tutorial_gemms_compute_a_times_w_transposed(poisoned):
     expected = a.double() @ w.double().T
     out = torch.empty(m, n, device=DEVICE)
     tiles = triton.cdiv(m, 32) * triton.cdiv(n, 32)
-    tutorial_gemms.pointer_matmul_kernel[(tiles,)](a, w, out, m, n, k, *a.stride(), *w.stride(), *out.stride(), **block)
+    tutorial_gemms.pointer_matmul_kernel[(tiles,)](a, w, out, m, n, k, *a.stride(), *w.stride(), *out.stride(), **block,
+                                                   PRECISION="ieee")
     tolerance = 1e-2 if ON_GPU else 1e-6  # tf32 dots on a GPU
     assert rel_error(out, expected) < tolerance
     # device-side descriptors take their scratch memory from Triton's allocator
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=DEVICE))
     out = torch.empty(m, n, device=DEVICE)
-    tutorial_gemms.persistent_descriptor_matmul_kernel[(3,)](a, w, out, m, n, k, **block, NUM_PROGRAMS=3)
-    assert rel_error(out, expected) < tolerance
+    for flatten in (True, False):
+        out = torch.empty(m, n, device=DEVICE)
+        tutorial_gemms.persistent_descriptor_matmul_kernel[(3,)](a, w, out, m, n, k, **block, NUM_PROGRAMS=3,
+                                                                 PRECISION="ieee", FLATTEN=flatten)
+        assert rel_error(out, expected) < tolerance

@@ -21,9 +21,12 @@ Two ways to move the GEMM's operands (``path``), one kernel:
 * ``"tma"``: device-side tensor descriptors (``tl.make_tensor_descriptor``; Hopper's TMA unit) load
   the ``a`` and ``W`` tiles and store the output; out-of-bounds parts of a tile load as zeros and are
   clipped on store, so ragged M, N, K need no masks. A persistent grid (about one program per
-  multiprocessor) walks the tiles in grouped order, the tile loop flattened with the K-loop into one
-  loop (Triton's loop fusion; the compiled-code gate checks the store is inside it), so the next
-  tile's loads are in flight during this tile's epilogue. Needs unit stride along K for ``a``, unit
+  multiprocessor) walks the tiles in grouped order. With a given t each tile's K-loop is software-
+  pipelined on its own (its loads start ``num_stages - 1`` steps ahead; the next tile's loads start
+  after this tile's epilogue): flattening the tile loop with the K-loop disabled Triton's pipeliner
+  there (see the kernel). Without one (``linear``, the in-loop shrink) the two loops are flattened
+  into one, tutorial 09's form, and the next tile's loads are issued before this tile's epilogue
+  (the compiled-code gate checks both forms against tutorial 09). Needs unit stride along K for ``a``, unit
   stride along K or N for ``W`` (the backward's transposed ``Wᵀ`` view is described as the K×N tensor
   it is), 16-byte aligned bases and row strides.
 * ``"pointer"``: masked pointer loads, one program per tile: any strides, any GPU.
@@ -31,7 +34,7 @@ Two ways to move the GEMM's operands (``path``), one kernel:
 Where the rank-r term is added: with t given (the shrink kernel's), at the tile's start, as the
 accumulator's first value (``scale · drop_out(t Eᵀ)``, in rank steps), and the K-loop adds ``a Wᵀ``
 to it. In the epilogue, its dot (a second wgmma accumulator beside the main one) made ptxas
-serialize every wgmma of the flattened loop (C7511), and accumulating into a part of the main
+serialize every wgmma of the loop (C7511, flattened; C7515 nested), and accumulating into a part of the main
 accumulator serialized the main loop's wgmma without bias. With the in-loop shrink t exists only
 after the K-loop, so the epilogue adds it (its tiles are at most 32 rows: mma.sync). Both paths
 run the epilogue in sub-tiles of ``EPILOGUE_N`` columns (that rank-r dot and its dropout mask, the
@@ -213,10 +216,12 @@ def _lowrank_linear_kernel(
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     # persistent on the TMA path (grid: about one program per multiprocessor), one work item per
-    # program otherwise; flattened with the K-loop there, so the next tile's loads overlap this epilogue
-    # (Triton fuses the two loops only while the K-loop is the tile loop's one inner loop: hence one
-    # rank step, without a loop, before it up to rank 64)
-    for work in tl.range(tl.program_id(0), tiles * split_k, tl.num_programs(0), flatten=TMA):
+    # program otherwise. Flattened with the K-loop only without a given t: the flattened loop seeds the
+    # accumulator with the rank-r term in a branch that yields the previous K-step's wgmma result, and
+    # Triton's pipeliner then gives up ("operation scheduled before its operands": every wgmma waited
+    # on its own loads, compiled for sm_90). Nested, each tile's K-loop is pipelined on its own.
+    FLATTEN: tl.constexpr = TMA and not (HAS_LOW_RANK and not SHRINK_IN_LOOP)
+    for work in tl.range(tl.program_id(0), tiles * split_k, tl.num_programs(0), flatten=FLATTEN):
         split = work % split_k
         pid_m, pid_n = _tile_position(work // split_k, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         m0 = pid_m * BLOCK_M
