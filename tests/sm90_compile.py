@@ -39,8 +39,32 @@ from bench import tutorial_gemms  # noqa: E402
 from peft_ops.kernels import bank, dropout, fused_linear, lowrank_add, reductions  # noqa: E402
 from peft_ops.kernels._config import dot_precision  # noqa: E402
 
-TARGET = GPUTarget("cuda", 90, 32)
-SHARED_MEMORY_LIMIT = 227 * 1024  # bytes a Hopper block may use
+# The targets the gate compiles for, each with what its compiled code is read for: ``shared`` (bytes a
+# block may use: Hopper and Blackwell datacenter 227 KiB, A100 163 KiB, consumer Blackwell 99 KiB, an
+# MI300X workgroup's LDS 64 KiB), ``mma`` (the MMA opcodes of its SASS or AMDGCN, the first the one a
+# GEMM tile of ``big_rows`` rows or more must use), ``tma`` (whether the descriptor path applies).
+TARGETS = {
+    "sm_90": dict(target=GPUTarget("cuda", 90, 32), shared=227 * 1024, mma=("HGMMA", "HMMA"), big_rows=64, tma=True),
+    "sm_80": dict(target=GPUTarget("cuda", 80, 32), shared=163 * 1024, mma=("HMMA",), big_rows=0, tma=False),
+    # tcgen05.mma (UTC*MMA: f16/bf16 kind H, tf32 kind without a letter, fp8 Q, int8 I); mma.sync below 64 rows
+    "sm_100": dict(target=GPUTarget("cuda", 100, 32), shared=227 * 1024,
+                   mma=("UTCHMMA", "UTCMMA", "UTCQMMA", "UTCIMMA", "HMMA"), big_rows=64, tma=True),
+    "sm_120": dict(target=GPUTarget("cuda", 120, 32), shared=99 * 1024, mma=("HMMA",), big_rows=0, tma=False),
+    "gfx942": dict(target=GPUTarget("hip", "gfx942", 64), shared=64 * 1024, mma=("v_mfma",), big_rows=0, tma=False),
+}
+
+
+def use_target(name: str) -> None:
+    """Compile for ``name`` (a key of TARGETS) from now on."""
+    global TARGET_NAME, TARGET, SHARED_MEMORY_LIMIT, MMA
+    TARGET_NAME, TARGET = name, TARGETS[name]["target"]
+    SHARED_MEMORY_LIMIT, MMA = TARGETS[name]["shared"], TARGETS[name]["mma"]
+    _yardsticks.clear()
+
+
+# What the kernels rely on, set explicitly so that Triton 3.10's new default (off) cannot change the
+# compiled code: the launchers pass the same (peft_ops/kernels/_config.py LAUNCH_OPTIONS)
+from peft_ops.kernels._config import LAUNCH_OPTIONS  # noqa: E402
 TYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # the dot precision the launchers pick for each dtype (under torch's default float32 matmul precision)
 PRECISION = {name: dot_precision(getattr(torch, name)) for name in TYPE}
@@ -71,41 +95,48 @@ def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=Non
                 aligned=list(aligned), estimate=estimate)
 
 
+_GEMM_BASE = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, OUTPUT_DROPOUT=False, STORE_T=True, TMA=False,
+                  W_TRANSPOSED=False, PARTIAL=False, UPCAST=False, PRECISION="tf32", BLOCK_R=16)
+
+
+def _gemm_variant(config, dtype, layout=None, path="pointer", **flags):
+    """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
+    "backward" (contiguous g; W transposed; no bias, as dx has none). ``path``: "pointer" or "tma"
+    (which needs a layout). Input-side dropout is the shrink kernel's: the GEMM's variant has none."""
+    c = dict(_GEMM_BASE, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward",
+             **(dict(HAS_BIAS=False) if layout == "backward" else {}), **flags)
+    if c["PARTIAL"]:  # split-K partial sums: the output is float32
+        c["STORE_T"] = False
+    fl = fused_linear
+    kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
+    size = 4 if dtype == "float32" else 2
+    unit, aligned = {None: ((), ()),
+                     "forward": (("stride_ak", "stride_wk", "stride_dk", "stride_er", "stride_on", "stride_b"),
+                                 ("K", "N", "stride_am", "stride_wn", "stride_dr", "stride_om")),
+                     "backward": (("stride_ak", "stride_wn", "stride_dr", "stride_er", "stride_on"),
+                                  ("K", "N", "stride_am", "stride_wk", "stride_dk", "stride_om"))}[layout]
+    fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
+    pointers = {**fp32, "out_ptr": "*fp32"} if c["PARTIAL"] else fp32
+    v = _variant(fl._lowrank_linear_kernel, config, dtype, pointers, c, unit=unit, aligned=aligned,
+                 estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"], path))
+    v["extra_mma"] = c["SHRINK_IN_LOOP"]  # t's dot beside the yardstick's in the K-loop
+    if path == "tma":
+        v["tma"] = True
+        # persistent tiles without a given t (the kernel flattens only those: see its FLATTEN): the
+        # tile loop must flatten with the K-loop, the epilogue's store inside the one loop
+        v["flattened"] = not c["PARTIAL"] and (c["SHRINK_IN_LOOP"] or not c["HAS_LOW_RANK"])
+    return v
+
+
+
 def variants(which: str):
     """``which``: "paths" (every code path in float32 and bfloat16 and two in float16, with the configs
     the launchers pick without autotuning) or "configs" (every autotune config that survives pruning).
     Variants of the descriptor path carry ``"tma": True``."""
     fl = fused_linear
-    gemm, shrink, reduce = fl._lowrank_linear_kernel, fl._shrink_kernel, reductions._rank_reduce_kernel
+    shrink, reduce = fl._shrink_kernel, reductions._rank_reduce_kernel
     fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
-    base = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, OUTPUT_DROPOUT=False, STORE_T=True, TMA=False,
-                W_TRANSPOSED=False, PARTIAL=False, UPCAST=False, PRECISION="tf32", BLOCK_R=16)
-
-    def gemm_variant(config, dtype, layout=None, path="pointer", **flags):
-        """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
-        "backward" (contiguous g; W transposed; no bias, as dx has none). ``path``: "pointer" or "tma"
-        (which needs a layout). Input-side dropout is the shrink kernel's: the GEMM's variant has none."""
-        c = dict(base, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward",
-                 **(dict(HAS_BIAS=False) if layout == "backward" else {}), **flags)
-        if c["PARTIAL"]:  # split-K partial sums: the output is float32
-            c["STORE_T"] = False
-        kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
-        size = 4 if dtype == "float32" else 2
-        unit, aligned = {None: ((), ()),
-                         "forward": (("stride_ak", "stride_wk", "stride_dk", "stride_er", "stride_on", "stride_b"),
-                                     ("K", "N", "stride_am", "stride_wn", "stride_dr", "stride_om")),
-                         "backward": (("stride_ak", "stride_wn", "stride_dr", "stride_er", "stride_on"),
-                                      ("K", "N", "stride_am", "stride_wk", "stride_dk", "stride_om"))}[layout]
-        pointers = {**fp32, "out_ptr": "*fp32"} if c["PARTIAL"] else fp32
-        v = _variant(gemm, config, dtype, pointers, c, unit=unit, aligned=aligned,
-                     estimate=fl.shared_memory_bytes(config, kind, c["BLOCK_R"], size, c["PRECISION"], path))
-        v["extra_mma"] = c["SHRINK_IN_LOOP"]  # t's dot beside the yardstick's in the K-loop
-        if path == "tma":
-            v["tma"] = True
-            # persistent tiles without a given t (the kernel flattens only those: see its FLATTEN): the
-            # tile loop must flatten with the K-loop, the epilogue's store inside the one loop
-            v["flattened"] = not c["PARTIAL"] and (c["SHRINK_IN_LOOP"] or not c["HAS_LOW_RANK"])
-        return v
+    gemm_variant = _gemm_variant
 
     def shrink_variant(config, dtype, block_r, drop):
         size = 4 if dtype == "float32" else 2
@@ -245,14 +276,15 @@ def yardstick(v):
     block as the tile's N); both in the variant's dtype and dot precision."""
     c = {**v["constexprs"], **v["config"]}
     if v["kernel"] not in ("_lowrank_linear_kernel", "_shrink_kernel", "_sgmv_shrink_kernel",
-                           "_unpipelined_matmul_kernel"):
+                           "_unpipelined_matmul_kernel", "_unpipelined_pointer_kernel"):
         return None
-    tile = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c.get("BLOCK_N", c["BLOCK_R"]), "BLOCK_K": c["BLOCK_K"],
+    tile = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"] if "BLOCK_N" in c else c["BLOCK_R"], "BLOCK_K": c["BLOCK_K"],
             "GROUP_M": c.get("GROUP_M", 8)}
     config = triton.Config(tile, num_warps=v["warps"], num_stages=v["stages"])
     if v.get("tma"):
         return _descriptor_yardstick(config, v["dtype"], c["PRECISION"], bool(v.get("flattened")))
-    args = _GEMM_ARGS if v["kernel"] == "_lowrank_linear_kernel" else _SHRINK_ARGS
+    args = {"_lowrank_linear_kernel": _GEMM_ARGS, "_unpipelined_pointer_kernel": {name: name for name in _GEMM_ARGS.values()}
+            }.get(v["kernel"], _SHRINK_ARGS)
     unit = tuple(args[name] for name in v["constexprs"] if name in args)
     aligned = tuple(args[name] for name in v["aligned"] if name in args)
     return _variant(tutorial_gemms.pointer_matmul_kernel, config, v["dtype"], {}, dict(PRECISION=c["PRECISION"]),
@@ -323,7 +355,75 @@ def counterexample_variants():
     return out
 
 
-KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
+@triton.jit
+def _unpipelined_pointer_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_cm,
+                                stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                GROUP_M: tl.constexpr, PRECISION: tl.constexpr, PIPELINE: tl.constexpr,
+                                MASK_ROWS: tl.constexpr):
+    """The pointer path's counterexample for the other targets: tutorial 03 (bench/tutorial_gemms.py)
+    with its K-loop kept out of the software pipeline (``PIPELINE=False``: the loop's own
+    ``num_stages=1``), or pipelined but with rows and columns masked every K-step (``MASK_ROWS``: the
+    instruction count's check)."""
+    block_m, block_n = tutorial_gemms._grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                                    GROUP_M)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_block = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    w_block = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_step in tl.range(0, tl.cdiv(K, BLOCK_K), num_stages=None if PIPELINE else 1):
+        k_left = K - k_step * BLOCK_K
+        a_mask = ks[None, :] < k_left
+        w_mask = ks[:, None] < k_left
+        if MASK_ROWS:
+            # a division by a runtime value per element and K-step (not run: what it computes is beside the point)
+            a_mask = a_mask & (rows[:, None] < M) & ((rows[:, None] * k_left) % M < K)
+            w_mask = w_mask & (cols[None, :] < N) & ((cols[None, :] * k_left) % N < K)
+        a = tl.load(a_block, mask=a_mask, other=0.0)
+        w = tl.load(w_block, mask=w_mask, other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_block += BLOCK_K * stride_ak
+        w_block += BLOCK_K * stride_wk
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def pointer_counterexample_variants():
+    """The pointer counterexample in bf16 on the pointer path's default tile (64×64×32, 4 warps, 3
+    stages), unpipelined and masked; each measured against tutorial 03 at the same tile, warps and
+    stages, specialised alike (unit K-strides, 16-divisible sizes)."""
+    ours = fused_linear.default_config(fused_linear._PREFERRED_GEMM, "gemm", 16, 2, "tf32", "pointer")
+    config = triton.Config({k: v for k, v in ours.kwargs.items() if k != "EPILOGUE_N"},
+                           num_warps=ours.num_warps, num_stages=ours.num_stages)
+    return [_variant(_unpipelined_pointer_kernel, config, "bfloat16", {},
+                     dict(PRECISION="tf32", PIPELINE=mask, MASK_ROWS=mask),
+                     unit=("stride_ak", "stride_wk", "stride_cn"),
+                     aligned=("K", "N", "stride_am", "stride_wn", "stride_cm")) for mask in (False, True)]
+
+
+def target_variants():
+    """The gate's subset for targets other than sm_90 (each compile is about a second): the fused GEMM
+    on the pointer path, specialised as launches on contiguous tensors are, at rank blocks 16 and 64,
+    in bf16 and fp16: forward with and without bias, with output dropout, and dx (transposed W, output
+    dropout, no bias); on the descriptor path too where the target has TMA; the default configs of the
+    launchers (which do not look at the target)."""
+    fl, out = fused_linear, []
+    paths = ("pointer", "tma") if TARGETS[TARGET_NAME]["tma"] else ("pointer",)
+    for dtype, size in (("bfloat16", 2), ("float16", 2)):
+        for block_r in (16, 64):
+            for path in paths:
+                preferred = fl._PREFERRED_TMA_GEMM if path == "tma" else fl._PREFERRED_GEMM
+                for layout, flags in (("forward", dict(HAS_BIAS=True)), ("forward", dict(HAS_BIAS=False)),
+                                      ("forward", dict(OUTPUT_DROPOUT=True)),
+                                      ("backward", dict(OUTPUT_DROPOUT=True))):
+                    drop = flags.get("OUTPUT_DROPOUT", False)
+                    config = fl.default_config(preferred, "gemm", block_r, size, "tf32", path, drop)
+                    out.append(_gemm_variant(config, dtype, layout, path, BLOCK_R=block_r, **flags))
+    return out
+
+
+KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, _unpipelined_pointer_kernel, fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    fused_linear._sum_splits_kernel, reductions._rank_reduce_kernel,
                                    dropout._dropout_mask_kernel,
                                    lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
@@ -364,6 +464,8 @@ def _compile_with_log(source, options):
         stderr.seek(0)
         warnings = sorted(set(_MLIR_WARNING.findall(stderr.read().decode(errors="replace"))))
     log = log.getvalue()
+    if TARGET.backend != "cuda":
+        return compiled, log, warnings
     return compiled, log if "ptxas" in log else _ptxas_log(compiled.asm["ptx"], compiled.metadata), warnings
 
 
@@ -392,7 +494,6 @@ def _run_tool(name: str, args, cubin: bytes) -> str:
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([^;]*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
-MMA = ("HGMMA", "HMMA")
 GLOBAL_LOADS = ("UTMALDG", "LDGSTS", "LDG")
 # integer and address arithmetic, vector and uniform datapaths (the loop's overhead besides MMA and loads)
 _INTEGER = re.compile(r"^(U?I[A-Z]|U?LEA|U?LOP|U?SHF|U?SEL|VI)")
@@ -466,7 +567,8 @@ def read_compiled(compiled, log: str, warnings=()) -> dict:
     if loop is not None:
         ops = [op for _, op, _ in loop]
         report["prologue_utmaldg"] = sum(op == "UTMALDG" and address < loop[0][0] for address, op, _ in instructions)
-        shapes = [text.split()[0].split(".")[1] for _, op, text in loop if op in MMA]  # e.g. 64x256x16, 16816
+        # e.g. 64x256x16, 16816 (tcgen05's UTCHMMA has no suffix: its shape is in the descriptors)
+        shapes = [(text.split()[0].split(".") + [op])[1] for _, op, text in loop if op in MMA]
         report["main_loop"] = dict(
             instructions=len(ops), integer=sum(bool(_INTEGER.match(op)) for op in ops),
             mma=next((kind for kind in MMA if kind in ops), None), mma_count=sum(op in MMA for op in ops),
@@ -478,6 +580,113 @@ def read_compiled(compiled, log: str, warnings=()) -> dict:
     return report
 
 
+
+_AMD_LABEL = re.compile(r"^(?:\.L(BB\d+_\d+):|; %(bb)\.\d+:)(.*)$")
+_AMD_HEADER = re.compile(r"Loop Header: Depth=(\d+)")
+_AMD_IN_LOOP = re.compile(r"in Loop: Header=(BB\d+_\d+)")
+_AMD_GLOBAL_LOAD = re.compile(r"^(global_load|buffer_load)")
+_AMD_VMCNT = re.compile(r"vmcnt\((\d+)\)")
+_AMD_INTEGER = re.compile(r"^(s_(add|sub|mul|lshl|lshr|ashr|and|or|xor|cselect|cmp|min|max|bfe|mov)|"
+                          r"v_(add|sub|mad|mul_lo|lshl|lshr|ashr|and|or|xor|bfe|bfi|cndmask|perm|cmp)\w*_(u|i|b)(32|64))")
+
+
+def read_amdgcn_loops(asm: str):
+    """The instructions of AMDGCN assembly as (line, opcode, text), and the loops LLVM's comments name:
+    header -> the lines of the blocks whose innermost loop it heads ("Loop Header", "in Loop:
+    Header=..."), in execution order (from the header, wrapping round to blocks placed before it), and
+    header -> its loop's depth."""
+    instructions, loops, current, block, depth = [], {}, None, None, {}
+    for number, line in enumerate(asm.splitlines()):
+        label = _AMD_LABEL.match(line)
+        text = line.split(";")[0].strip()
+        if label or (not text and ";" in line and block is not None):
+            # a block's label, or a comment line continuing its label's comment (LLVM writes
+            # "Parent Loop ... / =>  This Inner Loop Header" on lines of their own)
+            comment = label.group(3) if label else line
+            if label:
+                block, current = label.group(1), None
+            inside = _AMD_IN_LOOP.search(comment)
+            if block and _AMD_HEADER.search(comment):
+                current = block
+                depth[block] = int(_AMD_HEADER.search(comment).group(1))
+            elif inside:
+                current = inside.group(1)
+            continue
+        if text:
+            block = None  # comments after the block's first instruction say nothing of loops
+        if not text or text.startswith("."):
+            continue
+        if text.endswith(":"):
+            current = None  # the function's own label
+            continue
+        instructions.append((number, text.split()[0], text))
+        if current is not None:
+            loops.setdefault(current, []).append(instructions[-1])
+    header_line = {}
+    for number, line in enumerate(asm.splitlines()):
+        label = _AMD_LABEL.match(line)
+        if label and label.group(1) in loops:
+            header_line[label.group(1)] = number
+    ordered = {h: [i for i in body if i[0] >= header_line.get(h, 0)] + [i for i in body if i[0] < header_line.get(h, 0)]
+               for h, body in loops.items()}
+    return instructions, ordered, depth
+
+
+def _mma_under_loads(body) -> int:
+    """MFMA instructions of one pass over ``body`` issued while a global load of the same pass is
+    still outstanding (before the ``s_waitcnt vmcnt`` that retires it): the loop overlaps the next
+    K-step's loads with this one's MMA, as a software pipeline does."""
+    outstanding, overlapped = 0, 0
+    for _, op, text in body:
+        if _AMD_GLOBAL_LOAD.match(op):
+            outstanding += 1
+        elif op == "s_waitcnt" and _AMD_VMCNT.search(text):
+            outstanding = min(outstanding, int(_AMD_VMCNT.search(text).group(1)))
+        elif op.startswith("v_mfma") and outstanding:
+            overlapped += 1
+    return overlapped
+
+
+def read_amdgcn(compiled, log: str = "", warnings=()) -> dict:
+    """``read_compiled`` for an AMD target, from the AMDGCN assembly (the hsaco is built from it): VGPRs
+    (with AGPRs), scratch (ScratchSize, the spill counts of the kernel's metadata, scratch_* instructions),
+    and the main loop (of LLVM's loops with v_mfma, the deepest, then the one with the most): its MFMA opcodes, global and
+    buffer loads, instructions per K-step, the MFMA issued with its loads in flight, and the global
+    loads issued before it (the pipeline's prologue)."""
+    asm = compiled.asm["amdgcn"]
+
+    def meta(key, default=0):
+        found = re.search(rf"{key}\s*(\d+)", asm)
+        return int(found.group(1)) if found else default
+    instructions, loops, depth = read_amdgcn_loops(asm)
+    opcodes = [op for _, op, _ in instructions]
+    report = dict(registers=meta(r"; TotalNumVgprs:"), agprs=meta(r"; NumAgprs:"), sgprs=meta(r"\.sgpr_count:"),
+                  stack=meta(r"; ScratchSize:"), local=meta(r"\.private_segment_fixed_size:"),
+                  spill_ld=sum(op.startswith("scratch_load") for op in opcodes),
+                  spill_st=sum(op.startswith("scratch_store") for op in opcodes),
+                  vgpr_spill=meta(r"\.vgpr_spill_count:"), sgpr_spill=meta(r"\.sgpr_spill_count:"),
+                  utmaldg=False, serialized=False, advisories=[], warnings=list(warnings), wgmma_wait=None,
+                  cp_async_wait=None, prologue_utmaldg=0, prologue_loads=0, mma_under_loads=0, main_loop=None,
+                  hsaco=len(compiled.asm.get("hsaco") or b""))
+    with_mma = {h: body for h, body in loops.items() if any(op.startswith("v_mfma") for _, op, _ in body)}
+    if with_mma:
+        # the deepest (a K-loop inside a tile or rank loop), then the one with the most MFMA
+        body = with_mma[max(with_mma, key=lambda h: (depth.get(h, 0), sum(op.startswith("v_mfma") for _, op, _ in
+                                                                           with_mma[h]), -len(with_mma[h])))]
+        ops = [op for _, op, _ in body]
+        first = min(number for number, _, _ in body)
+        report["prologue_loads"] = sum(bool(_AMD_GLOBAL_LOAD.match(op)) for number, op, _ in instructions
+                                       if number < first)
+        report["mma_under_loads"] = _mma_under_loads(body)
+        shapes = [op.removeprefix("v_mfma_") for op in ops if op.startswith("v_mfma")]
+        report["main_loop"] = dict(
+            instructions=len(ops), integer=sum(bool(_AMD_INTEGER.match(op)) for op in ops), mma="v_mfma",
+            mma_count=len(shapes), mma_shapes={shape: shapes.count(shape) for shape in sorted(set(shapes))},
+            loads={kind: n for kind in ("global_load", "buffer_load") if (n := sum(op.startswith(kind) for op in ops))},
+            waits=ops.count("s_waitcnt"), stores=0, spills=sum(op.startswith("scratch_") for op in ops))
+    return report
+
+
 def main_loop_rows(v):
     """Rows of the main loop's MMA tile (None: the kernel has no K-loop)."""
     key = MAIN_LOOP_ROWS.get(v["kernel"], "BLOCK_M")
@@ -485,6 +694,7 @@ def main_loop_rows(v):
 
 
 _yardsticks = {}
+use_target(os.environ.get("PEFT_OPS_GATE_TARGET", "sm_90"))
 
 
 def compile_variant(v) -> dict:
@@ -494,12 +704,18 @@ def compile_variant(v) -> dict:
     source = ASTSource(kernel, v["signature"], constexprs={**v["constexprs"], **v["config"]},
                        attrs={(int(k),): a for k, a in v["attrs"].items()})
     try:
-        compiled, log, warnings = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"]))
+        compiled, log, warnings = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"],
+                                                                 **LAUNCH_OPTIONS))
     except Exception as e:  # report every failure, not just the first
         return {"error": f"{type(e).__name__}: {e}"[:3000]}
-    report = {"shared": compiled.metadata.shared, "estimate": v["estimate"], "tma": bool(v.get("tma")),
+    read = read_compiled if TARGET.backend == "cuda" else read_amdgcn
+    rows = main_loop_rows(v)
+    report = {"target": TARGET_NAME, "shared": compiled.metadata.shared, "shared_limit": SHARED_MEMORY_LIMIT,
+              "estimate": v["estimate"], "tma": bool(v.get("tma")),
               "flattened": bool(v.get("flattened")), "stages": v["stages"], "extra_mma": bool(v.get("extra_mma")),
-              "rows": main_loop_rows(v), **read_compiled(compiled, log, warnings), "yardstick": None}
+              "rows": rows, "expected_mma": None if rows is None else MMA[0 if rows >= TARGETS[TARGET_NAME]["big_rows"]
+                                                                          else -1],
+              **read(compiled, log, warnings), "yardstick": None}
     ruler = yardstick(v)
     if ruler is not None:
         if label(ruler) not in _yardsticks:
@@ -518,8 +734,9 @@ def label(v) -> str:
 def _variants(which: str):
     """The variants of ``which``: "paths", "configs", "tutorials" or "bank", each once (two branches of the
     enumeration may reach the same variant, as input dropout without an in-loop shrink compiles as none)."""
-    every = {"tutorials": tutorial_variants, "bank": bank_variants,
-             "counterexample": counterexample_variants}.get(which, lambda: variants(which))()
+    every = {"tutorials": tutorial_variants, "bank": bank_variants, "targets": target_variants,
+             "counterexample": counterexample_variants,
+             "pointer_counterexample": pointer_counterexample_variants}.get(which, lambda: variants(which))()
     return list({label(v): v for v in every}.values())
 
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, dot_precision, rank_block
+from ._config import INTERPRET, LAUNCH_OPTIONS, dot_precision, rank_block
 from .fused_linear import _check_rank, _load_tile, _mma
 
 __all__ = ["bank_core", "sgmv_shrink", "sgmv_expand_add"]
@@ -131,7 +131,8 @@ def _segment_grid(config: triton.Config, max_segment_rows: int, seg_adapters: to
 
 
 def _launch(kernel, grid, config: triton.Config, *args, **meta) -> None:
-    kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel[grid](*args, **meta, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                 **LAUNCH_OPTIONS)
 
 
 def bank_core(t: torch.Tensor, cores: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

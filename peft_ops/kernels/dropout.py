@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import seed_arg, wrap_triton
+from ._config import LAUNCH_OPTIONS, seed_arg, wrap_triton
 
 __all__ = ["keep_mask", "dropout_mask", "dropout_threshold"]
 
@@ -53,5 +53,6 @@ def dropout_mask(seed, n_rows: int, n_cols: int, p: float, device) -> torch.Tens
     if out.numel():
         grid = (triton.cdiv(n_rows, 32), triton.cdiv(n_cols, 64))
         wrap_triton(_dropout_mask_kernel)[grid](out, n_rows, n_cols, seed_arg(seed, 1.0, out),
-                                                dropout_threshold(p), BLOCK_ROWS=32, BLOCK_COLS=64)
+                                                dropout_threshold(p), BLOCK_ROWS=32, BLOCK_COLS=64,
+                                                **LAUNCH_OPTIONS)
     return out.bool()

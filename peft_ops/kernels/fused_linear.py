@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, autotuned, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
+from ._config import INTERPRET, LAUNCH_OPTIONS, autotuned, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_PATHS", "GEMM_CONFIGS", "TMA_GEMM_CONFIGS",
@@ -524,11 +524,11 @@ def _run(kernel, tuned, grid, kwargs, config, default):
     """Launch ``kernel`` with its arguments by name, with ``config`` when one is given, else autotuned
     (``tuned``) where autotuning is on, else with ``default()``."""
     if config is None and tuned is not None:
-        wrap_triton(tuned)[grid](**kwargs)
+        wrap_triton(tuned)[grid](**kwargs, **LAUNCH_OPTIONS)
         return
     config = config or default()
     wrap_triton(kernel)[grid(config.kwargs)](**kwargs, **config.kwargs, num_warps=config.num_warps,
-                                             num_stages=config.num_stages)
+                                             num_stages=config.num_stages, **LAUNCH_OPTIONS)
 
 
 def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=None,
@@ -640,7 +640,7 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     if split_k > 1:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(triton.cdiv(m * n, block),)](
-            partial_ptr=partial, out_ptr=out, size=m * n, split_k=split_k, BLOCK=block)
+            partial_ptr=partial, out_ptr=out, size=m * n, split_k=split_k, BLOCK=block, **LAUNCH_OPTIONS)
 
 
 def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import dot_precision, rank_block, seed_arg, wrap_triton
+from ._config import LAUNCH_OPTIONS, dot_precision, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 from .fused_linear import MAX_RANK
 
@@ -107,5 +107,5 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
         t.stride(0), t.stride(1), expand.stride(0), expand.stride(1),
         float(scale), seed_arg(seed, dropout_p, out), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0, PRECISION=dot_precision(out.dtype), BLOCK_R=rank_block(rank),
-        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **LAUNCH_OPTIONS)
     return out

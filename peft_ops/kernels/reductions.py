@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
+from ._config import INTERPRET, LAUNCH_OPTIONS, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["rank_reduce"]
@@ -72,5 +72,5 @@ def rank_reduce(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, see
         a, b, partial, m, p, r, rows_per_chunk, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
         DROPOUT=dropout_p > 0, UPCAST=INTERPRET, PRECISION=dot_precision(torch.float32),
-        BLOCK_M=_BLOCK_M, BLOCK_P=_BLOCK_P, BLOCK_R=block_r)
+        BLOCK_M=_BLOCK_M, BLOCK_P=_BLOCK_P, BLOCK_R=block_r, **LAUNCH_OPTIONS)
     return partial.sum(0) if chunks > 1 else partial[0]
