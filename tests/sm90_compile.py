@@ -14,6 +14,7 @@ the group; ``python tests/sm90_compile.py table [paths|configs|bank]`` prints th
 bench/NOTES.md (our variants beside the tutorial kernels of bench/tutorial_gemms.py).
 """
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -78,8 +79,11 @@ def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=Non
     shared memory, to check."""
     sig, attrs = {}, {}
     constexprs = {**constexprs, **{name: 1 for name in unit}}
+    # constexpr parameters with a default left to it (kept out of the label: T_SPLITS, SPLITS = 1)
+    defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty and name not in constexprs and name not in config.kwargs}
     for i, name in enumerate(kernel.arg_names):
-        if name in constexprs or name in config.kwargs:
+        if name in constexprs or name in config.kwargs or name in defaults:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointers.get(name, "*" + TYPE[dtype])
@@ -91,7 +95,7 @@ def _variant(kernel, config, dtype, pointers, constexprs, large=(), estimate=Non
             if name in aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return dict(kernel=kernel.__name__, config=dict(config.kwargs), warps=config.num_warps, stages=config.num_stages,
-                dtype=dtype, constexprs=constexprs, signature=sig, attrs={str(k[0]): v for k, v in attrs.items()},
+                dtype=dtype, constexprs=constexprs, defaults=defaults, signature=sig, attrs={str(k[0]): v for k, v in attrs.items()},
                 aligned=list(aligned), estimate=estimate)
 
 
@@ -138,10 +142,10 @@ def variants(which: str):
     fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
     gemm_variant = _gemm_variant
 
-    def shrink_variant(config, dtype, block_r, drop):
+    def shrink_variant(config, dtype, block_r, drop, splits=1):
         size = 4 if dtype == "float32" else 2
         return _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION=PRECISION[dtype],
-                                                          BLOCK_R=block_r),
+                                                          BLOCK_R=block_r, **(dict(SPLITS=splits) if splits > 1 else {})),
                         estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]))
 
     loop_r = fl._LOOP_SHRINK_MIN_BLOCK_R  # the in-loop shrink's smallest BLOCK_R
@@ -190,6 +194,20 @@ def variants(which: str):
                     config = fl.default_config(preferred, kind, block_r, size, precision, path, drop)
                     out.append(gemm_variant(config, dtype, "forward" if path == "tma" else None, path,
                                             BLOCK_R=block_r, **flags, **extra))
+        # decoding where the N-blocks fill the GPU (no split of K): the shrink kernel split along K, its
+        # partial sums added by the GEMM at each tile's start (T_SPLITS)
+        decode_splits = fl._SHRINK_MAX_SPLITS // 2
+        if dtype != "float16":
+            for bias, drop in ((True, False), (False, False), (True, True)):
+                for path in ("pointer", "tma"):
+                    if dtype == "float32" and (path == "pointer" or not bias):
+                        continue
+                    config = fl.default_config(fl._PREFERRED_DECODE_GEMM, "gemm", 16, size, precision, path, drop)
+                    out.append(gemm_variant(config, dtype, "forward" if path == "tma" else None, path, HAS_BIAS=bias,
+                                            OUTPUT_DROPOUT=drop, PRECISION=precision, T_SPLITS=decode_splits))
+            for drop in (False, True) if dtype == "bfloat16" else (False,):
+                out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision),
+                                          dtype, 16, drop, decode_splits))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
                 drop = layout == "backward"  # the forward's input-side dropout is the shrink kernel's
@@ -701,7 +719,7 @@ def compile_variant(v) -> dict:
     """What ``read_compiled`` reads from ``v``, and under "yardstick" the same of its yardstick
     (``yardstick(v)``; compiled once per process)."""
     kernel = KERNELS[v["kernel"]]
-    source = ASTSource(kernel, v["signature"], constexprs={**v["constexprs"], **v["config"]},
+    source = ASTSource(kernel, v["signature"], constexprs={**v.get("defaults", {}), **v["constexprs"], **v["config"]},
                        attrs={(int(k),): a for k, a in v["attrs"].items()})
     try:
         compiled, log, warnings = _compile_with_log(source, dict(num_warps=v["warps"], num_stages=v["stages"],

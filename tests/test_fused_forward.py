@@ -160,6 +160,78 @@ def test_decode_splits_k_deterministically(path, site, shrink_in_loop, dtype):
     assert rel_error(stored, expected) < TOLERANCE[dtype] and t.shape == (m, rank)
 
 
+def _spy_launches(monkeypatch):
+    """The kernels the launchers start, in order, each with its grid."""
+    launches, real = [], fused_linear.wrap_triton
+
+    class _Launch:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append((self.kernel.__name__, tuple(grid)))
+            return real(self.kernel)[grid]
+
+    monkeypatch.setattr(fused_linear, "wrap_triton", _Launch)
+    return launches
+
+
+def test_decode_plan_on_132_multiprocessors(monkeypatch):
+    """The launcher's choices at M ≤ 16 on an H100's 132 SMs: no split of K where the 32-column N-blocks
+    give at least half the SMs a program (N = 4096: 128), the shrink kernel then run first, split along
+    K (512 columns a program), instead of every N-block re-reading D in its K-loop; where K is split
+    (N = 1024: 32 N-blocks × 5 ranges) the in-loop shrink stays (a separate shrink would be a third launch)."""
+    monkeypatch.setattr(fused_linear, "multiprocessors", lambda device: 132)
+    dev = torch.device(DEVICE)
+    plan = fused_linear.decode_plan
+    assert plan(16, 4096, 4096, 16, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=8)
+    assert plan(1, 14336, 4096, 64, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=8)
+    assert plan(16, 4096, 14336, 16, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=16)
+    assert plan(16, 2112, 4096, 16, dev)["split_k"] == 1  # 66 N-blocks: half of 132
+    assert plan(16, 2080, 4096, 16, dev) == dict(shrink_in_loop=True, split_k=3, shrink_splits=0)  # 65
+    assert plan(16, 1024, 4096, 16, dev) == dict(shrink_in_loop=True, split_k=5, shrink_splits=0)
+    # input-side dropout is the shrink kernel's, split there too; above M = 16 nothing changed
+    assert plan(16, 4096, 4096, 16, dev, dropout_p=0.1) == dict(shrink_in_loop=False, split_k=1, shrink_splits=8)
+    assert plan(16, 1024, 4096, 16, dev, dropout_p=0.1) == dict(shrink_in_loop=False, split_k=5, shrink_splits=8)
+    assert plan(17, 4096, 4096, 16, dev) == dict(shrink_in_loop=True, split_k=1, shrink_splits=0)
+    assert plan(300, 4096, 4096, 16, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=1)
+
+
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
+@pytest.mark.parametrize("site", [None, "input", "output"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_launches_the_split_shrink_once_and_no_split_k(monkeypatch, path, site, dtype):
+    """M ≤ 16 with N-blocks for at least half the SMs (8 here: 5 N-blocks of 32 columns): two launches,
+    the shrink kernel over 3 ranges of K (its partial sums) and the GEMM unsplit, which adds them; the
+    reference's result, the same bits on every call, and the stored t complete. With fewer N-blocks
+    (N = 40) the GEMM splits K and shrinks in its K-loop (no input dropout) instead."""
+    monkeypatch.setattr(fused_linear, "multiprocessors", lambda device: 8)
+    launches = _spy_launches(monkeypatch)
+    m, k, rank, p, seed = 5, 1104, 6, 0.3, 21
+    n = 152 if path == "tma" else 150  # the descriptor path's rows: 16-byte multiples
+    a, w, bias, down, expand = _kernel_inputs(m, n, k, rank, dtype)
+    kw = dict(dropout_p=p if site else 0.0, dropout_site=site or "input", seed=seed, path=path)
+    out, t = kernels.lowrank_linear(a, w, bias, down, expand, 0.5, store_t=True, **kw)
+    assert [name for name, _ in launches] == ["_shrink_kernel", "_lowrank_linear_kernel"], launches
+    assert launches[0][1] == (1, 3) and launches[1][1] == (triton.cdiv(n, 32),), launches
+    mask = kernels.dropout_mask(seed, m, k if site == "input" else n, p, DEVICE) if site else None
+    expected = reference.oracle(a.double(), w.double(), bias.double(), expand.double(), None, down.double(), 0.5,
+                                dropout_p=p if site else 0.0, dropout_site=site or "input", dropout_mask=mask)
+    assert rel_error(out, expected) < TOLERANCE[dtype]
+    a_in = a.double() * mask / (1 - p) if site == "input" else a.double()
+    assert t.shape == (m, rank) and rel_error(t, a_in @ down.double()) < TOLERANCE[dtype]
+    assert torch.equal(out, kernels.lowrank_linear(a, w, bias, down, expand, 0.5, **kw)[0])
+    launches.clear()
+    narrow, _ = kernels.lowrank_linear(a, w[:40], bias[:40], down, expand[:40], 0.5, **kw)
+    expected_kernels = ["_lowrank_linear_kernel", "_sum_splits_kernel"]
+    assert [name for name, _ in launches] == (["_shrink_kernel"] if site == "input" else []) + expected_kernels
+    mask = kernels.dropout_mask(seed, m, k if site == "input" else 40, p, DEVICE) if site else None
+    expected = reference.oracle(a.double(), w[:40].double(), bias[:40].double(), expand[:40].double(), None,
+                                down.double(), 0.5, dropout_p=p if site else 0.0, dropout_site=site or "input",
+                                dropout_mask=mask)
+    assert rel_error(narrow, expected) < TOLERANCE[dtype]
+
+
 _EVERY_GEMM_CONFIG = [(path, c) for path, configs in (("pointer", fused_linear.GEMM_CONFIGS),
                                                        ("tma", fused_linear.TMA_GEMM_CONFIGS),
                                                        ("pointer", fused_linear.DECODE_GEMM_CONFIGS))
@@ -214,8 +286,9 @@ def test_input_dropout_is_the_shrink_kernels(module, monkeypatch):
         module.lowrank_linear(a, w, bias, down, expand, 0.5, shrink_in_loop=True, **kw)
     calls = []
     if module is kernels:  # count the shrink kernel's launches
-        monkeypatch.setattr(fused_linear, "shrink", lambda *args, **kwargs: calls.append(1) or
-                            kernels.shrink(*args, **kwargs))
+        real = fused_linear._shrink
+        monkeypatch.setattr(fused_linear, "_shrink", lambda *args, **kwargs: calls.append(1) or
+                            real(*args, **kwargs))
     _, t = module.lowrank_linear(a, w, bias, down, expand, 0.5, **kw)
     mask = kernels.dropout_mask(7, 8, 72, 0.3, DEVICE)
     assert rel_error(t, (a.double() * mask / 0.7) @ down.double()) < TOLERANCE[torch.float32]

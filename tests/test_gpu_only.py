@@ -142,10 +142,11 @@ def test_every_gemm_config_compiles_and_is_right(path, config):
 @pytest.mark.parametrize("path", kernels.GEMM_PATHS)
 @pytest.mark.parametrize("n", [1024, 4096])
 def test_decoding_fills_the_gpu_and_is_deterministic(path, n):
-    """M = 16: enough programs for every multiprocessor (K split in ranges), the same bits on every call."""
+    """M = 16: programs for at least half the multiprocessors (K split in ranges only below that), the
+    same bits on every call."""
     m, k, r = 16, 4096, 16
-    assert fused_linear._split_k(m, n, k, torch.device(DEV)) * triton.cdiv(n, 32) >= fused_linear.multiprocessors(
-        torch.device(DEV))
+    assert 2 * fused_linear._split_k(m, n, k, torch.device(DEV)) * triton.cdiv(n, 32) >= \
+        fused_linear.multiprocessors(torch.device(DEV))
     x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) / 64
     down, expand = torch.randn(k, r, device=DEV) / 64, torch.randn(n, r, device=DEV)

@@ -67,6 +67,8 @@ _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R floa
 # padded columns of D load as zeros.
 _LOOP_SHRINK_MIN_BLOCK_R = 32
 _DECODE_MAX_M = 16
+_DECODE_BLOCK_N = 32  # the decode configs' narrowest N-block (the split rule counts programs with it)
+_SHRINK_SPLIT_COLUMNS, _SHRINK_MAX_SPLITS = 512, 16  # the shrink kernel at M ≤ 16: see _shrink_splits
 # ranks per step of the rank-r term of a given t (see rank_step_size); constexpr: the kernel reads them
 _RANK_STEP, _TF32X3_RANK_STEP = tl.constexpr(64), tl.constexpr(32)
 
@@ -115,36 +117,41 @@ def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 
 @triton.jit
-def _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, N, expand_ptr, stride_en, stride_er, seed,
-                  drop_threshold, OUTPUT_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, expand_ptr, stride_en, stride_er,
+                  seed, drop_threshold, OUTPUT_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr):
     """``t_scale · drop_out(t Eᵀ)`` for the tile at rows ``m0 ...``, columns ``n0 ...`` (float32), t read
     from ``t_ptr`` (rows where ``t_rows``) in rank steps of ``rank_step_size`` (one step without a loop
-    where it covers BLOCK_R, so that the tile loop still fuses with the K-loop)."""
+    where it covers BLOCK_R, so that the tile loop still fuses with the K-loop). ``T_SPLITS`` > 1: t is
+    the sum of that many partial sums (the split shrink's, ``stride_ts`` apart), added in order."""
     RANK_STEP: tl.constexpr = min(BLOCK_R, _TF32X3_RANK_STEP if PRECISION == "tf32x3" else _RANK_STEP)
     offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
     term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BLOCK_R <= RANK_STEP:
-        term = _add_rank_step(term, 0, t_ptr, offs_m, stride_tm, t_rows, t_scale, R, expand_ptr, offs_n, in_n,
-                              stride_en, stride_er, PRECISION, RANK_STEP)
+        term = _add_rank_step(term, 0, t_ptr, offs_m, stride_tm, stride_ts, t_rows, t_scale, R, expand_ptr, offs_n,
+                              in_n, stride_en, stride_er, PRECISION, RANK_STEP, T_SPLITS)
     else:
         for r0 in tl.range(0, R, RANK_STEP, num_stages=1):  # unpipelined: stages of t and E tiles spilled
-            term = _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, t_rows, t_scale, R, expand_ptr, offs_n,
-                                  in_n, stride_en, stride_er, PRECISION, RANK_STEP)
+            term = _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, stride_ts, t_rows, t_scale, R, expand_ptr,
+                                  offs_n, in_n, stride_en, stride_er, PRECISION, RANK_STEP, T_SPLITS)
     if OUTPUT_DROPOUT:
         term = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, BLOCK_N), term, 0.0)
     return term
 
 
 @triton.jit
-def _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, t_rows, t_scale, R, expand_ptr, offs_n, in_n, stride_en,
-                   stride_er, PRECISION: tl.constexpr, RANK_STEP: tl.constexpr):
-    """``term + t_scale · t[:, r0 : r0 + RANK_STEP] E[:, r0 : r0 + RANK_STEP]ᵀ`` for the tile's rows and columns."""
+def _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, stride_ts, t_rows, t_scale, R, expand_ptr, offs_n, in_n,
+                   stride_en, stride_er, PRECISION: tl.constexpr, RANK_STEP: tl.constexpr, T_SPLITS: tl.constexpr):
+    """``term + t_scale · t[:, r0 : r0 + RANK_STEP] E[:, r0 : r0 + RANK_STEP]ᵀ`` for the tile's rows and columns
+    (t: the sum of ``T_SPLITS`` partial sums, in order)."""
     offs_r = r0 + tl.arange(0, RANK_STEP)
     in_r = offs_r < R
-    t_step = _load_tile(t_ptr, offs_m, offs_r, stride_tm, 1, t_rows, in_r) * t_scale
+    t_step = _load_tile(t_ptr, offs_m, offs_r, stride_tm, 1, t_rows, in_r)
+    for s in tl.static_range(1, T_SPLITS):
+        t_step += _load_tile(t_ptr + s * stride_ts, offs_m, offs_r, stride_tm, 1, t_rows, in_r)
+    t_step = t_step * t_scale
     e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
     return tl.dot(t_step, e, term, input_precision=PRECISION)
 
@@ -183,7 +190,7 @@ def _lowrank_linear_kernel(
         a_ptr, w_ptr, bias_ptr, down_ptr, expand_ptr, t_ptr, out_ptr,
         M, N, K, R,
         stride_am, stride_ak, stride_wn, stride_wk, stride_b, stride_dk, stride_dr, stride_en, stride_er,
-        stride_tm, stride_om, stride_on,
+        stride_tm, stride_ts, stride_om, stride_on,
         scale, seed_ptr, drop_threshold, drop_scale,
         split_k,  # K is cut into this many ranges of whole BLOCK_K steps
         M_BUCKET,  # autotune key only
@@ -192,10 +199,11 @@ def _lowrank_linear_kernel(
         TMA: tl.constexpr, W_TRANSPOSED: tl.constexpr, PARTIAL: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr):
+        GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr, T_SPLITS: tl.constexpr = 1):
     """``TMA``: descriptor loads of a and W (``W_TRANSPOSED``: W has unit stride along N), descriptor
     stores of the output. ``PARTIAL``: ``out_ptr`` is float32 ``split_k × M × N`` partial sums.
-    ``OUTPUT_DROPOUT``: the mask on the rank-r term (input-side dropout is the shrink kernel's)."""
+    ``OUTPUT_DROPOUT``: the mask on the rank-r term (input-side dropout is the shrink kernel's).
+    ``T_SPLITS``: a given t comes as that many partial sums ``stride_ts`` apart (the split shrink's)."""
     if TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
@@ -236,8 +244,9 @@ def _lowrank_linear_kernel(
         t_scale = scale * drop_scale if OUTPUT_DROPOUT else scale
         if HAS_LOW_RANK and not SHRINK_IN_LOOP:
             t_rows = offs_m < M * (split == 0)  # the rank-r term from the first split only
-            acc = _given_t_term(m0, n0, t_ptr, stride_tm, t_rows, t_scale, R, N, expand_ptr, stride_en, stride_er,
-                                seed, drop_threshold, OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            acc = _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, expand_ptr, stride_en,
+                                stride_er, seed, drop_threshold, OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
+                                T_SPLITS)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -303,12 +312,21 @@ def _sum_splits_kernel(partial_ptr, out_ptr, size, split_k, BLOCK: tl.constexpr)
 
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
-                   stride_am, stride_ak, stride_dk, stride_dr, stride_tm,
+                   stride_am, stride_ak, stride_dk, stride_dr, stride_tm, stride_ts,
                    seed_ptr, drop_threshold, drop_scale,
                    M_BUCKET,  # autotune key only
                    DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """t = drop(a) D for one block of rows (float32, M×R)."""
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLITS: tl.constexpr = 1):
+    """t = drop(a) D for one block of rows (float32, M×R). ``SPLITS`` > 1: program ``(i, s)`` writes the
+    partial sum of K range ``s`` (whole BLOCK_K steps) at ``t_ptr + s · stride_ts``; the GEMM adds them."""
+    k_start, k_len = 0, K  # the loop runs from 0 over k_len columns of a and D moved to column k_start
+    if SPLITS > 1:  # more programs, each with fewer bytes to read (decoding: one block of rows)
+        k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLITS) * BLOCK_K
+        k_start = tl.program_id(1) * k_per_split
+        k_len = min(K - k_start, k_per_split)
+        a_ptr += k_start.to(tl.int64) * stride_ak
+        down_ptr += k_start.to(tl.int64) * stride_dk
+        t_ptr += tl.program_id(1).to(tl.int64) * stride_ts
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     in_m, in_r = offs_m < M, offs_r < R
@@ -316,12 +334,13 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     if DROPOUT_INPUT:
         seed = tl.load(seed_ptr)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_len, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_k = offs_k < K
+        in_k = offs_k < k_len
         a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
-        t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed,
-                         drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
+        # the dropout mask by the absolute column k_start + k0
+        t = _shrink_step(t, a, down_ptr, offs_m, k_start + k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
+                         seed, drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
     if DROPOUT_INPUT:
         t = t * drop_scale
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
@@ -465,12 +484,13 @@ def _prune_shrink(configs, named_args, **meta):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "OUTPUT_DROPOUT", "HAS_BIAS",
-             "PRECISION", "TMA", "W_TRANSPOSED", "split_k"]
+             "PRECISION", "TMA", "W_TRANSPOSED", "split_k", "T_SPLITS"]
 _gemm_tuned = {("pointer", False): autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("tma", False): autotuned(_lowrank_linear_kernel, TMA_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("pointer", True): autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("tma", True): autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm)}
-_shrink_tuned = autotuned(_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT"], _prune_shrink)
+_shrink_tuned = autotuned(_shrink_kernel, SHRINK_CONFIGS, ["M_BUCKET", "K", "BLOCK_R", "DROPOUT_INPUT", "SPLITS"],
+                          _prune_shrink)
 
 # Where nothing is autotuned: the first config of each list that fits. Under the interpreter, big tiles
 # keep the number of (slow, Python-level) programs low and nothing limits shared memory.
@@ -535,20 +555,27 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=
            config: triton.Config | None = None) -> torch.Tensor:
     """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r. ``seed``: an int or
     a 0-d int64 tensor (read on the device). ``config`` forces one kernel configuration."""
+    return _shrink(a, down, dropout_p=dropout_p, seed=seed, config=config)[0]
+
+
+def _shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=None,
+            config: triton.Config | None = None, splits: int = 1) -> torch.Tensor:
+    """``splits`` partial sums of ``t = drop(a) D`` over consecutive ranges of K (``splits × M × r``,
+    float32; their sum in order is t), ``splits`` programs per block of rows."""
     m, k = a.shape
     rank = down.shape[1]
     _check_rank(rank)
-    t = torch.empty(m, rank, device=a.device, dtype=torch.float32)
+    t = torch.empty(splits, m, rank, device=a.device, dtype=torch.float32)
     if m == 0:
         return t
     down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
     kwargs = dict(a_ptr=a, down_ptr=down, t_ptr=t, M=m, K=k, R=rank,
                   stride_am=a.stride(0), stride_ak=a.stride(1), stride_dk=down.stride(0), stride_dr=down.stride(1),
-                  stride_tm=t.stride(0), seed_ptr=seed_arg(seed, dropout_p, a),
+                  stride_tm=t.stride(1), stride_ts=t.stride(0), seed_ptr=seed_arg(seed, dropout_p, a),
                   drop_threshold=dropout_threshold(dropout_p), drop_scale=1.0 / (1.0 - dropout_p),
                   M_BUCKET=_m_bucket(m), DROPOUT_INPUT=dropout_p > 0, UPCAST=INTERPRET,
-                  PRECISION=dot_precision(a.dtype), BLOCK_R=rank_block(rank))
-    _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]),), kwargs, config,
+                  PRECISION=dot_precision(a.dtype), BLOCK_R=rank_block(rank), SPLITS=splits)
+    _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]), splits), kwargs, config,
          lambda: default_config(_PREFERRED_SHRINK, "shrink", kwargs["BLOCK_R"], a.element_size(),
                                 kwargs["PRECISION"]))
     return t
@@ -591,11 +618,50 @@ def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
 
 
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """How many ranges K is cut into at M ≤ 16: enough 32-column programs to fill every multiprocessor,
-    keeping at least 256 columns of K per range."""
+    """How many ranges K is cut into at M ≤ 16. Not at all where the 32-column N-blocks already give at
+    least half the multiprocessors a program (N ≥ 2112 on 132 SMs: 4096 gives 128 programs on 132 SMs,
+    each streaming 256 KiB of W): a split there costs a second launch and ``split × M × N`` float32
+    partials (512 KiB at M = 16, N = 4096) written and read back to fill the last few SMs. Below that,
+    enough ranges to give every multiprocessor a program, keeping at least 256 columns of K per range
+    (N = 1024: 32 N-blocks × 5 ranges)."""
     if m > _DECODE_MAX_M or n == 0:
         return 1
-    return max(1, min(triton.cdiv(multiprocessors(device), triton.cdiv(n, 32)), k // 256))
+    sms, blocks = multiprocessors(device), triton.cdiv(n, _DECODE_BLOCK_N)
+    if 2 * blocks >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, blocks), k // 256))
+
+
+def _shrink_splits(m: int, k: int) -> int:
+    """Programs per block of rows of the shrink kernel at M ≤ 16 (one block of rows): one per
+    ``_SHRINK_SPLIT_COLUMNS`` columns of K, at most ``_SHRINK_MAX_SPLITS`` (each GEMM program then reads
+    ``splits × M × r`` float32 partials: 16 KiB at M = 16, r = 16, 16 splits). One program would stream
+    x and D (256 KiB at K = 4096, r = 16, bf16) alone, about 3 stages of 8 KiB in flight: several µs."""
+    if m > _DECODE_MAX_M:
+        return 1
+    return max(1, min(triton.cdiv(k, _SHRINK_SPLIT_COLUMNS), _SHRINK_MAX_SPLITS))
+
+
+def decode_plan(m: int, n: int, k: int, rank: int, device: torch.device, *, dropout_p: float = 0.0,
+                dropout_site: str = "input", shrink_in_loop: bool | None = None) -> dict:
+    """What ``lowrank_linear`` launches for these sizes (no given t): ``shrink_in_loop`` (t in the
+    GEMM's K-loop), ``split_k`` (the GEMM's K ranges; > 1 adds the sum of the splits' launch) and
+    ``shrink_splits`` (the shrink kernel's programs per block of rows, 0 where it does not run).
+
+    At M ≤ 16 the in-loop shrink makes every N-block's program read D again (``cdiv(N, 32)`` times
+    D's bytes from L2: 128 × 128 KiB = 16 MiB at N = K = 4096, r = 16, half of W's 32 MiB): it is kept
+    only where the N-blocks are fewer than half the SMs (few re-reads; K is split there unless it is
+    short, and a separate shrink would be a third launch). Where they are more (K is not split), the
+    shrink kernel runs first, split along K (``_shrink_splits``), and the GEMM reads t: D once, x once
+    more (128 KiB), still two launches."""
+    input_dropout = dropout_p > 0 and dropout_site == "input"
+    block_r = rank_block(rank)
+    split_k = _split_k(m, n, k, device)
+    if shrink_in_loop is None:
+        shrink_in_loop = (m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK and not input_dropout
+                          and (m > _DECODE_MAX_M or 2 * triton.cdiv(n, _DECODE_BLOCK_N) < multiprocessors(device)))
+    return dict(shrink_in_loop=shrink_in_loop, split_k=split_k,
+                shrink_splits=0 if shrink_in_loop else _shrink_splits(m, k))
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
@@ -619,7 +685,8 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
         out_ptr=partial, M=m, N=n, K=k, R=down.shape[1],
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
         stride_b=bias.stride(0) if bias is not None else 0, stride_dk=down.stride(0), stride_dr=down.stride(1),
-        stride_en=expand.stride(0), stride_er=expand.stride(1), stride_tm=t.stride(0),
+        stride_en=expand.stride(0), stride_er=expand.stride(1), stride_tm=t.stride(-2),
+        stride_ts=t.stride(0) if t.dim() == 3 else 0, T_SPLITS=t.shape[0] if t.dim() == 3 else 1,
         stride_om=partial.stride(-2), stride_on=partial.stride(-1),
         scale=float(scale), seed_ptr=seed_arg(seed, dropout_p, a), drop_threshold=dropout_threshold(dropout_p),
         drop_scale=1.0 / (1.0 - dropout_p), split_k=split_k, M_BUCKET=_m_bucket(m),
@@ -677,16 +744,21 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         if shrink_in_loop and input_dropout:
             raise ValueError("shrink_in_loop=True: input-side dropout is applied by the shrink kernel only; "
                              "pass shrink_in_loop=None or False")
-        if shrink_in_loop is None:
-            shrink_in_loop = m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK and not input_dropout
+        plan = decode_plan(m, n, k, rank, a.device, dropout_p=dropout_p, dropout_site=dropout_site,
+                           shrink_in_loop=shrink_in_loop)
+        shrink_in_loop = plan["shrink_in_loop"]
         if shrink_in_loop:
             block_r = max(block_r, _LOOP_SHRINK_MIN_BLOCK_R)
             t = torch.empty(m, rank, device=a.device, dtype=torch.float32) if store_t else out  # out: unused pointer
-        else:
-            t = shrink(a, down, dropout_p=dropout_p if input_dropout else 0.0, seed=seed)
+        else:  # split along K at M ≤ 16: the GEMM adds the partial sums (T_SPLITS)
+            t = _shrink(a, down, dropout_p=dropout_p if input_dropout else 0.0, seed=seed,
+                        splits=plan["shrink_splits"])
+            t = t[0] if t.shape[0] == 1 else t
     _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, has_low_rank=True,
                  shrink_in_loop=shrink_in_loop, output_dropout=dropout_p > 0 and not input_dropout, store_t=store_t,
                  block_r=block_r, config=config, path=path)
+    if store_t and t.dim() == 3:
+        t = t.sum(0)  # the partials' sum, for the backward (the GEMM added them itself)
     return out, (t if store_t else None)
 
 
