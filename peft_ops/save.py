@@ -12,7 +12,7 @@ from .adapter_file import FINGERPRINT_SAMPLES, SKETCH, adapter_file_bytes, dtype
 from .checks import fingerprint, full_tensor, signature
 from .files import write_atomically
 from .layers import base_dtype
-from .model import adapter_layers, module_tensors, modules_to_save, unsaved_trainable
+from .model import adapter_banks, adapter_layers, module_tensors, modules_to_save, unsaved_trainable
 
 __all__ = ["save_adapter", "check_savable", "AdapterFileInfo"]
 
@@ -34,6 +34,10 @@ def check_savable(model: nn.Module) -> None:
     """What :func:`save_adapter` refuses in a model, whatever the path: no adapters, or trainable parameters
     the file would lose. A ``ValueError`` that says what to do."""
     if next(adapter_layers(model), None) is None:
+        banks = sorted({n for _, bank in adapter_banks(model) for n in bank.names})
+        if banks:
+            raise ValueError(f"model has no peft-ops adapter layers to save, only adapter banks holding {banks}: each "
+                             f"of those is the adapter file it was loaded from (peft_ops.read_adapter_info describes it)")
         raise ValueError("model has no peft-ops adapter layers to save (inject or load one first)")
     lost = unsaved_trainable(model)
     if lost:

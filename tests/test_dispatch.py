@@ -5,7 +5,6 @@ import dataclasses
 import errno
 import json
 import os
-import re
 import stat
 import threading
 

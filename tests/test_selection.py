@@ -1,6 +1,5 @@
 """One model, many callers: what the adapters compute is selected per thread by `with` blocks that compose
 and cannot leak, and banks obey every model-level operation."""
-import contextlib
 import threading
 
 import pytest
@@ -249,3 +248,9 @@ def test_compiled_model_follows_the_selection():
         with peft_ops.disable_adapters(model):
             assert torch.allclose(compiled(x), base, atol=1e-6)
         assert torch.allclose(compiled(x), adapted, atol=1e-6)
+
+
+def test_save_adapter_of_a_model_with_only_banks_names_them(tmp_path):
+    model = _banked(tmp_path)
+    with pytest.raises(ValueError, match=r"only adapter banks holding \['a', 'b'\]: each of those is the adapter file"):
+        peft_ops.save_adapter(model, tmp_path / "x.safetensors")

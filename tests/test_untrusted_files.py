@@ -98,7 +98,7 @@ def test_non_finite_checks_are_refused(tmp_path, where, value):
     _, path = _with_heads(tmp_path)
     key = {"fingerprint": "fingerprints", "signature": "signatures"}[where]
     craft(path, edit_checks=lambda c: c[key].fill_(value))
-    _refused(path, rf"module 'blocks.0.k_proj': its (base-weight fingerprint|frozen-factor signature) holds non-finite")
+    _refused(path, r"module 'blocks.0.k_proj': its (base-weight fingerprint|frozen-factor signature) holds non-finite")
 
 
 @pytest.mark.parametrize("literal", ["Infinity", "NaN", "-Infinity"])
