@@ -26,12 +26,12 @@ import hashlib
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import AdapterFileError
+from .files import open_regular
 from .methods import METHODS
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "FINGERPRINT_SAMPLES", "SKETCH", "ADAPTER_DTYPES", "AdapterEntry", "checksum",
@@ -189,24 +189,21 @@ def _json(text: str, what: str, path: str):
 def _open_regular(path: str):
     """A file object for ``path``, refusing anything but a regular file (a FIFO would block, a device
     would never end)."""
+    directory = IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file (e.g. "
+                                  f"{os.path.join(path, 'adapter.safetensors')!r})")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        f = open_regular(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"path={path!r}: no such adapter file") from None
     except IsADirectoryError:
-        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file (e.g. "
-                                f"{os.path.join(path, 'adapter.safetensors')!r})") from None
+        raise directory from None
     except OSError as e:
         raise AdapterFileError(f"{path}: cannot be opened ({e.strerror})") from None
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISDIR(mode):
-        os.close(fd)
-        raise IsADirectoryError(f"path={path!r} is a directory; expected the path of an adapter file (e.g. "
-                                f"{os.path.join(path, 'adapter.safetensors')!r})")
-    if not stat.S_ISREG(mode):
-        os.close(fd)
+    if f is None:
+        if os.path.isdir(path):
+            raise directory
         raise AdapterFileError(f"{path}: not a regular file (a device, pipe or socket); expected an adapter file")
-    return os.fdopen(fd, "rb")
+    return f
 
 
 def _read_header(path: str) -> tuple[dict, dict, int]:

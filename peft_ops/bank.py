@@ -34,7 +34,7 @@ from .layers import LowRankLinear, base_weight
 from .load import Plan, apply, build_layer, check_base
 from .methods import Method, get_method
 from .model import adapter_banks, preserved_on_error, replace_modules
-from .selection import Selection, in_use, selected
+from .selection import Selection, refuse_while_selected, selected
 from .targets import ModelView
 
 __all__ = ["AdapterBank", "load_adapter_bank", "use_adapters", "remove_adapters", "adapter_banks",
@@ -47,12 +47,6 @@ def bank_adapters(model: nn.Module) -> list[str]:
     for _, bank in adapter_banks(model):
         names.update(dict.fromkeys(bank.names))
     return list(names)
-
-
-def _refuse_while_in_use(model: nn.Module, what: str) -> None:
-    if in_use(bank for _, bank in adapter_banks(model)):
-        raise RuntimeError(f"{what}: a use_adapters or disable_adapters block (in some thread) selects this "
-                           f"model's banks; {what} once every such block has ended")
 
 
 @dataclass
@@ -101,7 +95,7 @@ def load_adapter_bank(model: nn.Module, paths: Mapping[str, str | os.PathLike], 
         if name in loaded:
             raise ValueError(f"paths: adapter {name!r} is already in the model's banks; remove_adapters(model, "
                              f"[{name!r}]) first to replace it")
-    _refuse_while_in_use(model, "load_adapter_bank")
+    refuse_while_selected((bank for _, bank in adapter_banks(model)), "load_adapter_bank")
     view = ModelView.of(model)
     pending: dict[str, _PendingBank] = {}
     plan = Plan(", ".join(map(os.fspath, paths.values())))
@@ -209,7 +203,7 @@ def remove_adapters(model: nn.Module, names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"names: {unknown} are not in the model's adapter banks; loaded: {sorted(known)}")
-    _refuse_while_in_use(model, "remove_adapters")
+    refuse_while_selected((bank for _, bank in adapter_banks(model)), "remove_adapters")
     for module_name, bank in list(adapter_banks(model)):
         bank.remove(set(names))
         if not bank.names:

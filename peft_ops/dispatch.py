@@ -35,14 +35,13 @@ import json
 import math
 import os
 import re
-import stat
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
 
 from . import reference_kernels
-from .files import write_atomically
+from .files import open_regular, write_atomically
 
 __all__ = ["BACKENDS", "IMPLEMENTATIONS", "Key", "check_backend", "resolve_backend", "rule", "decisions",
            "clear_decisions", "composed_lowrank_linear", "run_lowrank_linear", "kernel_module"]
@@ -233,11 +232,10 @@ def _cache_path(device: torch.device) -> str:
 
 def _read_cache_file(path: str):
     """The file's JSON value, or None where it is not a regular file of at most ``CACHE_MAX_BYTES``."""
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, in the middle of a forward
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
+    f = open_regular(path)  # a FIFO at the path would otherwise block a forward
+    if f is None:
+        return None
+    with f:
         data = f.read(CACHE_MAX_BYTES + 1)
     return json.loads(data) if len(data) <= CACHE_MAX_BYTES else None
 

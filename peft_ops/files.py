@@ -30,10 +30,21 @@ import re
 import secrets
 import stat
 
-__all__ = ["write_atomically", "remove_stale_temps", "temp_path", "TEMP_SUFFIX"]
+__all__ = ["write_atomically", "remove_stale_temps", "temp_path", "TEMP_SUFFIX", "open_regular"]
 
 TEMP_SUFFIX = ".peft-ops-tmp"
 _RANDOM_HEX_DIGITS = 16
+
+
+def open_regular(path: str | os.PathLike):
+    """``path`` opened for binary reading if it is a regular file, else None (a directory, device, pipe or
+    socket: a FIFO would block the open, a device never ends). OSErrors of the open itself propagate."""
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
 
 
 def write_atomically(path: str | os.PathLike, data: bytes) -> str:

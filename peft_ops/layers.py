@@ -217,7 +217,7 @@ class LowRankLinear(nn.Module):
                              f"({type(self.base_layer).__name__}); folding ΔW in would quantize W + ΔW "
                              f"again and lose most of the adapter (README, 'Quantized bases'). Keep "
                              f"the adapter unmerged, or merge into the unquantized original model")
-        _refuse_while_selected(self, "merge")
+        selection.refuse_while_selected([self], "merge")
         weight = self.base_layer.weight
         delta = self.delta_weight()
         self._original_weight = weight.detach().clone()
@@ -229,7 +229,7 @@ class LowRankLinear(nn.Module):
         """Restore the base weight exactly as it was before :meth:`merge`. No-op if not merged."""
         if not self.merged:
             return
-        _refuse_while_selected(self, "unmerge")
+        selection.refuse_while_selected([self], "unmerge")
         self.base_layer.weight.copy_(self._original_weight)
         self._original_weight = None
         self.merged = False
@@ -245,14 +245,6 @@ class LowRankLinear(nn.Module):
         return (f"method={self.method.name}, in_features={self.in_features}, out_features={self.out_features}, "
                 f"rank={self.rank}, alpha={self.alpha:g}, dropout={self.dropout:g}, backend={self.backend!r}"
                 + (", merged=True" if self.merged else ""))
-
-
-def _refuse_while_selected(layer: LowRankLinear, what: str) -> None:
-    """merge and unmerge write the base weight in place: a forward selecting this layer in another thread
-    would read it half-written, so refuse while any thread's block selects it."""
-    if selection.in_use([layer]):
-        raise RuntimeError(f"{what}: a disable_adapters or use_adapters block (in some thread) selects this "
-                           f"{layer.method.name} layer; {what} once every such block has ended")
 
 
 def _unmerged_state_dict(layer: LowRankLinear, state_dict, prefix, local_metadata) -> None:

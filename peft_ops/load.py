@@ -19,7 +19,7 @@ from .layers import LAYER_CLASSES, LowRankLinear, base_dtype, base_shape
 from .methods import get_method
 from .model import (adapter_layers, guard_save_pretrained, preserved_on_error, register_modules_to_save,
                     modules_to_save, replace_modules)
-from .selection import in_use
+from .selection import refuse_while_selected
 from .targets import ModelView
 
 __all__ = ["Plan", "apply", "build_layer", "check_base", "check_module_tensors", "plan_adapter_file",
@@ -73,9 +73,7 @@ def check_module_tensors(model: nn.Module, described: dict[str, tuple[torch.dtyp
 def _check(model: nn.Module, plan: Plan) -> None:
     """Everything the plan would change, checked against the model as it is now."""
     view = ModelView.of(model)
-    if in_use(view.adapters().values()):  # a forward in another thread would see the model change under it
-        raise RuntimeError(f"{plan.where}: a disable_adapters or use_adapters block (in some thread) selects this "
-                           f"model's adapters; load once every such block has ended")
+    refuse_while_selected(view.adapters().values(), "load")
     for name, module in plan.new.items():
         target = view.target(name, plan.error, plan.where)
         if target is not module.base_layer:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .bank_layer import AdapterBank
 from .layers import LowRankLinear
-from .selection import Selection, in_use, selected
+from .selection import Selection, refuse_while_selected, selected
 
 __all__ = ["adapter_layers", "adapter_banks", "replace_modules", "preserved_on_error", "modules_to_save",
            "register_modules_to_save", "module_tensors", "unsaved_trainable", "guard_save_pretrained", "merge",
@@ -142,9 +142,7 @@ def unload(model: nn.Module, *, merge: bool = False) -> list[str]:
         raise ValueError(f"unload(merge=True): the model holds adapter banks on {sorted(banks)[:4]}, whose many "
                          f"adapters cannot be folded into one weight; remove them first (peft_ops.remove_adapters, "
                          f"or unload(model) without merge, which gives back the base layers)")
-    if in_use([*layers.values(), *banks.values()]):
-        raise RuntimeError("unload: a disable_adapters or use_adapters block (in some thread) selects this model's "
-                           "adapters; unload once every such block has ended")
+    refuse_while_selected([*layers.values(), *banks.values()], "unload")
     for layer in layers.values():
         if merge:
             layer.merge()

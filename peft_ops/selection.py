@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Selection", "selected", "is_disabled", "rows_of", "in_use"]
+__all__ = ["Selection", "selected", "is_disabled", "rows_of", "refuse_while_selected"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -73,8 +73,12 @@ def rows_of(bank) -> object | None:
     return _state.rows.get(id(bank))
 
 
-def in_use(modules: Iterable) -> bool:
-    """Whether any thread's open block selects one of ``modules``."""
+def refuse_while_selected(modules: Iterable, what: str) -> None:
+    """A RuntimeError while any thread's open block selects one of ``modules``: ``what`` changes them in place,
+    and a forward in that block would see them half-changed."""
     ids = {id(m) for m in modules}
     with _live_lock:
-        return any(ids & s.modules for s in _live.values())
+        selected_now = any(ids & s.modules for s in _live.values())
+    if selected_now:
+        raise RuntimeError(f"{what}: a disable_adapters or use_adapters block (in some thread) selects this model's "
+                           f"adapters; {what} once every such block has ended")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import peft_ops
+from test_adapter_file import _adapted
 from test_bank import _adapter_files
 from test_inject import _assert_unchanged, _snapshot
 from utils import TinyModel, randomize_adapters
@@ -100,9 +101,7 @@ def test_disable_adapters_covers_banks(tmp_path):
 
 
 def test_disabling_a_merged_model_changes_nothing_in_it():
-    model = TinyModel(1)
-    peft_ops.inject(model, "tlora", 4, target_modules="all-linear")
-    randomize_adapters(model, 0.3)
+    model = _adapted("tlora")
     x = torch.randn(3, 32)
     with torch.no_grad():
         with peft_ops.disable_adapters(model):
@@ -235,9 +234,7 @@ def test_trainable_summary_counts_banks(tmp_path):
 
 
 def test_compiled_model_follows_the_selection():
-    model = TinyModel(1)
-    peft_ops.inject(model, "loraxs", 4, target_modules="all-linear")
-    randomize_adapters(model, 0.3)
+    model = _adapted("loraxs")
     x = torch.randn(3, 32)
     with torch.no_grad():
         adapted = model(x)
