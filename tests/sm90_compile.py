@@ -103,10 +103,11 @@ _GEMM_BASE = dict(HAS_BIAS=True, HAS_LOW_RANK=True, SHRINK_IN_LOOP=False, OUTPUT
                   W_TRANSPOSED=False, PARTIAL=False, UPCAST=False, PRECISION="tf32", BLOCK_R=16)
 
 
-def _gemm_variant(config, dtype, layout=None, path="pointer", **flags):
-    """``layout``: None (general strides), "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or
-    "backward" (contiguous g; W transposed; no bias, as dx has none). ``path``: "pointer" or "tma"
-    (which needs a layout). Input-side dropout is the shrink kernel's: the GEMM's variant has none."""
+def _gemm_variant(config, dtype, layout, path="pointer", **flags):
+    """``layout``: "forward" (contiguous x, W and t; D = Aᵀ of an r×K A) or "backward" (contiguous g; W
+    transposed; no bias, as dx has none), specialised as real launches are (unit strides, aligned sizes:
+    the launchers give every operand a unit stride, see fused_linear's ``_with_unit_stride``).
+    ``path``: "pointer" or "tma". Input-side dropout is the shrink kernel's: the GEMM's variant has none."""
     c = dict(_GEMM_BASE, TMA=path == "tma", W_TRANSPOSED=path == "tma" and layout == "backward",
              **(dict(HAS_BIAS=False) if layout == "backward" else {}), **flags)
     if c["PARTIAL"]:  # split-K partial sums: the output is float32
@@ -114,8 +115,7 @@ def _gemm_variant(config, dtype, layout=None, path="pointer", **flags):
     fl = fused_linear
     kind = fl._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
     size = 4 if dtype == "float32" else 2
-    unit, aligned = {None: ((), ()),
-                     "forward": (("stride_ak", "stride_wk", "stride_dk", "stride_er", "stride_on", "stride_b"),
+    unit, aligned = {"forward": (("stride_ak", "stride_wk", "stride_dk", "stride_er", "stride_on", "stride_b"),
                                  ("K", "N", "stride_am", "stride_wn", "stride_dr", "stride_om")),
                      "backward": (("stride_ak", "stride_wn", "stride_dr", "stride_er", "stride_on"),
                                   ("K", "N", "stride_am", "stride_wk", "stride_dk", "stride_om"))}[layout]
@@ -142,11 +142,15 @@ def variants(which: str):
     fp32 = {"expand_ptr": "*fp32", "t_ptr": "*fp32", "seed_ptr": "*i64"}  # D is cast to a's dtype
     gemm_variant = _gemm_variant
 
-    def shrink_variant(config, dtype, block_r, drop, splits=1):
+    def shrink_variant(config, dtype, block_r, drop, splits=1, layout="forward"):
+        """``layout``: "forward" (x and D = Aᵀ of an r×K A: unit K-strides) or "backward" (g and U, N×r)."""
         size = 4 if dtype == "float32" else 2
+        unit = ("stride_ak", "stride_dk" if layout == "forward" else "stride_dr")
+        aligned = ("K", "stride_am", "stride_dr" if layout == "forward" else "stride_dk")
         return _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION=PRECISION[dtype],
                                                           BLOCK_R=block_r, **(dict(SPLITS=splits) if splits > 1 else {})),
-                        estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]))
+                        estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]),
+                        unit=unit, aligned=aligned)
 
     loop_r = fl._LOOP_SHRINK_MIN_BLOCK_R  # the in-loop shrink's smallest BLOCK_R
     out = []
@@ -192,8 +196,7 @@ def variants(which: str):
                         continue
                     block_r = loop_r if in_loop else 16
                     config = fl.default_config(preferred, kind, block_r, size, precision, path, drop)
-                    out.append(gemm_variant(config, dtype, "forward" if path == "tma" else None, path,
-                                            BLOCK_R=block_r, **flags, **extra))
+                    out.append(gemm_variant(config, dtype, "forward", path, BLOCK_R=block_r, **flags, **extra))
         # decoding where the N-blocks fill the GPU (no split of K): the shrink kernel split along K, its
         # partial sums added by the GEMM at each tile's start (T_SPLITS)
         decode_splits = fl._SHRINK_MAX_SPLITS // 2
@@ -203,13 +206,15 @@ def variants(which: str):
                     if dtype == "float32" and (path == "pointer" or not bias):
                         continue
                     config = fl.default_config(fl._PREFERRED_DECODE_GEMM, "gemm", 16, size, precision, path, drop)
-                    out.append(gemm_variant(config, dtype, "forward" if path == "tma" else None, path, HAS_BIAS=bias,
-                                            OUTPUT_DROPOUT=drop, PRECISION=precision, T_SPLITS=decode_splits))
+                    out.append(gemm_variant(config, dtype, "forward", path, HAS_BIAS=bias, OUTPUT_DROPOUT=drop,
+                                            PRECISION=precision, T_SPLITS=decode_splits))
             for drop in (False, True) if dtype == "bfloat16" else (False,):
                 out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision),
                                           dtype, 16, drop, decode_splits))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
+                if path == "tma" and layout == "backward" and dtype == "float32":
+                    continue  # float32's Wᵀ takes the pointer path (fused_linear's _descriptor_layout)
                 drop = layout == "backward"  # the forward's input-side dropout is the shrink kernel's
                 config = fl.default_config(preferred, "gemm", 16, size, precision, path, drop)
                 out.append(gemm_variant(config, dtype, layout, path, OUTPUT_DROPOUT=drop, PRECISION=precision))
@@ -217,8 +222,7 @@ def variants(which: str):
             continue
         for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
             out.append(gemm_variant(fl.default_config(preferred, "plain", 16, size, precision, path), dtype,
-                                    "forward" if path == "tma" else None, path, HAS_LOW_RANK=False, STORE_T=False,
-                                    PRECISION=precision))
+                                    "forward", path, HAS_LOW_RANK=False, STORE_T=False, PRECISION=precision))
         for drop in (False, True):
             out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size, precision), dtype, 64,
                                       drop))
@@ -226,22 +230,23 @@ def variants(which: str):
                                                                    "seed_ptr": "*i64"},
                                 dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"],
                                      BLOCK_M=reductions._BLOCK_M, BLOCK_P=reductions._BLOCK_P,
-                                     BLOCK_R=64)))  # b is float32 whatever a is
+                                     BLOCK_R=64), unit=("stride_ap", "stride_br")))  # b is float32 whatever a is
+        out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision), dtype, 16,
+                                  False, layout="backward"))  # dx's: g and U
         out.append(_variant(fl._sum_splits_kernel, triton.Config({}), dtype, {"partial_ptr": "*fp32"},
                             dict(BLOCK=1024)))
     # int64 sizes, as for tensors past 2³¹ elements
     out.append(gemm_variant(fl.default_config(fl._PREFERRED_GEMM, "gemm", 16, 2, "tf32", "pointer", True), "bfloat16",
-                            OUTPUT_DROPOUT=True))
+                            "forward", OUTPUT_DROPOUT=True))
     out[-1]["signature"].update({n: "i64" for n in ("M", "stride_am", "stride_tm", "stride_om")})
     # the largest rank without autotuning, in each dtype (float32's tf32x3 epilogue is the largest)
     for dtype, size in (("bfloat16", 2), ("float32", 4)):
         for block_r in (128, 256):
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
                 out.append(gemm_variant(fl.default_config(preferred, "gemm", block_r, size, PRECISION[dtype], path),
-                                        dtype, "forward" if path == "tma" else None, path, BLOCK_R=block_r,
-                                        PRECISION=PRECISION[dtype]))
+                                        dtype, "forward", path, BLOCK_R=block_r, PRECISION=PRECISION[dtype]))
         out.append(gemm_variant(fl.default_config(fl._PREFERRED_DECODE_GEMM, "gemm", 256, size, PRECISION[dtype]),
-                                dtype, BLOCK_R=256, PRECISION=PRECISION[dtype]))
+                                dtype, "forward", BLOCK_R=256, PRECISION=PRECISION[dtype]))
     out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 256, 4, PRECISION["float32"]),
                               "float32", 256, False))
     # the low-rank add at its largest rank, with and without dropout, onto cuBLAS's float32 result, with a bias
@@ -249,7 +254,8 @@ def variants(which: str):
         for drop in (False, True):
             out.append(_variant(lowrank_add._add_lowrank_kernel, lowrank_add.ADD_LOWRANK_CONFIG, dtype,
                                 {"base_ptr": "*fp32", "t_ptr": "*fp32", "expand_ptr": "*bf16", "seed_ptr": "*i64"},
-                                dict(HAS_BIAS=True, DROPOUT=drop, PRECISION=PRECISION[dtype], BLOCK_R=256)))
+                                dict(HAS_BIAS=True, DROPOUT=drop, PRECISION=PRECISION[dtype], BLOCK_R=256),
+                                unit=("stride_on", "stride_bn", "stride_bias", "stride_tr", "stride_er")))
     # dropout masks
     out.append(_variant(dropout._dropout_mask_kernel, triton.Config({}), "float32",
                         {"out_ptr": "*i8", "seed_ptr": "*i64"}, dict(BLOCK_ROWS=32, BLOCK_COLS=64)))
@@ -407,6 +413,14 @@ def _unpipelined_pointer_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+def tensor_memory_counterexample_variants():
+    """The fused GEMM with a given t on a 128×256 descriptor-path tile (8 warps, 3 stages, bf16, rank
+    16), the launchers' first choice on Hopper: for sm_100 Triton compiles it to a trap (the launchers
+    keep such tiles off GPUs with tensor memory: fused_linear's ``fitting_configs``)."""
+    config = fused_linear._PREFERRED_TMA_GEMM[0]
+    return [_gemm_variant(config, "bfloat16", "forward", "tma")]
+
+
 def pointer_counterexample_variants():
     """The pointer counterexample in bf16 on the pointer path's default tile (64×64×32, 4 warps, 3
     stages), unpipelined and masked; each measured against tutorial 03 at the same tile, warps and
@@ -436,7 +450,8 @@ def target_variants():
                                       ("forward", dict(OUTPUT_DROPOUT=True)),
                                       ("backward", dict(OUTPUT_DROPOUT=True))):
                     drop = flags.get("OUTPUT_DROPOUT", False)
-                    config = fl.default_config(preferred, "gemm", block_r, size, "tf32", path, drop)
+                    config = fl.default_config(preferred, "gemm", block_r, size, "tf32", path, drop,
+                                               tensor_memory=TARGET_NAME == "sm_100")
                     out.append(_gemm_variant(config, dtype, layout, path, BLOCK_R=block_r, **flags))
     return out
 
@@ -537,9 +552,11 @@ def read_sass(sass: str):
 
 def main_loop(instructions, labels):
     """The K-loop: of the innermost loops (backward branches' spans holding no other such loop) that hold
-    MMA instructions, the one with the most; None if no loop holds one. Returns its instructions. (The
-    fewest instructions would pick a rank-step loop, or the drain loop Triton emits after a flattened
-    tile loop, which holds the rank-r dot and the stores of the last tiles.)"""
+    MMA instructions, those fed by asynchronous copies (UTMALDG, LDGSTS: the software-pipelined loop)
+    if any, and of them the one with the most MMA; None if no loop holds one. Returns its
+    instructions. (The fewest instructions would pick the drain loop Triton emits after a flattened
+    tile loop, which holds the rank-r dot and the stores of the last tiles; the most MMA alone, the
+    unpipelined rank-step loop of a given t at rank blocks of 128 and more.)"""
     spans = []
     for address, opcode, text in instructions:
         target = _BRANCH_TARGET.search(text)
@@ -552,9 +569,10 @@ def main_loop(instructions, labels):
     if not innermost:
         return None
 
-    def most_mma_then_fewest_instructions(span):
-        return sum(op in MMA for _, op, _ in bodies[span]), -len(bodies[span])
-    return bodies[max(innermost, key=most_mma_then_fewest_instructions)]
+    def asynchronous_then_most_mma_then_fewest_instructions(span):
+        ops = [op for _, op, _ in bodies[span]]
+        return ("UTMALDG" in ops or "LDGSTS" in ops), sum(op in MMA for op in ops), -len(ops)
+    return bodies[max(innermost, key=asynchronous_then_most_mma_then_fewest_instructions)]
 
 
 def _deepest_wait(ptx: str, instruction: str):
@@ -565,7 +583,8 @@ def _deepest_wait(ptx: str, instruction: str):
 
 
 def read_compiled(compiled, log: str, warnings=()) -> dict:
-    """What the cubin says about speed: registers, stack and local memory, spill instructions, and the
+    """What the cubin says about speed: whether the compiler gave up and emitted a ``trap`` instead
+    (the kernel would abort on the GPU), registers, stack and local memory, spill instructions, and the
     main loop's MMA kind and shapes, loads and instruction count per K-step (one iteration: Triton does
     not unroll it); the UTMALDG issued before the main loop (a pipeline's prologue); from the PTX the
     deepest wgmma and cp.async wait_group; ptxas's advisories from its ``log`` and the compiler's
@@ -578,6 +597,7 @@ def read_compiled(compiled, log: str, warnings=()) -> dict:
                   spill_st=opcodes.count("STL"), utmaldg="UTMALDG" in opcodes,
                   serialized=bool(re.search(r"wgmma\.mma_async instructions are serialized", log)),
                   advisories=sorted(set(re.findall(r"\((C\d{4})\)", log))), warnings=list(warnings),
+                  trap=bool(re.search(r"^\s*trap;", compiled.asm["ptx"], re.MULTILINE)),
                   wgmma_wait=_deepest_wait(compiled.asm["ptx"], "wgmma.wait_group.sync.aligned"),
                   cp_async_wait=_deepest_wait(compiled.asm["ptx"], "cp.async.wait_group"),
                   prologue_utmaldg=0, main_loop=None)
@@ -754,7 +774,8 @@ def _variants(which: str):
     enumeration may reach the same variant, as input dropout without an in-loop shrink compiles as none)."""
     every = {"tutorials": tutorial_variants, "bank": bank_variants, "targets": target_variants,
              "counterexample": counterexample_variants,
-             "pointer_counterexample": pointer_counterexample_variants}.get(which, lambda: variants(which))()
+             "pointer_counterexample": pointer_counterexample_variants,
+             "tensor_memory_counterexample": tensor_memory_counterexample_variants}.get(which, lambda: variants(which))()
     return list({label(v): v for v in every}.values())
 
 

@@ -300,13 +300,32 @@ def test_path_choice_and_refusal():
     a, w, _, _, _ = _kernel_inputs(4, 88, 72, 1, torch.float32)
     assert fused_linear._gemm_path(None, a, w)[0] == "pointer"  # the interpreter, or a CPU tensor
     assert fused_linear._gemm_path("tma", a, w) == ("tma", False)
-    assert fused_linear._gemm_path("tma", a, randn(72, 88, device=DEVICE).T) == ("tma", True)
+    w_transposed = randn(72, 88, device=DEVICE).T
+    assert fused_linear._gemm_path("tma", a.bfloat16(), w_transposed.bfloat16()) == ("tma", True)
+    # float32: tf32 wgmma cannot take Wᵀ's tiles pipelined, the pointer path does
+    assert fused_linear._gemm_path(None, a, w_transposed)[0] == "pointer"
+    with pytest.raises(ValueError, match="in 16-bit dtypes"):
+        fused_linear._gemm_path("tma", a, w_transposed)
     with pytest.raises(ValueError, match="path='tma'"):  # K = 70: rows of 140 bytes
         kernels.linear(randn(4, 70, device=DEVICE), randn(88, 70, device=DEVICE), path="tma")
     with pytest.raises(ValueError, match="path='tma'"):  # a column-major a
         kernels.linear(randn(72, 4, device=DEVICE).T, w, path="tma")
     with pytest.raises(ValueError, match="path: expected"):
         kernels.linear(a, w, path="cuda")
+
+
+@pytest.mark.parametrize("shrink_in_loop", [False, True])
+def test_operands_without_a_unit_stride(shrink_in_loop):
+    """Strided views (no stride of 1; NaN between their elements) are copied before the launch (the
+    kernels are compiled for a known order): the result and t equal the twins' on contiguous tensors."""
+    a, w, bias, down, expand = _kernel_inputs(9, 40, 48, 5, torch.float32)
+    strided = [torch.stack([x, torch.full_like(x, float("nan"))], dim=-1)[..., 0] for x in (a, w, down, expand)]
+    assert all(1 not in x.stride() for x in strided)
+    out, t = kernels.lowrank_linear(*strided[:2], bias, *strided[2:], 0.5, store_t=True, shrink_in_loop=shrink_in_loop)
+    expected, expected_t = reference_kernels.lowrank_linear(a, w, bias, down, expand, 0.5, store_t=True)
+    assert rel_error(out, expected) < TOLERANCE[torch.float32]
+    assert rel_error(t, expected_t) < TOLERANCE[torch.float32]
+    assert torch.equal(kernels.shrink(strided[0], strided[2]), kernels.shrink(a, down))
 
 
 def test_dropout_mask_depends_on_seed_and_position():

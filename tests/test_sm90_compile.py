@@ -4,7 +4,8 @@ the cubin is read with the cuobjdump/nvdisasm that Triton's wheel ships (tests/s
 GPU the ordinary tests compile the kernels for real.
 
 The gate, for every variant the launchers can pick (a subset by default, every autotune config with
-``-m slow``): HGMMA (wgmma) in the main loop of GEMM tiles with at least 64 rows (16- and 32-row tiles
+``-m slow``): the kernel not compiled to a trap (where the compiler gives up, e.g. beyond sm_100's
+tensor memory); HGMMA (wgmma) in the main loop of GEMM tiles with at least 64 rows (16- and 32-row tiles
 use HMMA: the table in bench/NOTES.md records it); UTMALDG (TMA) in variants marked "tma"; in the
 persistent ones, the tile loop flattened with the K-loop (the epilogue's descriptor store inside the
 main loop: the next tile's loads are in flight during the epilogue); no local
@@ -64,6 +65,8 @@ def _compile(which, group, groups, target="sm_90"):
 def gate_failures(report) -> dict:
     """The gate's checks that ``report`` fails, each with what the compiled code showed."""
     failed = {}
+    if report.get("trap"):
+        failed["compiled to a trap"] = "the PTX is a trap: the compiler gave up on the kernel"
     if (report["stack"] or report["local"] or report["spill_ld"] or report["spill_st"]
             or report.get("vgpr_spill")):  # AMD's metadata (SGPR spills go to VGPR lanes, not memory)
         failed["local memory"] = (f"{report['registers']} registers, stack frame {report['stack']} B, "

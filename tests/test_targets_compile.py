@@ -65,3 +65,11 @@ def test_target_gate_flags_a_bad_kernel(target):
     assert set(gate_failures(unpipelined)) == expected, gate_failures(unpipelined)
     assert "instructions per K-step" in gate_failures(masked), gate_failures(masked)
     assert not gate_failures(unpipelined["yardstick"]), gate_failures(unpipelined["yardstick"])
+
+
+def test_gate_flags_a_kernel_compiled_to_a_trap():
+    """A given t on a 128×256 descriptor-path tile does not fit sm_100's tensor memory: Triton compiles
+    the kernel to a trap, which the gate reports; the launchers' configs for sm_100 avoid that tile."""
+    (report,) = _compile("tensor_memory_counterexample", 0, 1, "sm_100")
+    assert "compiled to a trap" in gate_failures(report), gate_failures(report)
+    assert report["main_loop"] is None

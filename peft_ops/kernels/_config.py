@@ -8,7 +8,7 @@ import triton
 from torch.library import wrap_triton  # launches that torch.compile can trace inside a triton_op
 
 __all__ = ["INTERPRET", "AUTOTUNE", "LAUNCH_OPTIONS", "autotuned", "dot_precision", "rank_block", "multiprocessors", "seed_arg",
-           "wrap_triton"]
+           "with_unit_stride", "wrap_triton"]
 
 # Triton decides interpreter or compiler when a kernel is decorated, so this is fixed at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -67,3 +67,13 @@ def seed_arg(seed, dropout_p: float, unused: torch.Tensor) -> torch.Tensor:
     if seed is None:
         raise ValueError(f"dropout_p={dropout_p} needs a seed (an int or a 0-d int64 tensor)")
     return torch.as_tensor(seed, dtype=torch.int64).to(unused.device)
+
+
+def with_unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (2-D) if one of its strides is 1, else a contiguous copy. Triton specialises a stride of 1
+    to a constant, and only then knows a tile's order: a load of two runtime strides is neither
+    vectorised nor asynchronous (its K-loop's stages wait in registers) and the compiler warns that
+    it disables the load's pipelining (compiled for sm_90). The kernels are compiled, and gated
+    (tests/sm90_compile.py), for operands with a unit stride; a tensor without one (a strided slice)
+    is rare enough that one copy is the cheaper answer."""
+    return x if 1 in x.stride() else x.contiguous()

@@ -29,7 +29,10 @@ Two ways to move the GEMM's operands (``path``), one kernel:
   (the compiled-code gate checks both forms against tutorial 09). Needs unit stride along K for ``a``, unit
   stride along K or N for ``W`` (the backward's transposed ``Wᵀ`` view is described as the K×N tensor
   it is), 16-byte aligned bases and row strides.
-* ``"pointer"``: masked pointer loads, one program per tile: any strides, any GPU.
+* ``"pointer"``: pointer loads, one program per tile, any GPU: tutorial 03's K-loop (pointer blocks
+  advanced by ``BLOCK_K``, only the K edge masked; rows and columns past the tensor wrap around and
+  are computed but never stored). Any strides: an operand without a unit stride is copied first
+  (``with_unit_stride``), so that Triton knows each tile's order and pipelines its loads (cp.async).
 
 Where the rank-r term is added: with t given (the shrink kernel's), at the tile's start, as the
 accumulator's first value (``scale · drop_out(t Eᵀ)``, in rank steps), and the K-loop adds ``a Wᵀ``
@@ -51,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, LAUNCH_OPTIONS, autotuned, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
+from ._config import (INTERPRET, LAUNCH_OPTIONS, autotuned, dot_precision, multiprocessors, rank_block, seed_arg,
+                      with_unit_stride, wrap_triton)
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_PATHS", "GEMM_CONFIGS", "TMA_GEMM_CONFIGS",
@@ -92,12 +96,25 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr, seed, drop_threshold,
-                 DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One K-step of ``t += drop(a) D`` for the ``a`` tile at rows ``offs_m``, columns ``offs_k`` (from ``k0``)."""
+def _shrink_step(t, a, down, offs_m, k0, K, seed, drop_threshold, DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One K-step of ``t += drop(a) D`` for the ``a`` tile at rows ``offs_m``, columns from ``k0``, and its
+    ``down`` (D) tile."""
     if DROPOUT_INPUT:
         a = tl.where(keep_mask(seed, offs_m, k0, K, drop_threshold, a.shape[1]), a, 0.0)
-    return _mma(a, _load_tile(down_ptr, offs_k, offs_r, stride_dk, stride_dr, in_k, in_r), t, UPCAST, PRECISION)
+    return _mma(a, down, t, UPCAST, PRECISION)
+
+
+@triton.jit
+def _pointer_blocks(ptr, rows, cols, stride_row, stride_col):
+    """Pointers to a [rows × cols] tile (tutorial 03's pointer block, advanced along K by the caller)."""
+    return ptr + rows[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
+def _k_stride(stride, BLOCK_K: tl.constexpr):
+    """``BLOCK_K · stride`` in int64: a K-stride may be large (column-major a)."""
+    return tl.cast(BLOCK_K, tl.int64) * stride
 
 
 @triton.jit
@@ -228,7 +245,8 @@ def _lowrank_linear_kernel(
     # accumulator with the rank-r term in a branch that yields the previous K-step's wgmma result, and
     # Triton's pipeliner then gives up ("operation scheduled before its operands": every wgmma waited
     # on its own loads, compiled for sm_90). Nested, each tile's K-loop is pipelined on its own.
-    FLATTEN: tl.constexpr = TMA and not (HAS_LOW_RANK and not SHRINK_IN_LOOP)
+    GIVEN_T: tl.constexpr = HAS_LOW_RANK and not SHRINK_IN_LOOP
+    FLATTEN: tl.constexpr = TMA and not GIVEN_T
     for work in tl.range(tl.program_id(0), tiles * split_k, tl.num_programs(0), flatten=FLATTEN):
         split = work % split_k
         pid_m, pid_n = _tile_position(work // split_k, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -242,17 +260,28 @@ def _lowrank_linear_kernel(
             k_start = split * k_per_split
             k_end = min(K, k_start + k_per_split)
         t_scale = scale * drop_scale if OUTPUT_DROPOUT else scale
-        if HAS_LOW_RANK and not SHRINK_IN_LOOP:
+        if GIVEN_T:
             t_rows = offs_m < M * (split == 0)  # the rank-r term from the first split only
             acc = _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, expand_ptr, stride_en,
                                 stride_er, seed, drop_threshold, OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
                                 T_SPLITS)
+            if HAS_BIAS:  # with the term at the tile's start: its load is issued before the K-loop, not after
+                acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < N * (split == 0), other=0.0
+                               ).to(tl.float32)[None, :]
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        # the pointer loads as tutorial 03's: pointer blocks advanced by BLOCK_K, only the K edge masked;
+        # rows, columns and D's rank columns wrap around instead (computed, never stored or added: the
+        # epilogue masks rows and columns, and E's rows past R load as zeros)
+        ks = tl.arange(0, BLOCK_K)
+        k_first = k_start + ks.to(tl.int64)
+        d_block = _pointer_blocks(down_ptr, k_first, offs_r % R, stride_dk, stride_dr)
+        if not TMA:
+            a_block = _pointer_blocks(a_ptr, offs_m % M, k_first, stride_am, stride_ak)
+            w_block = _pointer_blocks(w_ptr, k_first, offs_n % N, stride_wk, stride_wn)
         for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K-stride may be large (column-major a)
-            in_k = offs_k < K
+            in_k = ks < k_end - k0
             if TMA:  # out-of-bounds parts of a tile load as zeros
                 a = a_desc.load([m0, k0])
                 if W_TRANSPOSED:
@@ -260,12 +289,15 @@ def _lowrank_linear_kernel(
                 else:
                     w = w_desc.load([n0, k0]).T
             else:
-                a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
-                w = _load_tile(w_ptr, offs_k, offs_n, stride_wk, stride_wn, in_k, in_n)
+                a = tl.load(a_block, mask=in_k[None, :], other=0.0)
+                w = tl.load(w_block, mask=in_k[:, None], other=0.0)
+                a_block += _k_stride(stride_ak, BLOCK_K)
+                w_block += _k_stride(stride_wk, BLOCK_K)
             acc = _mma(a, w, acc, UPCAST, PRECISION)
-            if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
-                t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
-                                 seed, drop_threshold, False, UPCAST, PRECISION)
+            if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded (no input dropout here)
+                d = tl.load(d_block, mask=in_k[:, None], other=0.0)
+                d_block += _k_stride(stride_dk, BLOCK_K)
+                t = _shrink_step(t, a, d, offs_m, k0, K, seed, drop_threshold, False, UPCAST, PRECISION)
 
         if HAS_LOW_RANK and SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
             if STORE_T:
@@ -295,8 +327,8 @@ def _lowrank_linear_kernel(
         for i in tl.static_range(len(parts)):
             _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, R, M, N, expand_ptr, stride_en, stride_er, bias_ptr,
                            stride_b, out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
-                           HAS_LOW_RANK and SHRINK_IN_LOOP, HAS_BIAS, OUTPUT_DROPOUT, TMA and not PARTIAL, PRECISION,
-                           BLOCK_R)
+                           HAS_LOW_RANK and SHRINK_IN_LOOP, HAS_BIAS and not GIVEN_T, OUTPUT_DROPOUT,
+                           TMA and not PARTIAL, PRECISION, BLOCK_R)
 
 
 @triton.jit
@@ -334,13 +366,18 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     if DROPOUT_INPUT:
         seed = tl.load(seed_ptr)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # the GEMM's pointer loop (tutorial 03's): only the K edge masked, rows and rank columns wrapped
+    ks = tl.arange(0, BLOCK_K)
+    a_block = _pointer_blocks(a_ptr, offs_m % M, ks.to(tl.int64), stride_am, stride_ak)
+    d_block = _pointer_blocks(down_ptr, ks.to(tl.int64), offs_r % R, stride_dk, stride_dr)
     for k0 in range(0, k_len, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_k = offs_k < k_len
-        a = _load_tile(a_ptr, offs_m, offs_k, stride_am, stride_ak, in_m, in_k)
+        in_k = ks < k_len - k0
+        a = tl.load(a_block, mask=in_k[None, :], other=0.0)
+        d = tl.load(d_block, mask=in_k[:, None], other=0.0)
+        a_block += _k_stride(stride_ak, BLOCK_K)
+        d_block += _k_stride(stride_dk, BLOCK_K)
         # the dropout mask by the absolute column k_start + k0
-        t = _shrink_step(t, a, down_ptr, offs_m, k_start + k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
-                         seed, drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
+        t = _shrink_step(t, a, d, offs_m, k_start + k0, K, seed, drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
     if DROPOUT_INPUT:
         t = t * drop_scale
     tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
@@ -417,7 +454,7 @@ def rank_step_size(block_r: int, precision: str) -> int:
 
 
 def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str, path: str = "pointer",
-                    output_dropout: bool = False) -> list:
+                    output_dropout: bool = False, tensor_memory: bool = False) -> list:
     """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
     spill or get ptxas's C7511 advisory, wgmma serialized):
 
@@ -442,7 +479,13 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
       56–128 B there), at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32.
 
     The GEMM epilogue walks a t read from memory in rank steps of at most 64, so in 16-bit ranks above
-    64 add no registers there."""
+    64 add no registers there.
+
+    ``tensor_memory``: for a GPU whose MMA accumulates in tensor memory (Blackwell, compute capability
+    10: 512 columns of 32-bit values per multiprocessor). With t given, descriptor-path tiles of at
+    most 128×128: at 128×256 the tile's accumulator and the rank-r term's product do not fit beside
+    each other, and Triton compiles the whole kernel to a trap (compiled for sm_100: its PTX is one
+    ``trap;``; tests/test_targets_compile.py checks)."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
@@ -465,7 +508,10 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
         rank_r_part = 0 if kind == "plain" else bm * c.kwargs["EPILOGUE_N"]
         return tile + rank_r_part <= 160 * threads
 
-    return [c for c in configs if registers_fit(c)
+    def tensor_memory_fits(c):
+        return not (tensor_memory and kind == "gemm" and path == "tma"
+                    and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 128 * 128)
+    return [c for c in configs if registers_fit(c) and tensor_memory_fits(c)
             and shared_memory_bytes(c, kind, block_r, element_size, precision, path) <= SHARED_MEMORY]
 
 
@@ -476,7 +522,8 @@ def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
 def _prune_gemm(configs, named_args, **meta):
     kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
     return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"],
-                           "tma" if meta["TMA"] else "pointer", meta["OUTPUT_DROPOUT"])
+                           "tma" if meta["TMA"] else "pointer", meta["OUTPUT_DROPOUT"],
+                           has_tensor_memory(named_args["a_ptr"].device))
 
 
 def _prune_shrink(configs, named_args, **meta):
@@ -523,11 +570,16 @@ else:
 
 
 def default_config(preferred, kind: str, block_r: int, element_size: int, precision: str,
-                   path: str = "pointer", output_dropout: bool = False) -> triton.Config:
+                   path: str = "pointer", output_dropout: bool = False, tensor_memory: bool = False) -> triton.Config:
     """The first preferred config that fits (see fitting_configs; the interpreter has no limits)."""
     if INTERPRET:
         return preferred[0]
-    return fitting_configs(preferred, kind, block_r, element_size, precision, path, output_dropout)[0]
+    return fitting_configs(preferred, kind, block_r, element_size, precision, path, output_dropout, tensor_memory)[0]
+
+
+def has_tensor_memory(device: torch.device) -> bool:
+    """Whether the GPU's MMA accumulates in tensor memory (Blackwell datacenter, compute capability 10)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
 
 
 def _m_bucket(m: int) -> int:
@@ -568,7 +620,8 @@ def _shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed
     t = torch.empty(splits, m, rank, device=a.device, dtype=torch.float32)
     if m == 0:
         return t
-    down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
+    a = with_unit_stride(a)
+    down = with_unit_stride(down.to(a.dtype))  # the dot runs in a's dtype anyway; half the bytes for 16-bit a
     kwargs = dict(a_ptr=a, down_ptr=down, t_ptr=t, M=m, K=k, R=rank,
                   stride_am=a.stride(0), stride_ak=a.stride(1), stride_dk=down.stride(0), stride_dr=down.stride(1),
                   stride_tm=t.stride(1), stride_ts=t.stride(0), seed_ptr=seed_arg(seed, dropout_p, a),
@@ -590,12 +643,16 @@ def _descriptor_rows(x: torch.Tensor) -> bool:
 
 def _descriptor_layout(a: torch.Tensor, weight: torch.Tensor) -> bool | None:
     """None where the "tma" path cannot describe the operands, else whether W is described
-    transposed (as the K×N tensor it is, when its unit stride runs along N: the backward's ``Wᵀ``)."""
+    transposed (as the K×N tensor it is, when its unit stride runs along N: the backward's ``Wᵀ``, in
+    16-bit dtypes only)."""
     if 0 in weight.shape or not _descriptor_rows(a) or weight.shape[0] * a.element_size() % 16:
         return None  # empty tensors have no descriptor; the output (M×N, contiguous) is described too
     if _descriptor_rows(weight):
         return False
-    if _descriptor_rows(weight.T):
+    if _descriptor_rows(weight.T) and a.element_size() < 4:
+        # not float32: tf32 wgmma takes its B operand from shared memory K-major only, so a Wᵀ tile would be
+        # transposed in registers with its loads taken out of the pipeline (Triton warns; compiled for
+        # sm_90). The pointer path's float32 tiles (mma.sync) take it pipelined.
         return True
     return None
 
@@ -610,7 +667,7 @@ def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
     if path == "tma" and transposed is None:
         raise ValueError(f"path='tma': the operands cannot be described (a: strides {a.stride()}, weight: strides "
                          f"{weight.stride()}, N={weight.shape[0]}); expected unit stride along K for a and along K "
-                         f"or N for weight, 16-byte aligned bases, row strides and output rows")
+                         f"(or, in 16-bit dtypes, N) for weight, 16-byte aligned bases, row strides and output rows")
     if path is None:
         hopper = a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9
         path = "tma" if hopper and not INTERPRET and transposed is not None else "pointer"
@@ -703,7 +760,7 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     preferred = _PREFERRED_DECODE_GEMM if decode else _PREFERRED_TMA_GEMM if tma else _PREFERRED_GEMM
     _run(_lowrank_linear_kernel, _gemm_tuned[path, decode], grid, kwargs, config,
          lambda: default_config(preferred, kind, block_r, a.element_size(), kwargs["PRECISION"], path,
-                                output_dropout))
+                                output_dropout, has_tensor_memory(a.device)))
     if split_k > 1:
         block = 1024
         wrap_triton(_sum_splits_kernel)[(triton.cdiv(m * n, block),)](
@@ -717,7 +774,7 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``out = a Wᵀ + bias + scale · drop_out((drop_in(a) D) Eᵀ)``; returns ``(out, t)``.
 
     ``a``: M×K, ``weight``: N×K, ``bias``: N or None, ``down``: K×r, ``expand``: N×r (any strides;
-    ``weight`` may be a transposed view). ``out`` has ``a``'s dtype. ``t = drop_in(a) D`` (M×r, float32)
+    ``weight`` may be a transposed view; an operand without a unit stride is copied first). ``out`` has ``a``'s dtype. ``t = drop_in(a) D`` (M×r, float32)
     is returned when ``store_t`` (else None). ``dropout_site`` is ``"input"`` (on ``a`` inside the
     adapter path) or ``"output"`` (on the rank-r term). ``shrink_in_loop`` forces where ``t`` is
     computed (None: the launcher decides by shape; never in the loop with input-side dropout, see the
@@ -733,7 +790,8 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if m == 0:
         return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)
     block_r = rank_block(rank)
-    down = down.to(a.dtype)  # the dot runs in a's dtype anyway; half the bytes to stage for 16-bit a
+    a, weight, expand = with_unit_stride(a), with_unit_stride(weight), with_unit_stride(expand)
+    down = with_unit_stride(down.to(a.dtype))  # the dot runs in a's dtype anyway; half the bytes for 16-bit a
     input_dropout = dropout_p > 0 and dropout_site == "input"
     if t is not None:
         if input_dropout or shrink_in_loop or t.shape != (m, rank) or t.dtype != torch.float32:
@@ -767,6 +825,7 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``a Wᵀ + bias``: the same GEMM with the low-rank path compiled out (for measuring the GEMM alone)."""
     m = a.shape[0]
     out = torch.empty(m, weight.shape[0], device=a.device, dtype=a.dtype)
+    a, weight = with_unit_stride(a), with_unit_stride(weight)
     if m:
         _launch_gemm(a, weight, bias, out, out, out, out, 1.0, None, 0.0, has_low_rank=False, shrink_in_loop=False,
                      output_dropout=False, store_t=False, block_r=16, config=config, path=path)

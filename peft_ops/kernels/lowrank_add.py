@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import LAUNCH_OPTIONS, dot_precision, rank_block, seed_arg, wrap_triton
+from ._config import LAUNCH_OPTIONS, dot_precision, rank_block, seed_arg, with_unit_stride, wrap_triton
 from .dropout import dropout_threshold, keep_mask
 from .fused_linear import MAX_RANK
 
@@ -97,6 +97,7 @@ def add_lowrank_(out: torch.Tensor, t: torch.Tensor, expand: torch.Tensor, scale
         raise ValueError(f"dropout_p: expected 0 <= p < 1, got {dropout_p}")
     if m == 0 or n == 0:
         return out
+    t, expand = with_unit_stride(t), with_unit_stride(expand)  # the dot's operands (out and base: any strides)
     config = ADD_LOWRANK_CONFIG
     grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
     if grid[1] > _GRID_AXIS_LIMIT:

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, LAUNCH_OPTIONS, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
+from ._config import (INTERPRET, LAUNCH_OPTIONS, dot_precision, multiprocessors, rank_block, seed_arg,
+                      with_unit_stride, wrap_triton)
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["rank_reduce"]
@@ -68,6 +69,7 @@ def rank_reduce(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, see
     rows_per_chunk = triton.cdiv(triton.cdiv(m, chunks), _BLOCK_M) * _BLOCK_M
     chunks = triton.cdiv(m, rows_per_chunk)
     partial = torch.empty(chunks, p, r, device=a.device, dtype=torch.float32)
+    a, b = with_unit_stride(a), with_unit_stride(b)
     wrap_triton(_rank_reduce_kernel)[(tiles, chunks)](
         a, b, partial, m, p, r, rows_per_chunk, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
