@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     import bitsandbytes
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, torch threads: {torch.get_num_threads()}"
     print(f"memory: {machine}, torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}; tiny Llama "
           f"{LLAMA}, tokens {TOKENS}, rank {args.rank}, adapters on every linear layer but the head; 4-bit: NF4, "
           f"double quantization, bfloat16 compute; MiB")
