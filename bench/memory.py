@@ -133,7 +133,8 @@ def measure(model, tokens, device: torch.device) -> dict:
                           for t in state.values() if torch.is_tensor(t))
     held = model_bytes(model)
     return dict(trainable=sum(p.numel() for p in model.parameters() if p.requires_grad), model_bytes=held,
-                optimizer_bytes=optimizer_bytes, step_peak_bytes=step_peak, peak_bytes=held + optimizer_bytes + step_peak)
+                optimizer_bytes=optimizer_bytes, step_peak_bytes=step_peak,
+                peak_bytes=held + optimizer_bytes + step_peak)
 
 
 def run(adapters, rank: int, config: dict, tokens_shape, device: torch.device) -> list[dict]:
@@ -185,7 +186,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     import bitsandbytes
 
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, torch threads: {torch.get_num_threads()}"
+    threads = f"cpu, torch threads: {torch.get_num_threads()}"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     print(f"memory: {machine}, torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}; tiny Llama "
           f"{LLAMA}, tokens {TOKENS}, rank {args.rank}, adapters on every linear layer but the head; 4-bit: NF4, "
           f"double quantization, bfloat16 compute; MiB")
