@@ -112,8 +112,9 @@ def adapt(model, adapter: str, rank: int):
 
 
 def training_step(model, tokens):
-    """One step: forward, loss, backward, AdamW step, gradients dropped. Call it once before measuring:
-    the first call creates the optimizer state."""
+    """A training step of the model's trainable parameters (forward, loss, backward, AdamW step, gradients
+    dropped) and its optimizer. Run the step once before measuring it: the first run creates the
+    optimizer state."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
