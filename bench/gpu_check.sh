@@ -6,8 +6,10 @@
 #      M·K > 2³¹, > 65535-row-block and N = 128256 cases (tests/test_gpu_only.py);
 #   2. headline (~3 min): 4096³ and M = 16 at r = 16, bf16, forward and forward+backward: F.linear, our
 #      GEMM without adapter, fused, composed, dispatched, eager, torch.compile, PEFT, as ratios to F.linear;
-#   3. suite: the rest of the test suite, as much as the time left allows (the log says what ran).
-# It prints one short table last and writes at most 8 files, flat, under $OUT.
+#   3. memory (~45 s): a tiny Llama's bytes and the CUDA peak of a training step, bf16 base against a 4-bit
+#      NF4 base, every method and PEFT's LoRA (python -m bench --mode memory);
+#   4. suite: the rest of the test suite, as much as the time left allows (the log says what ran).
+# It prints one short table last and writes at most 9 files, flat, under $OUT.
 #   bash bench/gpu_check.sh             on the GPU machine (run: `bash bench/gpu_check.sh`, timeout_s=540)
 #   bash bench/gpu_check.sh --rehearse  the same stages in smoke mode on a CPU, in about a minute (CI runs it)
 set -uo pipefail
@@ -34,12 +36,14 @@ if [ $REHEARSE = 0 ]; then
   SMOKE_TESTS="tests/test_dispatch.py tests/test_gpu_only.py tests/test_fused_forward.py tests/test_fused_backward.py"
   SMOKE_SELECT="not slow"
   HEADLINE="--quick --methods loraxs tlora --label headline"
+  MEMORY=""
   SUITE_ARGS="--ignore=tests/test_gpu_only.py --ignore=tests/test_dispatch.py --ignore=tests/test_fused_forward.py --ignore=tests/test_fused_backward.py"
 else
   WORKERS=""
   SMOKE_TESTS="tests/test_dispatch.py"
   SMOKE_SELECT="forced_implementation_runs_alone and loraxs and 40"
   HEADLINE="--methods loraxs --providers base dispatch --modes forward_backward --label headline"
+  MEMORY="--adapters loraxs"
   SUITE_ARGS="tests/test_packaging.py"
 fi
 
@@ -57,6 +61,9 @@ t=$(left "${HEADLINE_SECONDS:-190}")
 timeout "$t" $PY -m bench $HEADLINE --time-budget $((t > 60 ? t - 40 : t / 2)) --out "$OUT" > "$OUT/headline.log" 2>&1
 STATUS[headline]="rc=$?"
 
+timeout "$(left "${MEMORY_SECONDS:-45}")" $PY -m bench --mode memory $MEMORY > "$OUT/memory.log" 2>&1
+STATUS[memory]="rc=$?"
+
 stage_pytest suite "$(left 600)" $SUITE_ARGS
 
 {
@@ -65,10 +72,12 @@ stage_pytest suite "$(left 600)" $SUITE_ARGS
   echo
   echo "| stage | result |"
   echo "|---|---|"
-  for s in smoke headline suite; do echo "| $s | ${STATUS[$s]:-not run} |"; done
+  for s in smoke headline memory suite; do echo "| $s | ${STATUS[$s]:-not run} |"; done
   echo
   grep -E '^\| (loraxs|tlora) ' "$OUT/headline.log" | head -16
   grep -E 'STOPPED EARLY|WRONG RESULT|every provider' "$OUT/headline.log"
+  echo
+  grep -E '^(memory:|\|)' "$OUT/memory.log"
   $PY - <<'EOF'
 import json, os, peft_ops.dispatch as d
 path = os.path.join(os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"), "peft_ops")

@@ -432,13 +432,18 @@ def main(argv=None) -> int:
     parser.add_argument("--label", help="names the result files (default: quick or sweep)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                         help="start no new cell after this long; write what was measured (SIGTERM does the same)")
-    parser.add_argument("--mode", choices=("kernels", "bank"), default="kernels",
-                        help="bank: the adapter-bank benchmark (bench/bank.py), which takes its own options")
+    parser.add_argument("--mode", choices=("kernels", "bank", "memory"), default="kernels",
+                        help="bank: the adapter-bank benchmark (bench/bank.py); memory: model bytes and training-step "
+                             "peaks on a 4-bit and a bf16 base (bench/memory.py); both take their own options")
     known, rest = parser.parse_known_args(argv)
     if known.mode == "bank":
         from . import bank
 
         return bank.main(rest)
+    if known.mode == "memory":
+        from . import memory
+
+        return memory.main(rest)
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.tokens, args.ranks = QUICK["shapes"], list(QUICK["tokens"]), list(QUICK["ranks"])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import peft_ops
+from bench.memory import model_bytes
 from peft_ops import reference
 from peft_ops.layers import LAYER_CLASSES, logical_weight
 from peft_ops.svd import top_singular_triplets
@@ -242,10 +243,6 @@ def test_the_requantized_merge_would_lose_most_of_the_adapter():
     q, state = bnb.functional.quantize_4bit(w + delta, quant_type="nf4", compress_statistics=True)
     error = (bnb.functional.dequantize_4bit(q, state) - (w + delta)).norm() / delta.norm()
     assert error > 0.5
-
-
-def model_bytes(model):
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values() if torch.is_tensor(t))
 
 
 def saved_bytes(model):
