@@ -6,7 +6,10 @@
 #      M·K > 2³¹, > 65535-row-block and N = 128256 cases (tests/test_gpu_only.py);
 #   2. headline (~3 min): 4096³ and M = 16 at r = 16, bf16, forward and forward+backward: F.linear, our
 #      GEMM without adapter, fused, composed, dispatched, eager, torch.compile, PEFT, as ratios to F.linear;
-#   3. suite: the rest of the test suite, as much as the time left allows (the log says what ran).
+#   3. svd (≤ 40 s): LoRA-XS's SVD on the GPU (svd_device="weight") against the CPU for a 4096×4096
+#      bf16 weight at r = 16: seconds each, factor differences after the cast, signature check
+#      (bench/svd_check.py; its output goes into summary.md: the device returns at most 8 files);
+#   4. suite: the rest of the test suite, as much as the time left allows (the log says what ran).
 # It prints one short table last and writes at most 8 files, flat, under $OUT.
 #   bash bench/gpu_check.sh             on the GPU machine (run: `bash bench/gpu_check.sh`, timeout_s=540)
 #   bash bench/gpu_check.sh --rehearse  the same stages in smoke mode on a CPU, in about a minute (CI runs it)
@@ -35,12 +38,14 @@ if [ $REHEARSE = 0 ]; then
   SMOKE_SELECT="not slow"
   HEADLINE="--quick --methods loraxs tlora --label headline"
   SUITE_ARGS="--ignore=tests/test_gpu_only.py --ignore=tests/test_dispatch.py --ignore=tests/test_fused_forward.py --ignore=tests/test_fused_backward.py"
+  SVD_ARGS=""
 else
   WORKERS=""
   SMOKE_TESTS="tests/test_dispatch.py"
   SMOKE_SELECT="forced_implementation_runs_alone and loraxs and 40"
   HEADLINE="--methods loraxs --providers base dispatch --modes forward_backward --label headline"
   SUITE_ARGS="tests/test_packaging.py"
+  SVD_ARGS="--shape 1024x4096"
 fi
 
 # compiling is CPU-bound: many workers, few threads each; SIGINT so pytest still prints its summary
@@ -57,6 +62,10 @@ t=$(left "${HEADLINE_SECONDS:-190}")
 timeout "$t" $PY -m bench $HEADLINE --time-budget $((t > 60 ? t - 40 : t / 2)) --out "$OUT" > "$OUT/headline.log" 2>&1
 STATUS[headline]="rc=$?"
 
+SVD_LOG=$(mktemp)
+timeout "$(left "${SVD_SECONDS:-40}")" $PY -m bench.svd_check $SVD_ARGS > "$SVD_LOG" 2>&1
+STATUS[svd]="rc=$?"
+
 stage_pytest suite "$(left 600)" $SUITE_ARGS
 
 {
@@ -65,10 +74,12 @@ stage_pytest suite "$(left 600)" $SUITE_ARGS
   echo
   echo "| stage | result |"
   echo "|---|---|"
-  for s in smoke headline suite; do echo "| $s | ${STATUS[$s]:-not run} |"; done
+  for s in smoke headline svd suite; do echo "| $s | ${STATUS[$s]:-not run} |"; done
   echo
   grep -E '^\| (loraxs|tlora) ' "$OUT/headline.log" | head -16
   grep -E 'STOPPED EARLY|WRONG RESULT|every provider' "$OUT/headline.log"
+  echo
+  tail -20 "$SVD_LOG"
   $PY - <<'EOF'
 import json, os, peft_ops.dispatch as d
 path = os.path.join(os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"), "peft_ops")
@@ -78,5 +89,6 @@ for f in files:
         print("dispatch:", row["key"], "->", row["choice"], f"fused {row['fused_ms']} ms, composed {row['composed_ms']} ms")
 EOF
 } > "$OUT/summary.md" 2>&1
+rm -f "$SVD_LOG"
 ls "$OUT"
 cat "$OUT/summary.md"
