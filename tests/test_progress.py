@@ -42,17 +42,17 @@ def test_disabled_never_prints(capsys, ticks):
 
 def test_inject_is_silent_when_fast(capsys, ticks):
     ticks[0] = 0.1  # 12 layers in 1.2 s
-    peft_ops.inject(TinyModel(1), "loraxs", 4, target_modules="all-linear")
+    peft_ops.inject(TinyModel(1), "lora", 4, target_modules="all-linear")
     assert capsys.readouterr().err == ""
 
 
 def test_inject_reports_a_slow_set_up_unless_told_not_to(capsys, ticks):
     ticks[0] = 1.0  # a second per layer: shown from the second layer on
-    peft_ops.inject(TinyModel(1), "loraxs", 4, target_modules="all-linear")
+    peft_ops.inject(TinyModel(1), "lora", 4, target_modules="all-linear")
     err = capsys.readouterr().err
     assert err.startswith("\rpeft_ops.inject: 2/12 layers set up (2 s)\r")
     assert err.endswith("\rpeft_ops.inject: 12/12 layers set up (12 s)\n")
-    peft_ops.inject(TinyModel(1), "loraxs", 4, target_modules="all-linear", progress=False)
+    peft_ops.inject(TinyModel(1), "lora", 4, target_modules="all-linear", progress=False)
     assert capsys.readouterr().err == ""
 
 
