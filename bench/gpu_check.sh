@@ -8,8 +8,12 @@
 #      GEMM without adapter, fused, composed, dispatched, eager, torch.compile, PEFT, as ratios to F.linear;
 #   3. memory (~45 s): a tiny Llama's bytes and the CUDA peak of a training step, bf16 base against a 4-bit
 #      NF4 base, every method and PEFT's LoRA (python -m bench --mode memory);
-#   4. suite: the rest of the test suite, as much as the time left allows (the log says what ran).
-# It prints one short table last and writes at most 9 files, flat, under $OUT.
+#   4. svd (≤ 40 s): LoRA-XS's SVD on the GPU (svd_device="weight") against the CPU for a 4096×4096
+#      bf16 weight at r = 16: seconds each, factor differences after the cast, signature check
+#      (bench/svd_check.py);
+#   5. suite: the rest of the test suite, as much as the time left allows (the log says what ran).
+# It prints one short table last and writes at most 8 files, flat, under $OUT (the device returns no
+# more): the memory and svd stages' tables go into summary.md.
 #   bash bench/gpu_check.sh             on the GPU machine (run: `bash bench/gpu_check.sh`, timeout_s=540)
 #   bash bench/gpu_check.sh --rehearse  the same stages in smoke mode on a CPU, in about a minute (CI runs it)
 set -uo pipefail
@@ -38,6 +42,7 @@ if [ $REHEARSE = 0 ]; then
   HEADLINE="--quick --methods loraxs tlora --label headline"
   MEMORY=""
   SUITE_ARGS="--ignore=tests/test_gpu_only.py --ignore=tests/test_dispatch.py --ignore=tests/test_fused_forward.py --ignore=tests/test_fused_backward.py"
+  SVD_ARGS=""
 else
   WORKERS=""
   SMOKE_TESTS="tests/test_dispatch.py"
@@ -45,6 +50,7 @@ else
   HEADLINE="--methods loraxs --providers base dispatch --modes forward_backward --label headline"
   MEMORY="--adapters loraxs"
   SUITE_ARGS="tests/test_packaging.py"
+  SVD_ARGS="--shape 1024x4096"
 fi
 
 # compiling is CPU-bound: many workers, few threads each; SIGINT so pytest still prints its summary
@@ -61,8 +67,13 @@ t=$(left "${HEADLINE_SECONDS:-190}")
 timeout "$t" $PY -m bench $HEADLINE --time-budget $((t > 60 ? t - 40 : t / 2)) --out "$OUT" > "$OUT/headline.log" 2>&1
 STATUS[headline]="rc=$?"
 
-timeout "$(left "${MEMORY_SECONDS:-45}")" $PY -m bench --mode memory $MEMORY > "$OUT/memory.log" 2>&1
+MEMORY_LOG=$(mktemp)
+timeout "$(left "${MEMORY_SECONDS:-45}")" $PY -m bench --mode memory $MEMORY > "$MEMORY_LOG" 2>&1
 STATUS[memory]="rc=$?"
+
+SVD_LOG=$(mktemp)
+timeout "$(left "${SVD_SECONDS:-40}")" $PY -m bench.svd_check $SVD_ARGS > "$SVD_LOG" 2>&1
+STATUS[svd]="rc=$?"
 
 stage_pytest suite "$(left 600)" $SUITE_ARGS
 
@@ -72,12 +83,14 @@ stage_pytest suite "$(left 600)" $SUITE_ARGS
   echo
   echo "| stage | result |"
   echo "|---|---|"
-  for s in smoke headline memory suite; do echo "| $s | ${STATUS[$s]:-not run} |"; done
+  for s in smoke headline memory svd suite; do echo "| $s | ${STATUS[$s]:-not run} |"; done
   echo
   grep -E '^\| (loraxs|tlora) ' "$OUT/headline.log" | head -16
   grep -E 'STOPPED EARLY|WRONG RESULT|every provider' "$OUT/headline.log"
   echo
-  grep -E '^(memory:|\|)' "$OUT/memory.log"
+  grep -E '^(memory:|\|)' "$MEMORY_LOG"
+  echo
+  tail -20 "$SVD_LOG"
   $PY - <<'EOF'
 import json, os, peft_ops.dispatch as d
 path = os.path.join(os.environ.get("TRITON_CACHE_DIR") or os.path.expanduser("~/.triton/cache"), "peft_ops")
@@ -87,5 +100,6 @@ for f in files:
         print("dispatch:", row["key"], "->", row["choice"], f"fused {row['fused_ms']} ms, composed {row['composed_ms']} ms")
 EOF
 } > "$OUT/summary.md" 2>&1
+rm -f "$SVD_LOG"
 ls "$OUT"
 cat "$OUT/summary.md"

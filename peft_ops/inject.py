@@ -10,6 +10,7 @@ from .layers import LAYER_CLASSES, LowRankLinear, is_adaptable
 from .load import Plan, apply
 from .methods import check_seed, get_method
 from .model import preserved_on_error
+from .progress import Progress
 from .targets import ModelView, default_targets, match_modules_to_save, match_targets
 
 __all__ = ["inject", "layer_seed"]
@@ -23,7 +24,7 @@ def layer_seed(seed: int, module_name: str) -> int:
 
 
 def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alpha: float | None = None,
-           dropout: float = 0.0, seed: int = 0, backend: str = "auto", modules_to_save=None,
+           dropout: float = 0.0, seed: int = 0, backend: str = "auto", modules_to_save=None, progress: bool = True,
            **method_options) -> list[str]:
     """Replace the linear layers of ``model`` named by ``target_modules`` with ``method`` adapters, in
     place. Returns the replaced module names.
@@ -37,6 +38,8 @@ def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alp
     adapters and ``modules_to_save``; injecting into a model that has adapters changes no flag the user
     set. Every target is checked and every layer built before the model is changed; on any error the
     model is left as it was. Each layer's seed is :func:`layer_seed` of ``seed`` and its name.
+    ``progress``: when building the layers takes over 2 s (LoRA-XS's SVD of a large model), report on
+    stderr how many are done, on one line; ``progress=False`` never prints.
     """
     layer_cls = LAYER_CLASSES[get_method(method).name]
     seed = check_seed(seed)
@@ -61,12 +64,13 @@ def inject(model: nn.Module, method: str, rank: int, target_modules=None, *, alp
         if isinstance(module, LowRankLinear):
             raise ValueError(f"module {name!r} already has a {module.method.name} adapter; "
                              f"peft_ops.unload(model) first to replace it")
-    with preserved_on_error(model):
+    with preserved_on_error(model), Progress("peft_ops.inject", len(modules), enabled=progress) as report:
         for name, module in modules.items():
             try:
                 plan.new[name] = layer_cls(module, rank, alpha=alpha, dropout=dropout, seed=layer_seed(seed, name),
                                            backend=backend, **method_options)
             except (TypeError, ValueError, RuntimeError) as e:  # name the module whose layer failed
                 raise type(e)(f"module {name!r}: {e}") from e
+            report.step()
         apply(model, plan)
     return list(plan.new)

@@ -281,7 +281,8 @@ class SymLoRALinear(LowRankLinear):
 
 class LoRAXSLinear(LowRankLinear):
     """LoRA-XS: ``ΔW = (α/r)·U_r R Σ_r V_rᵀ`` with the frozen top-r SVD of the base weight; trains R only.
-    Option ``svd="randomized"`` (default, seeded by ``svd_seed``) or ``"exact"``."""
+    Option ``svd="randomized"`` (default, seeded by ``svd_seed``) or ``"exact"``; ``svd_device="cpu"``
+    (default) or ``"weight"`` (computed on the weight's own device, a GPU's: faster on large weights)."""
     method = LORAXS
 
 

@@ -151,8 +151,9 @@ def _loraxs_init(c: InitContext) -> Tensors:
         if not torch.isfinite(c.weight).all():
             raise ValueError("loraxs: the base weight has non-finite values (NaN or inf); LoRA-XS's frozen "
                              "factors are its SVD, which needs finite weights")
+        device = c.weight.device if c.options["svd_device"] == "weight" else "cpu"
         u, sigma, v = top_singular_triplets(c.weight, c.rank, exact=c.options["svd"] == "exact",
-                                            seed=c.options["svd_seed"])
+                                            seed=c.options["svd_seed"], device=device)
         _check_spectrum(sigma, c.rank)
         frozen = {"loraxs_B": u, "loraxs_A": sigma[:, None] * v.T}  # U_r (N×r); Σ_r V_rᵀ (r×K) absorbs Σ
     else:
@@ -179,6 +180,9 @@ def _loraxs_check(n: int, k: int, r: int, opts: Mapping[str, Any]) -> None:
     if opts["svd"] not in ("randomized", "exact"):
         raise ValueError(f"loraxs: option svd={opts['svd']!r}; expected 'randomized' or 'exact'")
     check_seed(opts["svd_seed"], "loraxs: option ", "svd_seed")
+    if opts["svd_device"] not in ("cpu", "weight"):
+        raise ValueError(f"loraxs: option svd_device={opts['svd_device']!r}; expected 'cpu' or 'weight' (the "
+                         f"weight's own device)")
 
 
 LORAXS = Method(
@@ -190,7 +194,8 @@ LORAXS = Method(
     factors=lambda m: (m.loraxs_B, m.loraxs_R, m.loraxs_A.T, m.scaling),
     trainable_count=lambda n, k, r: r * r,
     frozen=("loraxs_A", "loraxs_B"),
-    options={"svd": "randomized", "svd_seed": 0},
+    # svd_device="cpu": files written before the option existed computed on the CPU (README, "LoRA-XS's SVD")
+    options={"svd": "randomized", "svd_seed": 0, "svd_device": "cpu"},
     check_shape=_loraxs_check,
 )
 

@@ -207,8 +207,8 @@ def test_refuses_regenerated_factors_that_differ(saved, monkeypatch):
     _, path = saved
     svd = methods.top_singular_triplets
 
-    def flipped(weight, rank, exact, seed):
-        u, s, v = svd(weight, rank, exact=exact, seed=seed)
+    def flipped(weight, rank, **options):
+        u, s, v = svd(weight, rank, **options)
         return -u, s, -v
 
     monkeypatch.setattr(methods, "top_singular_triplets", flipped)
@@ -376,7 +376,7 @@ def test_a_mismatch_says_which_quantity_differed_by_how_much(saved, monkeypatch)
     _, path = saved
     svd = methods.top_singular_triplets
     monkeypatch.setattr(methods, "top_singular_triplets",
-                        lambda w, r, exact, seed: (lambda u, s, v: (u, s * 1.01, v))(*svd(w, r, exact=exact, seed=seed)))
+                        lambda w, r, **options: (lambda u, s, v: (u, s * 1.01, v))(*svd(w, r, **options)))
     _load_refused(path, r"module 'blocks.0.k_proj': the regenerated frozen loraxs factors differ from the ones the "
                         r"adapter was trained with: signed sum \d of the down factor's column norms is -?[\d.]+, the file says "
                         r"-?[\d.]+ \(difference 0.00\d+ of the column norms' sum, tolerance 0.0001\)")

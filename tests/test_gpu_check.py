@@ -18,11 +18,12 @@ def test_rehearsal_runs_every_stage(tmp_path):
                             cwd=os.path.dirname(SCRIPT) + "/..")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = sorted(os.listdir(tmp_path))
-    assert files == ["env.txt", "headline.log", "memory.log", "smoke.log", "suite.log", "summary.md"]
+    assert files == ["env.txt", "headline.log", "smoke.log", "suite.log", "summary.md"]
     summary = (tmp_path / "summary.md").read_text()
-    for stage in ("smoke", "headline", "memory", "suite"):
+    for stage in ("smoke", "headline", "memory", "svd", "suite"):
         row = next(line for line in summary.splitlines() if line.startswith(f"| {stage} |"))
         assert "rc=0" in row, summary
     assert "2 passed" in summary and "every provider matched the float64 reference" in summary
     assert "| loraxs | 7,168 |" in summary  # the memory table: LoRA-XS r = 16 on the tiny Llama's 28 projections
+    assert "| svd float32 | 0/16384; 0/65536 | 0.0e+00 | accepted both ways" in summary  # on the CPU, "weight" is the CPU
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the table comes last

@@ -184,6 +184,29 @@ def test_frozen_factors_are_the_same_on_cpu_and_gpu(method):
             assert torch.equal(buffer, dict(on_gpu.named_buffers())[name].cpu()), name
 
 
+def test_svd_on_the_gpu_gives_the_cpu_factors_to_rounding(tmp_path):
+    """svd_device="weight": float64 on the GPU, the same seeded sketch; the factors equal the CPU's to
+    rounding, the same on every run, and a file saved from either loads into the other."""
+    from utils import TinyModel, randomize_adapters
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(1024, 512).to(torch.bfloat16)  # the randomised path: a 32-column sketch < 512
+    on_cpu = peft_ops.LoRAXSLinear(copy.deepcopy(base), 16, seed=4)
+    on_gpu = [peft_ops.LoRAXSLinear(copy.deepcopy(base).to(DEV), 16, seed=4, svd_device="weight") for _ in range(2)]
+    for name in ("loraxs_A", "loraxs_B"):
+        a, b = getattr(on_cpu, name), getattr(on_gpu[0], name).cpu()
+        assert torch.equal(b, getattr(on_gpu[1], name).cpu()), name
+        assert (a - b).abs().max() <= 1e-6 * a.abs().max(), name
+    model = TinyModel(1).to(DEV)
+    peft_ops.inject(model, "loraxs", 4, target_modules="all-linear", svd_device="weight")
+    randomize_adapters(model, 0.2)
+    x = torch.randn(8, 32)
+    peft_ops.save_adapter(model, tmp_path / "a.safetensors")
+    cpu = TinyModel(1)
+    peft_ops.load_adapter(cpu, tmp_path / "a.safetensors")  # the file says "weight": the CPU's SVD here
+    assert rel_error(cpu(x), model(x.to(DEV))) < TOLERANCE[torch.float32]
+
+
 def test_fsdp2_on_the_gpu(tmp_path):
     """fully_shard on one GPU (nccl) gives the unsharded model's gradients."""
     import torch.distributed as dist
