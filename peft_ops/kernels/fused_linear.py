@@ -135,17 +135,24 @@ def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GRO
 
 @triton.jit
 def _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, expand_ptr, stride_en, stride_er,
-                  seed, drop_threshold, OUTPUT_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  bias_ptr, stride_b, bias_cols, seed, drop_threshold, HAS_BIAS: tl.constexpr,
+                  OUTPUT_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, T_SPLITS: tl.constexpr):
-    """``t_scale · drop_out(t Eᵀ)`` for the tile at rows ``m0 ...``, columns ``n0 ...`` (float32), t read
-    from ``t_ptr`` (rows where ``t_rows``) in rank steps of ``rank_step_size`` (one step without a loop
-    where it covers BLOCK_R, so that the tile loop still fuses with the K-loop). ``T_SPLITS`` > 1: t is
-    the sum of that many partial sums (the split shrink's, ``stride_ts`` apart), added in order."""
+    """``t_scale · drop_out(t Eᵀ)`` plus the bias (its first ``bias_cols`` columns) for the tile at rows
+    ``m0 ...``, columns ``n0 ...`` (float32), t read from ``t_ptr`` (rows where ``t_rows``) in rank steps
+    of ``rank_step_size`` (one step without a loop where it covers BLOCK_R, so that the tile loop still
+    fuses with the K-loop). ``T_SPLITS`` > 1: t is the sum of that many partial sums (the split
+    shrink's, ``stride_ts`` apart), added in order. The bias is the sum's first value (its loads issued
+    before the K-loop, not in the epilogue), or added after the output dropout's mask."""
     RANK_STEP: tl.constexpr = min(BLOCK_R, _TF32X3_RANK_STEP if PRECISION == "tf32x3" else _RANK_STEP)
     offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
     term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < bias_cols, other=0.0).to(tl.float32)[None, :]
+        if not OUTPUT_DROPOUT:
+            term += bias
     if BLOCK_R <= RANK_STEP:
         term = _add_rank_step(term, 0, t_ptr, offs_m, stride_tm, stride_ts, t_rows, t_scale, R, expand_ptr, offs_n,
                               in_n, stride_en, stride_er, PRECISION, RANK_STEP, T_SPLITS)
@@ -155,6 +162,8 @@ def _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, ex
                                   offs_n, in_n, stride_en, stride_er, PRECISION, RANK_STEP, T_SPLITS)
     if OUTPUT_DROPOUT:
         term = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, BLOCK_N), term, 0.0)
+        if HAS_BIAS:
+            term += bias
     return term
 
 
@@ -263,11 +272,8 @@ def _lowrank_linear_kernel(
         if GIVEN_T:
             t_rows = offs_m < M * (split == 0)  # the rank-r term from the first split only
             acc = _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, expand_ptr, stride_en,
-                                stride_er, seed, drop_threshold, OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
-                                T_SPLITS)
-            if HAS_BIAS:  # with the term at the tile's start: its load is issued before the K-loop, not after
-                acc += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < N * (split == 0), other=0.0
-                               ).to(tl.float32)[None, :]
+                                stride_er, bias_ptr, stride_b, N * (split == 0), seed, drop_threshold, HAS_BIAS,
+                                OUTPUT_DROPOUT, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, T_SPLITS)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
