@@ -38,16 +38,19 @@ def _philox(seed, counters: torch.Tensor):
 
 def dropout_mask(seed, n_rows: int, n_cols: int, p: float, device, first_row: int = 0) -> torch.Tensor:
     """The kernels' keep-mask (bool) for rows ``first_row ... first_row + n_rows - 1`` of an
-    ``n_cols``-wide tensor: draw ``col mod 4`` of Philox at counter ``row · ⌈n_cols / 4⌉ + col // 4``,
-    shifted right once, at least ``round(p · 2³¹)``. Built a block of rows at a time to bound memory."""
-    groups = (n_cols + 3) // 4
-    threshold = int(round(p * 2**31))
+    ``n_cols``-wide tensor: 16-bit draw ``col mod 8`` of Philox at counter ``row · ⌈n_cols / 8⌉ + col // 8``
+    (half ``h`` of word ``w`` for draw ``2w + h``), at least ``round(p · 2¹⁶)``. Built a block of rows at a
+    time to bound memory."""
+    groups = (n_cols + 7) // 8
+    threshold = int(round(p * 2**16))
     blocks = []
-    for start in range(first_row, first_row + n_rows, max(1, 2**22 // max(groups, 1))):
-        rows = torch.arange(start, min(start + max(1, 2**22 // max(groups, 1)), first_row + n_rows), device=device)
+    step = max(1, 2**22 // max(groups, 1))
+    for start in range(first_row, first_row + n_rows, step):
+        rows = torch.arange(start, min(start + step, first_row + n_rows), device=device)
         counters = rows[:, None] * groups + torch.arange(groups, device=device)[None, :]
-        draws = torch.stack(_philox(seed, counters), dim=-1).reshape(len(rows), 4 * groups)[:, :n_cols]
-        blocks.append((draws >> 1) >= threshold)
+        words = torch.stack(_philox(seed, counters), dim=-1).reshape(len(rows), 4 * groups)
+        draws = torch.stack([words & 0xFFFF, words >> 16], dim=-1).reshape(len(rows), 8 * groups)[:, :n_cols]
+        blocks.append(draws >= threshold)
     return torch.cat(blocks) if blocks else torch.zeros(0, n_cols, dtype=torch.bool, device=device)
 
 

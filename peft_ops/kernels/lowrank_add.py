@@ -61,7 +61,7 @@ def _add_lowrank_kernel(out_ptr, base_ptr, bias_ptr, t_ptr, expand_ptr, M, N, R,
 
 
 # 64×64 tiles over 8 warps: no spills at any rank and dtype, and no ptxas serialization advisory
-# (tests/test_sm90_compile.py checks); the output tile is a multiple of 4 columns, as the mask needs
+# (tests/test_sm90_compile.py checks); the output tile is a multiple of 8 columns, as the mask needs
 ADD_LOWRANK_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1)
 
 
