@@ -230,7 +230,7 @@ def variants(which: str):
                                                                    "seed_ptr": "*i64"},
                                 dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"],
                                      BLOCK_M=reductions._BLOCK_M, BLOCK_P=reductions._BLOCK_P,
-                                     BLOCK_R=64), unit=("stride_ap", "stride_br")))  # b is float32 whatever a is
+                                     BLOCK_R=64), unit=("stride_ap", "stride_bm")))  # b: float32 whatever a is, M-major
         out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision), dtype, 16,
                                   False, layout="backward"))  # dx's: g and U
         out.append(_variant(fl._sum_splits_kernel, triton.Config({}), dtype, {"partial_ptr": "*fp32"},
@@ -725,6 +725,31 @@ def read_amdgcn(compiled, log: str = "", warnings=()) -> dict:
     return report
 
 
+_MFMA_SHAPE = re.compile(r"(\d+)x(\d+)x(\d+)")
+
+
+def _per_k_step(loop, c, waves):
+    """Divide an AMD main loop's counts by the K-steps one pass holds: LLVM unrolls some K-loops (tutorial
+    03's by two on gfx942), and the gate compares one K-step with one K-step. The K-steps per pass are
+    its MFMA over the MFMA one BLOCK_K step of the tile needs per wave (the tile's products over one
+    instruction's, e.g. 32x32x8); recorded as ``k_steps``."""
+    (shape, count), = loop["mma_shapes"].items() if len(loop["mma_shapes"]) == 1 else ((None, 0),)
+    dims = _MFMA_SHAPE.search(shape or "")
+    if dims is None:
+        return
+    m, n, k = map(int, dims.groups())
+    per_k_step = c["BLOCK_M"] * c.get("BLOCK_N", c.get("BLOCK_R", 0)) * c["BLOCK_K"] // (m * n * k * waves)
+    if not per_k_step or count % per_k_step or count == per_k_step:
+        return
+    steps = count // per_k_step
+    loop["k_steps"] = steps
+    loop["mma_shapes"] = {shape: per_k_step}
+    loop["mma_count"] = per_k_step
+    loop["loads"] = {kind: n // steps for kind, n in loop["loads"].items()}
+    for key in ("instructions", "integer", "waits"):
+        loop[key] //= steps
+
+
 def main_loop_rows(v):
     """Rows of the main loop's MMA tile (None: the kernel has no K-loop)."""
     key = MAIN_LOOP_ROWS.get(v["kernel"], "BLOCK_M")
@@ -754,6 +779,8 @@ def compile_variant(v) -> dict:
               "rows": rows, "expected_mma": None if rows is None else MMA[0 if rows >= TARGETS[TARGET_NAME]["big_rows"]
                                                                           else -1],
               **read(compiled, log, warnings), "yardstick": None}
+    if TARGET.backend != "cuda" and report["main_loop"] and not v.get("extra_mma"):
+        _per_k_step(report["main_loop"], {**v["constexprs"], **v["config"]}, v["warps"])
     ruler = yardstick(v)
     if ruler is not None:
         if label(ruler) not in _yardsticks:

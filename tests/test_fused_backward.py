@@ -27,11 +27,20 @@ def _backward(layer, x, grad):
     return {"x": x.grad, **{n: p.grad for n, p in _trainable(layer).items()}}
 
 
+# A one-element gradient (TLoRA's scale) is one sum of M·N products that cancel, rounded to the 16-bit
+# parameter's dtype: its relative error is heavy-tailed. Measured in bf16 (M = 5, 88×72, rank 4, dropout
+# 0.3) over 40 seeds: median 0.26%, 4 of 40 above 1%, largest 7.7%, with either dropout-mask scheme. A
+# wrong scale (1/(1 - p) missing: 43%) still fails.
+SCALAR_TOLERANCE_16BIT = 0.1
+
+
 def _check_grads(grads, expected, tol):
     assert grads.keys() == expected.keys()
     for name in grads:
         assert grads[name] is not None, name
-        assert rel_error(grads[name], expected[name]) < tol, (name, rel_error(grads[name], expected[name]))
+        sixteen_bit = tol >= TOLERANCE[torch.float16]  # the computation's tolerance says its dtype
+        limit = SCALAR_TOLERANCE_16BIT if grads[name].numel() == 1 and sixteen_bit else tol
+        assert rel_error(grads[name], expected[name]) < limit, (name, rel_error(grads[name], expected[name]))
 
 
 @pytest.mark.parametrize("backend", IMPLEMENTATIONS)

@@ -69,7 +69,10 @@ def rank_reduce(a: torch.Tensor, b: torch.Tensor, *, dropout_p: float = 0.0, see
     rows_per_chunk = triton.cdiv(triton.cdiv(m, chunks), _BLOCK_M) * _BLOCK_M
     chunks = triton.cdiv(m, rows_per_chunk)
     partial = torch.empty(chunks, p, r, device=a.device, dtype=torch.float32)
-    a, b = with_unit_stride(a), with_unit_stride(b)
+    # b with unit stride along M, the dot's K: tf32 wgmma takes its B operand from shared memory K-major
+    # only, and a row-major b (t, M×r) was transposed in registers with its loads taken out of the
+    # pipeline (Triton warns; compiled for sm_90). The copy is M×r float32, small beside a (M×P).
+    a, b = with_unit_stride(a), b if b.stride(0) == 1 else b.t().contiguous().t()
     wrap_triton(_rank_reduce_kernel)[(tiles, chunks)](
         a, b, partial, m, p, r, rows_per_chunk, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         seed_arg(seed, dropout_p, a), dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p),
