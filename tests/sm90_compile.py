@@ -147,10 +147,13 @@ def variants(which: str):
         size = 4 if dtype == "float32" else 2
         unit = ("stride_ak", "stride_dk" if layout == "forward" else "stride_dr")
         aligned = ("K", "stride_am", "stride_dr" if layout == "forward" else "stride_dk")
-        return _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION=PRECISION[dtype],
-                                                          BLOCK_R=block_r, **(dict(SPLITS=splits) if splits > 1 else {})),
-                        estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]),
-                        unit=unit, aligned=aligned)
+        v = _variant(shrink, config, dtype, fp32, dict(DROPOUT_INPUT=drop, UPCAST=False, PRECISION=PRECISION[dtype],
+                                                       BLOCK_R=block_r, **(dict(SPLITS=splits) if splits > 1 else {})),
+                     estimate=fl.shared_memory_bytes(config, "shrink", block_r, size, PRECISION[dtype]),
+                     unit=unit, aligned=aligned)
+        if drop:  # the input-dropout mask of each a tile, drawn in the K-loop
+            v["masked"] = config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
+        return v
 
     loop_r = fl._LOOP_SHRINK_MIN_BLOCK_R  # the in-loop shrink's smallest BLOCK_R
     out = []
@@ -300,14 +303,15 @@ def yardstick(v):
     block as the tile's N); both in the variant's dtype and dot precision."""
     c = {**v["constexprs"], **v["config"]}
     if v["kernel"] not in ("_lowrank_linear_kernel", "_shrink_kernel", "_sgmv_shrink_kernel",
-                           "_unpipelined_matmul_kernel", "_unpipelined_pointer_kernel"):
+                           "_unpipelined_matmul_kernel", "_unpipelined_pointer_kernel", "_per_element_mask_kernel"):
         return None
     tile = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"] if "BLOCK_N" in c else c["BLOCK_R"], "BLOCK_K": c["BLOCK_K"],
             "GROUP_M": c.get("GROUP_M", 8)}
     config = triton.Config(tile, num_warps=v["warps"], num_stages=v["stages"])
     if v.get("tma"):
         return _descriptor_yardstick(config, v["dtype"], c["PRECISION"], bool(v.get("flattened")))
-    args = {"_lowrank_linear_kernel": _GEMM_ARGS, "_unpipelined_pointer_kernel": {name: name for name in _GEMM_ARGS.values()}
+    same = {name: name for name in _GEMM_ARGS.values()}
+    args = {"_lowrank_linear_kernel": _GEMM_ARGS, "_unpipelined_pointer_kernel": same, "_per_element_mask_kernel": same
             }.get(v["kernel"], _SHRINK_ARGS)
     unit = tuple(args[name] for name in v["constexprs"] if name in args)
     aligned = tuple(args[name] for name in v["aligned"] if name in args)
@@ -413,6 +417,42 @@ def _unpipelined_pointer_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+@triton.jit
+def _per_element_mask_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_cm,
+                             stride_cn, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
+    """The mask budget's counterexample: tutorial 03 with its ``a`` tile dropped (p = 1/2) by one Philox
+    call per element (``tl.rand``'s way), where the kernels draw eight elements per call."""
+    block_m, block_n = tutorial_gemms._grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
+                                                    GROUP_M)
+    rows = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    cols = (block_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    ks = tl.arange(0, BLOCK_K)
+    a_block = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    w_block = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_step in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k_step * BLOCK_K
+        a = tl.load(a_block, mask=ks[None, :] < k_left, other=0.0)
+        offsets = rows[:, None] * K + (k_step * BLOCK_K + ks)[None, :]
+        a = tl.where(tl.rand(seed, offsets) >= 0.5, a, 0.0)
+        w = tl.load(w_block, mask=ks[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        a_block += BLOCK_K * stride_ak
+        w_block += BLOCK_K * stride_wk
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty))
+
+
+def mask_counterexample_variants():
+    """The per-element mask on the shrink's default tile (32 rows, BLOCK_K 64, rank block 64 as the
+    tile's N), bf16, measured against tutorial 03 there with the shrink's mask budget."""
+    config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)
+    v = _variant(_per_element_mask_kernel, config, "bfloat16", {}, dict(PRECISION="tf32"),
+                 unit=("stride_ak", "stride_wk", "stride_cn"), aligned=("K", "N", "stride_am", "stride_wn", "stride_cm"))
+    v["masked"] = 32 * 64 // (32 * 4)
+    return [v]
+
+
 def tensor_memory_counterexample_variants():
     """The fused GEMM with a given t on a 128×256 descriptor-path tile (8 warps, 3 stages, bf16, rank
     16), the launchers' first choice on Hopper: for sm_100 Triton compiles it to a trap (the launchers
@@ -456,7 +496,8 @@ def target_variants():
     return out
 
 
-KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, _unpipelined_pointer_kernel, fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
+KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, _unpipelined_pointer_kernel, _per_element_mask_kernel,
+                                   fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    fused_linear._sum_splits_kernel, reductions._rank_reduce_kernel,
                                    dropout._dropout_mask_kernel,
                                    lowrank_add._add_lowrank_kernel, tutorial_gemms.pointer_matmul_kernel,
@@ -776,6 +817,7 @@ def compile_variant(v) -> dict:
     report = {"target": TARGET_NAME, "shared": compiled.metadata.shared, "shared_limit": SHARED_MEMORY_LIMIT,
               "estimate": v["estimate"], "tma": bool(v.get("tma")),
               "flattened": bool(v.get("flattened")), "stages": v["stages"], "extra_mma": bool(v.get("extra_mma")),
+              "masked": v.get("masked", 0),
               "rows": rows, "expected_mma": None if rows is None else MMA[0 if rows >= TARGETS[TARGET_NAME]["big_rows"]
                                                                           else -1],
               **read(compiled, log, warnings), "yardstick": None}
@@ -802,7 +844,8 @@ def _variants(which: str):
     every = {"tutorials": tutorial_variants, "bank": bank_variants, "targets": target_variants,
              "counterexample": counterexample_variants,
              "pointer_counterexample": pointer_counterexample_variants,
-             "tensor_memory_counterexample": tensor_memory_counterexample_variants}.get(which, lambda: variants(which))()
+             "tensor_memory_counterexample": tensor_memory_counterexample_variants,
+             "mask_counterexample": mask_counterexample_variants}.get(which, lambda: variants(which))()
     return list({label(v): v for v in every}.values())
 
 

@@ -142,17 +142,13 @@ def _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, ex
     ``m0 ...``, columns ``n0 ...`` (float32), t read from ``t_ptr`` (rows where ``t_rows``) in rank steps
     of ``rank_step_size`` (one step without a loop where it covers BLOCK_R, so that the tile loop still
     fuses with the K-loop). ``T_SPLITS`` > 1: t is the sum of that many partial sums (the split
-    shrink's, ``stride_ts`` apart), added in order. The bias is the sum's first value (its loads issued
-    before the K-loop, not in the epilogue), or added after the output dropout's mask."""
+    shrink's, ``stride_ts`` apart), added in order. The bias is added last (after the output dropout's
+    mask), still before the K-loop: its loads are not left to the epilogue."""
     RANK_STEP: tl.constexpr = min(BLOCK_R, _TF32X3_RANK_STEP if PRECISION == "tf32x3" else _RANK_STEP)
     offs_m = m0.to(tl.int64) + tl.arange(0, BLOCK_M)
     offs_n = n0.to(tl.int64) + tl.arange(0, BLOCK_N)
     in_n = offs_n < N
     term = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < bias_cols, other=0.0).to(tl.float32)[None, :]
-        if not OUTPUT_DROPOUT:
-            term += bias
     if BLOCK_R <= RANK_STEP:
         term = _add_rank_step(term, 0, t_ptr, offs_m, stride_tm, stride_ts, t_rows, t_scale, R, expand_ptr, offs_n,
                               in_n, stride_en, stride_er, PRECISION, RANK_STEP, T_SPLITS)
@@ -162,8 +158,8 @@ def _given_t_term(m0, n0, t_ptr, stride_tm, stride_ts, t_rows, t_scale, R, N, ex
                                   offs_n, in_n, stride_en, stride_er, PRECISION, RANK_STEP, T_SPLITS)
     if OUTPUT_DROPOUT:
         term = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, BLOCK_N), term, 0.0)
-        if HAS_BIAS:
-            term += bias
+    if HAS_BIAS:
+        term += tl.load(bias_ptr + offs_n * stride_b, mask=offs_n < bias_cols, other=0.0).to(tl.float32)[None, :]
     return term
 
 
@@ -476,7 +472,8 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
       most 64×64 (128×128 and wider spilled 128–664 B), and 32×64 on the pointer path (general
       strides: its loads stay in registers; 64×64 spilled 16 B);
     * on the pointer path with the output-side dropout, at most 64 columns (128×128 and 64×128 tiles
-      spilled 48–56 B);
+      spilled 48–56 B) and 64 float32 values per thread of the tile and of t (128×64 on 4 warps
+      spilled 56 B once the pointer loads went through cp.async);
     * in the shrink kernel at most 64 values of t per thread, 32 at rank blocks of 256 (32×32 tiles
       with the input dropout spilled 8 B compiled by Triton 3.6), and BLOCK_K ≤ 64 (32×128 tiles of a
       with the input dropout's masked copy spilled 8 B);
@@ -507,7 +504,7 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
             return False
         if kind == "gemm" and block_r >= 128 and tile > (32 * 64 if path == "pointer" else 64 * 64):
             return False
-        if path == "pointer" and output_dropout and c.kwargs["BLOCK_N"] > 64:
+        if path == "pointer" and output_dropout and (c.kwargs["BLOCK_N"] > 64 or tile + bm * block_r > 64 * threads):
             return False
         if output_dropout or kind == "gemm_in_loop":
             return tile <= 128 * 128 and tile + bm * block_r <= 96 * threads
