@@ -121,14 +121,19 @@ def composed_lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *
     float32 (:func:`_float32_product`), the shrink ``t = drop_in(a) D``, and ``out = a Wᵀ + bias +
     scale·drop_out(t Eᵀ)`` rounded once to ``a``'s dtype, as the fused kernel does: a 16-bit ``a Wᵀ`` rounded
     on its own could overflow where the whole sum does not (or round to the largest finite value where
-    the fused sum overflows). A quantized ``weight`` (``peft_ops.kernels.dequant.QuantizedWeight``) is
-    dequantized first (bitsandbytes' own dequantization for a bitsandbytes layer), in ``a``'s dtype, and
-    dropped after the call: QLoRA's forward, with the rank-r term added by one kernel."""
+    the fused sum overflows). A quantized ``weight`` (``peft_ops.kernels.dequant.QuantizedWeight``): the
+    forward's ``a Wᵀ`` is its quantizer's own product where it has one (bitsandbytes' ``matmul_4bit``:
+    QLoRA's base, whose 16-bit output is rounded before the rank-r term is added), else, and for dx,
+    the weight dequantized (bitsandbytes' own) in ``a``'s dtype for this call only, then the matmul above:
+    QLoRA's forward and dx, with the rank-r term added by one kernel."""
     from peft_ops import kernels
 
-    if not isinstance(weight, torch.Tensor):  # a quantized weight: dequantized for this call only
-        weight = weight.dequantized().to(a.dtype)
-    base = _float32_product(a, weight)
+    if isinstance(weight, torch.Tensor):
+        base = _float32_product(a, weight)
+    elif weight.product is not None and not weight.transposed:  # a quantized weight, its quantizer's product
+        base = weight.product(a)
+    else:  # a quantized weight dequantized for this call only
+        base = _float32_product(a, weight.dequantized().to(a.dtype))
     out = base if a.dtype == torch.float32 else torch.empty(base.shape, dtype=a.dtype, device=a.device)
     if t is None:
         t = kernels.shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
@@ -182,9 +187,13 @@ def rule(key: Key) -> str:
     """The choice without timing (``PEFT_OPS_AUTOTUNE=0``, tracing, capture): fused for decode-sized batches
     (M ≤ 16: one launch instead of three, and a fused GEMM reads W once like cuBLAS), composed otherwise
     (cuBLAS's GEMM plus the rank-r term: never slower than what a user would write), except for 16-bit
-    inputs where torch lacks the GEMM with a float32 output (:data:`FLOAT32_OUTPUT_GEMM`). The same for a
-    quantized weight: at M ≤ 16 the fused kernel reads its packed bytes once (a quarter of bf16's for
-    4-bit), above that the composition is QLoRA's own dequantize-then-cuBLAS."""
+    inputs where torch lacks the GEMM with a float32 output (:data:`FLOAT32_OUTPUT_GEMM`). A quantized
+    weight: composed at every M (QLoRA's own base product plus the rank-r term, so never slower than
+    QLoRA): the fused kernel reads a quarter of bf16's bytes for 4-bit, but as compiled its NF4 decoding
+    costs ~20 instructions per element, predicted issue-bound past bitsandbytes' own small-M kernel
+    (bench/NOTES.md, "Quantized bases"); only a measurement picks it."""
+    if key.weight != "dense":
+        return "composed"
     if key.m_bucket <= DECODE_ROWS or (key.dtype != "float32" and not FLOAT32_OUTPUT_GEMM):
         return "fused"
     return "composed"

@@ -100,7 +100,8 @@ def kernel_weight(module: nn.Module):
     """The layer's quantized weight as the kernels read it (a ``peft_ops.kernels.dequant.QuantizedWeight``
     of the module's own tensors, nothing copied or dequantized), or None where they cannot: a 4-bit weight
     in bitsandbytes' CPU layout, or rows that are not whole blocks (in_features not a multiple of the
-    blocksize). Its ``dense`` is bitsandbytes' dequantization (the composed implementation's)."""
+    blocksize). Its ``dense`` is bitsandbytes' dequantization and, for 4-bit, its ``product`` bitsandbytes'
+    ``matmul_4bit`` (QLoRA's base product: the composed implementation's forward)."""
     from .kernels.dequant import QuantizedWeight
 
     n, k = quantized_shape(module)
@@ -112,9 +113,11 @@ def kernel_weight(module: nn.Module):
         nested = dict(scale2=state.state2.absmax, code2=state.state2.code, nested_blocksize=state.state2.blocksize,
                       offset=torch.as_tensor(state.offset, dtype=torch.float32, device=weight.device).reshape(1)
                       ) if state.nested else {}
+        bnb = sys.modules["bitsandbytes"]
         return QuantizedWeight(state.quant_type, weight.data.view(torch.uint8).reshape(-1), state.absmax, n, k,
                                code=state.code.to(device=weight.device, dtype=torch.float32),
-                               blocksize=state.blocksize, dense=lambda: dequantize(module), **nested)
+                               blocksize=state.blocksize, dense=lambda: dequantize(module),
+                               product=lambda a: bnb.matmul_4bit(a, weight.t(), quant_state=state), **nested)
     scb = getattr(weight, "SCB", None)
     if weight.dtype != torch.int8 or scb is None:
         return None

@@ -90,6 +90,12 @@ def gate_failures(report) -> dict:
 
 
 INSTRUCTION_MARGIN = 1.25, 16  # a nested K-step: at most 25% and 16 instructions more than the yardstick's
+# A K-step that decodes a quantized W (variants with "decodes": elements of W per thread per K-step) may
+# add this many instructions per decoded element: the 16-value table lookup by tl.gather (the table
+# across lanes: about 4 shuffle rounds and selects, 8), splitting and interleaving the two nibbles of
+# a byte (2), the absmax product and the 16-bit conversion (2), staging the tile for the dot (2) and
+# its masks (2). A budget set from the work, not from the compiled counts (see bench/NOTES.md).
+DECODE_INSTRUCTIONS = 16
 
 
 def pipeline_failures(report, ruler) -> dict:
@@ -126,8 +132,10 @@ def pipeline_failures(report, ruler) -> dict:
                                      f"{ruler['mma_under_loads']}")
     scale, slack = INSTRUCTION_MARGIN
     nested_alike = not report["flattened"] and not report["extra_mma"]
-    if nested_alike and loop.get("instructions", 0) > scale * ruler_loop["instructions"] + slack:
-        failed["instructions per K-step"] = f"{loop['instructions']}, yardstick {ruler_loop['instructions']}"
+    decoding = DECODE_INSTRUCTIONS * report.get("decodes", 0)  # a quantized W's decoding, per K-step
+    if nested_alike and loop.get("instructions", 0) > scale * ruler_loop["instructions"] + slack + decoding:
+        failed["instructions per K-step"] = (f"{loop['instructions']}, yardstick {ruler_loop['instructions']}"
+                                             + (f", decoding allowed {decoding}" if decoding else ""))
     return failed
 
 
@@ -207,6 +215,27 @@ def test_gate_flags_an_unpipelined_kernel():
                                              "MMA per K-step"}, gate_failures(flattened)
     assert "Pipelining will be disabled" in gate_failures(flattened)["compiler warnings"]
     assert set(gate_failures(masked)) == {"instructions per K-step"}, gate_failures(masked)
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run every kernel")
+def test_quantized_weight_variants_pass_the_gate():
+    """The fused GEMM decoding an NF4 (double-quantized) or int8 W in its K-loop, bf16, with the launchers'
+    configs for a quantized W: forward and dx at decode (16-row tiles, HMMA) and prefill (64×64, HGMMA).
+    The instruction check allows DECODE_INSTRUCTIONS per decoded element; the rest of the gate as for
+    every variant (pipelined: cp.async groups in flight at least as deep as tutorial 03's)."""
+    reports = _compile("quantized", 0, 1)
+    assert len(reports) == 5 and all(r["decodes"] > 0 for r in reports), reports
+    assert all(r["cp_async_wait"] >= r["yardstick"]["cp_async_wait"] for r in reports), reports
+    _gate(reports)
+
+
+@pytest.mark.skipif(ON_GPU, reason="reads compiled code only; a GPU session runs the kernels")
+def test_gate_flags_a_quantized_tile_decoded_with_an_absmax_per_element():
+    """The decode-instruction allowance still fails a bad decoding: a 4-bit forward whose BLOCK_K spans two
+    absmax blocks (an absmax, with its double-quantization chain, per element; not a launcher's config)."""
+    (bad,) = _compile("quantized_counterexample", 0, 1)
+    failed = gate_failures(bad)
+    assert {"instructions per K-step", "local memory"} <= set(failed), failed
 
 
 def test_tutorial_gemms_compute_a_times_w_transposed(poisoned):

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ._config import LAUNCH_OPTIONS, wrap_triton
 
-__all__ = ["QuantizedWeight", "FORMATS", "decoded_tile", "dequantize", "kernel_format"]
+__all__ = ["QuantizedWeight", "FORMATS", "decoded_tile", "dequantize", "kernel_format", "decodable_configs",
+           "decode_shared_bytes"]
 
 FORMATS = ("nf4", "fp4", "int8")
 
@@ -42,7 +43,9 @@ class QuantizedWeight:
     or uint8 codes of it when ``code2`` is given (double quantization: ``scale2`` per ``nested_blocksize``
     absmax values, ``offset`` a 1-element float32 tensor); int8: float32 per row. ``code``: the 16
     float32 values of the 4-bit codes. ``dense``: a callable returning the dequantized ``rows × cols``
-    weight (bitsandbytes' own, for the composed implementation); None: :func:`dequantize`."""
+    weight (bitsandbytes' own, for the composed implementation); None: :func:`dequantize`. ``product``: a
+    callable computing ``a Wᵀ`` for the stored (untransposed) weight as its quantizer does (bitsandbytes'
+    ``matmul_4bit``: QLoRA's base), for the composed forward; None: dequantize, then a matmul."""
 
     format: str
     data: torch.Tensor
@@ -57,6 +60,7 @@ class QuantizedWeight:
     nested_blocksize: int = 256
     transposed: bool = False
     dense: Optional[Callable[[], torch.Tensor]] = None
+    product: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -115,6 +119,24 @@ def kernel_format(fmt: str) -> str:
     return "int8" if fmt == "int8" else "4bit"
 
 
+def decodable_configs(configs, w_format: str, transposed: bool, quant_block: int) -> list:
+    """The GEMM configs for a quantized W (``w_format`` the kernels' "4bit" or "int8"): for 4-bit, tiles
+    spanning at most one absmax block along the stored weight's rows (BLOCK_K, or BLOCK_N for dx), which
+    decode with one absmax per row. The per-element branch, compiled for sm_90 (bf16, 16×32×128, w4s4,
+    forward, double quantization), took 255 registers, spilled (296 B of stack) and ran 1757 instructions
+    per K-step (tests/sm90_compile.py's quantized counterexample)."""
+    if w_format != "4bit":
+        return list(configs)
+    return [c for c in configs if c.kwargs["BLOCK_N" if transposed else "BLOCK_K"] <= quant_block]
+
+
+def decode_shared_bytes(config) -> int:
+    """Shared memory that decoding adds to a config's (``fused_linear.shared_memory_bytes``), bounded: the
+    decoded W tile staged for the dot in 16 bits and a float32 scratch of its layout conversions, 6 B an
+    element (the compiled kernels use 0.3–0.5 of it beyond the dense bound: tests/test_sm90_compile.py)."""
+    return config.kwargs["BLOCK_N"] * config.kwargs["BLOCK_K"] * 6
+
+
 @triton.jit
 def _block_scale(block, inside, scale_ptr, scale2_ptr, code2_ptr, offset_ptr, NESTED: tl.constexpr,
                  NESTED_BLOCK: tl.constexpr):
@@ -135,7 +157,7 @@ def decoded_tile(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_pt
     col0 + COLS`` (``col0`` a multiple of COLS, of W_COLS columns), float32, zero outside.
 
     4-bit: COLS / 2 bytes a row, split into high (even column) and low (odd) nibbles and interleaved,
-    each looked up in the 16-value table and scaled by its block's absmax: one absmax per row where the
+    each looked up in the 16-value table (in registers) and scaled by its block's absmax: one absmax per row where the
     tile's columns lie in one block (COLS ≤ QUANT_BLOCK), else one per element. int8: CB · SCB / 127."""
     cols = col0 + tl.arange(0, COLS)
     in_cols = cols < W_COLS
@@ -149,7 +171,10 @@ def decoded_tile(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_pt
         packed = tl.load(data_ptr + rows[:, None] * (W_COLS // 2) + byte_cols[None, :],
                          mask=in_rows[:, None] & (byte_cols < W_COLS // 2)[None, :], other=0)
         codes = tl.reshape(tl.join((packed >> 4).to(tl.int32), (packed & 0xF).to(tl.int32)), (rows.shape[0], COLS))
-        values = tl.load(code_ptr + codes)  # 16 float32 values: a table the L1 cache holds
+        # the 16 values in registers (tl.gather): a load of the table indexed by the bytes just loaded
+        # (an indirect load) kept Triton's pipeliner to one cp.async group in flight (two for tutorial 03)
+        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (rows.shape[0], 16))
+        values = tl.gather(table, codes, 1)
         blocks_per_row = W_COLS // QUANT_BLOCK
         if COLS <= QUANT_BLOCK:
             absmax = _block_scale(rows * blocks_per_row + col0 // QUANT_BLOCK, in_rows, scale_ptr, scale2_ptr,

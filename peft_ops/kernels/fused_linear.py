@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from ._config import INTERPRET, LAUNCH_OPTIONS, autotuned, dot_precision, multiprocessors, rank_block, seed_arg, wrap_triton
-from .dequant import QuantizedWeight, decoded_tile
+from .dequant import QuantizedWeight, decodable_configs, decode_shared_bytes, decoded_tile
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_PATHS", "GEMM_CONFIGS", "TMA_GEMM_CONFIGS",
@@ -502,8 +502,13 @@ def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
 
 def _prune_gemm(configs, named_args, **meta):
     kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
-    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"],
-                           "tma" if meta["TMA"] else "pointer", meta["OUTPUT_DROPOUT"])
+    size, path = named_args["a_ptr"].element_size(), "tma" if meta["TMA"] else "pointer"
+    fitting = fitting_configs(configs, kind, meta["BLOCK_R"], size, meta["PRECISION"], path, meta["OUTPUT_DROPOUT"])
+    if meta.get("W_FORMAT", "dense") == "dense":
+        return fitting
+    return [c for c in decodable_configs(fitting, meta["W_FORMAT"], meta["W_TRANSPOSED"], meta["QUANT_BLOCK"])
+            if shared_memory_bytes(c, kind, meta["BLOCK_R"], size, meta["PRECISION"], path)
+            + decode_shared_bytes(c) <= SHARED_MEMORY]
 
 
 def _prune_shrink(configs, named_args, **meta):
@@ -740,6 +745,8 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
 
     kind = _gemm_kind(has_low_rank, shrink_in_loop)
     preferred = _PREFERRED_DECODE_GEMM if decode else _PREFERRED_TMA_GEMM if tma else _PREFERRED_GEMM
+    if quantized:
+        preferred = decodable_configs(preferred, kwargs["W_FORMAT"], w_transposed, kwargs["QUANT_BLOCK"])
     _run(_lowrank_linear_kernel, _gemm_tuned[path, decode], grid, kwargs, config,
          lambda: default_config(preferred, kind, block_r, a.element_size(), kwargs["PRECISION"], path,
                                 output_dropout))
