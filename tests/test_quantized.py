@@ -314,6 +314,10 @@ def test_triton_backends_run_the_quantized_base_through_the_kernels(config, meth
     assert seen == ([True, True] + [False, False] * (twice - 1) if backend == "fused" else [compute] * 2 * twice)
     assert torch.equal(base.weight.data, storage)  # still quantized
     assert not any(t.shape == (48, 64) for t in layer.buffers())
+    saved = []  # what autograd keeps for the backward: no dequantized W (dx decodes it again)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(3, 64).to(compute).requires_grad_()).sum().backward()
+    assert saved and not any(t.numel() >= 48 * 64 for t in saved), [tuple(t.shape) for t in saved]
 
 
 def test_linear8bitlt_through_the_fused_kernel_matches_the_oracle_without_input_rounding(poisoned):
