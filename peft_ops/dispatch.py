@@ -190,8 +190,8 @@ def rule(key: Key) -> str:
     inputs where torch lacks the GEMM with a float32 output (:data:`FLOAT32_OUTPUT_GEMM`). A quantized
     weight: composed at every M (QLoRA's own base product plus the rank-r term, so never slower than
     QLoRA): the fused kernel reads a quarter of bf16's bytes for 4-bit, but as compiled its NF4 decoding
-    costs ~20 instructions per element, predicted issue-bound past bitsandbytes' own small-M kernel
-    (bench/NOTES.md, "Quantized bases"); only a measurement picks it."""
+    costs ~10 instructions per element, predicted issue-bound, slower than bitsandbytes' own kernel at
+    M ≤ 4 (bench/NOTES.md, "Quantized bases"); only a measurement picks it."""
     if key.weight != "dense":
         return "composed"
     if key.m_bucket <= DECODE_ROWS or (key.dtype != "float32" and not FLOAT32_OUTPUT_GEMM):

@@ -454,7 +454,7 @@ def _quantized_variant(config, dtype, layout, w_format, **flags):
     the stored weight decoded transposed, ``W_TRANSPOSED``). Marked ``"decodes"``: the gate's instruction
     check allows the decoding work per K-step (tests/test_sm90_compile.py ``DECODE_INSTRUCTIONS``)."""
     quant = dict(W_FORMAT=w_format, QUANT_BLOCK=64 if w_format == "4bit" else 1, NESTED=w_format == "4bit",
-                 NESTED_BLOCK=256)
+                 NESTED_BLOCK=256, PTX_LOOKUP=True)  # as a CUDA launch sets it
     v = _gemm_variant(config, dtype, layout, "pointer", **quant, **flags)
     v["constexprs"]["W_TRANSPOSED"] = layout == "backward"
     names = list(KERNELS["_lowrank_linear_kernel"].arg_names)

@@ -91,11 +91,12 @@ def gate_failures(report) -> dict:
 
 INSTRUCTION_MARGIN = 1.25, 16  # a nested K-step: at most 25% and 16 instructions more than the yardstick's
 # A K-step that decodes a quantized W (variants with "decodes": elements of W per thread per K-step) may
-# add this many instructions per decoded element: the 16-value table lookup by tl.gather (the table
-# across lanes: about 4 shuffle rounds and selects, 8), splitting and interleaving the two nibbles of
-# a byte (2), the absmax product and the 16-bit conversion (2), staging the tile for the dot (2) and
-# its masks (2). A budget set from the work, not from the compiled counts (see bench/NOTES.md).
-DECODE_INSTRUCTIONS = 16
+# add this many instructions per decoded element: the 16-value table lookup (one load, 1), splitting
+# and interleaving the two nibbles of a byte (2), the absmax product (1) and its double-quantization
+# chain (a code, a table value and the second-level scale per row, with an FMA, held per element in
+# the tile's layout: 3), the 16-bit conversion (1), staging the tile for the dot (2) and its masks (2).
+# A budget set from the work, not fitted to the compiled counts (bench/NOTES.md, "Quantized bases").
+DECODE_INSTRUCTIONS = 12
 
 
 def pipeline_failures(report, ruler) -> dict:

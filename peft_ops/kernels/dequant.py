@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import LAUNCH_OPTIONS, wrap_triton
+from ._config import INTERPRET, LAUNCH_OPTIONS, wrap_triton
 
 __all__ = ["QuantizedWeight", "FORMATS", "decoded_tile", "dequantize", "kernel_format", "decodable_configs",
            "decode_shared_bytes"]
@@ -111,7 +111,8 @@ class QuantizedWeight:
                     q_code2_ptr=self.code2 if self.nested else unused,
                     q_offset_ptr=self.offset if self.nested else unused,
                     W_FORMAT=kernel_format(self.format), QUANT_BLOCK=self.blocksize if self.format != "int8" else 1,
-                    NESTED=self.nested, NESTED_BLOCK=self.nested_blocksize)
+                    NESTED=self.nested, NESTED_BLOCK=self.nested_blocksize,
+                    PTX_LOOKUP=not INTERPRET and self.data.is_cuda and torch.version.hip is None)
 
 
 def kernel_format(fmt: str) -> str:
@@ -153,13 +154,21 @@ def _block_scale(block, inside, scale_ptr, scale2_ptr, code2_ptr, offset_ptr, NE
 @triton.jit
 def decoded_tile(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, rows, in_rows, col0, W_COLS,
                  COLS: tl.constexpr, W_FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr, NESTED: tl.constexpr,
-                 NESTED_BLOCK: tl.constexpr):
+                 NESTED_BLOCK: tl.constexpr, PTX_LOOKUP: tl.constexpr):
     """The stored weight's rows ``rows`` (1-D, int64; ``in_rows`` inside) by columns ``col0 ...
     col0 + COLS`` (``col0`` a multiple of COLS, of W_COLS columns), float32, zero outside.
 
     4-bit: COLS / 2 bytes a row, split into high (even column) and low (odd) nibbles and interleaved,
-    each looked up in the 16-value table (in registers) and scaled by its block's absmax: one absmax per row where the
-    tile's columns lie in one block (COLS ≤ QUANT_BLOCK), else one per element. int8: CB · SCB / 127."""
+    each looked up in the 16-value table and scaled by its block's absmax: one absmax per row where the
+    tile's columns lie in one block (COLS ≤ QUANT_BLOCK), else one per element. int8: CB · SCB / 127.
+
+    The table lookup, compiled for sm_90 (bf16, NF4, tests/sm90_compile.py): as ``tl.load`` of the table
+    indexed by the bytes just loaded, Triton's pipeliner staged it through cp.async and shared memory
+    (2 instructions an element) and kept one cp.async group in flight where tutorial 03 keeps two; as
+    ``tl.gather`` from the table in registers, 4 cp.async groups in flight but 4 shuffles and 2 selects
+    an element (398 instructions per K-step at 16×32×64, forward); as one PTX ``ld.global.nc`` an element
+    (``PTX_LOOKUP``: NVIDIA targets compiled, not the interpreter), the loads stay 4 groups deep and the
+    K-step takes 234. With ``PTX_LOOKUP`` False (the interpreter) a plain ``tl.load``."""
     cols = col0 + tl.arange(0, COLS)
     in_cols = cols < W_COLS
     if W_FORMAT == "int8":
@@ -172,10 +181,11 @@ def decoded_tile(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_pt
         packed = tl.load(data_ptr + rows[:, None] * (W_COLS // 2) + byte_cols[None, :],
                          mask=in_rows[:, None] & (byte_cols < W_COLS // 2)[None, :], other=0)
         codes = tl.reshape(tl.join((packed >> 4).to(tl.int32), (packed & 0xF).to(tl.int32)), (rows.shape[0], COLS))
-        # the 16 values in registers (tl.gather): a load of the table indexed by the bytes just loaded
-        # (an indirect load) kept Triton's pipeliner to one cp.async group in flight (two for tutorial 03)
-        table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (rows.shape[0], 16))
-        values = tl.gather(table, codes, 1)
+        if PTX_LOOKUP:  # one ld.global.nc per element from the 64-byte table (L1), outside the pipeliner
+            values = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [code_ptr + codes],
+                                               dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            values = tl.load(code_ptr + codes)
         blocks_per_row = W_COLS // QUANT_BLOCK
         if COLS <= QUANT_BLOCK:
             absmax = _block_scale(rows * blocks_per_row + col0 // QUANT_BLOCK, in_rows, scale_ptr, scale2_ptr,
@@ -191,12 +201,13 @@ def decoded_tile(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_pt
 @triton.jit
 def _dequantize_kernel(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, out_ptr, ROWS, W_COLS,
                        W_FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr, NESTED: tl.constexpr,
-                       NESTED_BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+                       NESTED_BLOCK: tl.constexpr, PTX_LOOKUP: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                       BLOCK_COLS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col0 = tl.program_id(1) * BLOCK_COLS
     in_rows = rows < ROWS
     tile = decoded_tile(data_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, rows, in_rows, col0, W_COLS,
-                        BLOCK_COLS, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK)
+                        BLOCK_COLS, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP)
     cols = col0 + tl.arange(0, BLOCK_COLS)
     tl.store(out_ptr + rows[:, None] * W_COLS + cols[None, :], tile.to(out_ptr.dtype.element_ty),
              mask=in_rows[:, None] & (cols < W_COLS)[None, :])
@@ -214,6 +225,7 @@ def dequantize(weight: QuantizedWeight, dtype: torch.dtype = torch.float32) -> t
     wrap_triton(_dequantize_kernel)[grid](
         args["w_ptr"], args["q_scale_ptr"], args["q_code_ptr"], args["q_scale2_ptr"], args["q_code2_ptr"],
         args["q_offset_ptr"], out, weight.rows, weight.cols, W_FORMAT=args["W_FORMAT"], QUANT_BLOCK=args["QUANT_BLOCK"],
-        NESTED=args["NESTED"], NESTED_BLOCK=args["NESTED_BLOCK"], BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        NESTED=args["NESTED"], NESTED_BLOCK=args["NESTED_BLOCK"], PTX_LOOKUP=args["PTX_LOOKUP"],
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
         **LAUNCH_OPTIONS)
     return out

@@ -104,16 +104,17 @@ def _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stri
 @triton.jit
 def _quantized_w_tile(w_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, offs_k, in_k, k0, offs_n, in_n,
                       n0, N, K, W_TRANSPOSED: tl.constexpr, W_FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr,
-                      NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, PTX_LOOKUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The BLOCK_K × BLOCK_N tile of a quantized W, decoded (float32): the stored N×K weight's rows
     ``offs_n`` and columns from ``k0``, transposed; with ``W_TRANSPOSED`` (dx: the kernel's W is the stored
     weight's transpose) its rows ``offs_k`` and columns from ``n0`` as they are."""
     if W_TRANSPOSED:
         return decoded_tile(w_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, offs_k, in_k, n0, N,
-                            BLOCK_N, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK)
+                            BLOCK_N, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP)
     else:
         return decoded_tile(w_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, offs_n, in_n, k0, K,
-                            BLOCK_K, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK).T
+                            BLOCK_K, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP).T
 
 
 @triton.jit
@@ -218,7 +219,7 @@ def _lowrank_linear_kernel(
         GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr, T_SPLITS: tl.constexpr = 1,
         q_scale_ptr=None, q_code_ptr=None, q_scale2_ptr=None, q_code2_ptr=None, q_offset_ptr=None,
         W_FORMAT: tl.constexpr = "dense", QUANT_BLOCK: tl.constexpr = 64, NESTED: tl.constexpr = False,
-        NESTED_BLOCK: tl.constexpr = 256):
+        NESTED_BLOCK: tl.constexpr = 256, PTX_LOOKUP: tl.constexpr = False):
     """``TMA``: descriptor loads of a and W (``W_TRANSPOSED``: W has unit stride along N), descriptor
     stores of the output. ``PARTIAL``: ``out_ptr`` is float32 ``split_k × M × N`` partial sums.
     ``OUTPUT_DROPOUT``: the mask on the rank-r term (input-side dropout is the shrink kernel's).
@@ -288,7 +289,7 @@ def _lowrank_linear_kernel(
                 else:
                     w = _quantized_w_tile(w_ptr, q_scale_ptr, q_code_ptr, q_scale2_ptr, q_code2_ptr, q_offset_ptr,
                                           offs_k, in_k, k0, offs_n, in_n, n0, N, K, W_TRANSPOSED, W_FORMAT,
-                                          QUANT_BLOCK, NESTED, NESTED_BLOCK, BLOCK_N, BLOCK_K)
+                                          QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP, BLOCK_N, BLOCK_K)
             acc = _mma(a, w, acc, UPCAST, PRECISION)
             if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded
                 t = _shrink_step(t, a, down_ptr, offs_m, k0, offs_k, offs_r, in_k, in_r, K, stride_dk, stride_dr,
