@@ -124,7 +124,7 @@ def decodable_configs(configs, w_format: str, transposed: bool, quant_block: int
     """The GEMM configs for a quantized W (``w_format`` the kernels' "4bit" or "int8"): for 4-bit, tiles
     spanning at most one absmax block along the stored weight's rows (BLOCK_K, or BLOCK_N for dx), which
     decode with one absmax per row. The per-element branch, compiled for sm_90 (bf16, 16×32×128, w4s4,
-    forward, double quantization), took 255 registers, spilled (296 B of stack) and ran 1757 instructions
+    forward, double quantization), took 255 registers, spilled (128 B of stack) and ran 1093 instructions
     per K-step (tests/sm90_compile.py's quantized counterexample)."""
     if w_format != "4bit":
         return list(configs)
