@@ -121,10 +121,19 @@ def composed_lowrank_linear(a, weight, bias, down, expand, scale: float = 1.0, *
     float32 (:func:`_float32_product`), the shrink ``t = drop_in(a) D``, and ``out = a Wᵀ + bias +
     scale·drop_out(t Eᵀ)`` rounded once to ``a``'s dtype, as the fused kernel does: a 16-bit ``a Wᵀ`` rounded
     on its own could overflow where the whole sum does not (or round to the largest finite value where
-    the fused sum overflows)."""
+    the fused sum overflows). A quantized ``weight`` (``peft_ops.kernels.dequant.QuantizedWeight``): the
+    forward's ``a Wᵀ`` is its quantizer's own product where it has one (bitsandbytes' ``matmul_4bit``:
+    QLoRA's base, whose 16-bit output is rounded before the rank-r term is added), else, and for dx,
+    the weight dequantized (bitsandbytes' own) in ``a``'s dtype for this call only, then the matmul above:
+    QLoRA's forward and dx, with the rank-r term added by one kernel."""
     from peft_ops import kernels
 
-    base = _float32_product(a, weight)
+    if isinstance(weight, torch.Tensor):
+        base = _float32_product(a, weight)
+    elif weight.product is not None and not weight.transposed:  # a quantized weight, its quantizer's product
+        base = weight.product(a)
+    else:  # a quantized weight dequantized for this call only
+        base = _float32_product(a, weight.dequantized().to(a.dtype))
     out = base if a.dtype == torch.float32 else torch.empty(base.shape, dtype=a.dtype, device=a.device)
     if t is None:
         t = kernels.shrink(a, down, dropout_p=dropout_p if dropout_site == "input" else 0.0, seed=seed)
@@ -145,6 +154,7 @@ class Key:
     dropout: str  # one of DROPOUT_SITES
     bias: bool
     role: str  # one of ROLES
+    weight: str = "dense"  # or a quantized format ("nf4", "fp4", "int8"; "+dq": double quantization)
 
     @classmethod
     def of(cls, role, a, weight, bias, rank, dropout_p, dropout_site) -> "Key":
@@ -152,19 +162,23 @@ class Key:
 
         from peft_ops.kernels._config import rank_block
 
+        fmt = "dense" if isinstance(weight, torch.Tensor) else weight.format + ("+dq" if weight.nested else "")
         return cls(min(triton.next_power_of_2(a.shape[0]), 8192), weight.shape[0], a.shape[1], rank_block(rank),
-                   str(a.dtype).removeprefix("torch."), dropout_site if dropout_p else "none", bias is not None, role)
+                   str(a.dtype).removeprefix("torch."), dropout_site if dropout_p else "none", bias is not None, role,
+                   fmt)
 
     @classmethod
     def from_json(cls, value) -> "Key | None":
         """The key a disk-cache row names, or None where it is not one :meth:`of` could have made."""
+        if isinstance(value, dict) and "weight" not in value:
+            value = {**value, "weight": "dense"}  # rows written before quantized weights had a key of their own
         if not isinstance(value, dict) or value.keys() != {field.name for field in fields(cls)}:
             return None
         sizes = (value["m_bucket"], value["n"], value["k"], value["rank_block"])
         if not all(type(size) is int and size > 0 for size in sizes):  # type(), not isinstance(): true is an int
             return None
         if not (isinstance(value["dtype"], str) and value["dropout"] in DROPOUT_SITES and type(value["bias"]) is bool
-                and value["role"] in ROLES):
+                and value["role"] in ROLES and isinstance(value["weight"], str)):
             return None
         return cls(**value)
 
@@ -173,7 +187,13 @@ def rule(key: Key) -> str:
     """The choice without timing (``PEFT_OPS_AUTOTUNE=0``, tracing, capture): fused for decode-sized batches
     (M ≤ 16: one launch instead of three, and a fused GEMM reads W once like cuBLAS), composed otherwise
     (cuBLAS's GEMM plus the rank-r term: never slower than what a user would write), except for 16-bit
-    inputs where torch lacks the GEMM with a float32 output (:data:`FLOAT32_OUTPUT_GEMM`)."""
+    inputs where torch lacks the GEMM with a float32 output (:data:`FLOAT32_OUTPUT_GEMM`). A quantized
+    weight: composed at every M (QLoRA's own base product plus the rank-r term, so never slower than
+    QLoRA): the fused kernel reads a quarter of bf16's bytes for 4-bit, but as compiled its NF4 decoding
+    costs ~10 instructions per element, predicted issue-bound, slower than bitsandbytes' own kernel at
+    M ≤ 4 (bench/NOTES.md, "Quantized bases"); only a measurement picks it."""
+    if key.weight != "dense":
+        return "composed"
     if key.m_bucket <= DECODE_ROWS or (key.dtype != "float32" and not FLOAT32_OUTPUT_GEMM):
         return "fused"
     return "composed"

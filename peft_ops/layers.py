@@ -193,11 +193,33 @@ class LowRankLinear(nn.Module):
             return self.base_layer(x)
         up, core, down, scale = self.factors()
         dropout_p = self.dropout if self.training else 0.0
-        if self.quantized:  # bitsandbytes' own forward and backward (no saved W), plus the rank-r term alone
+        if self.quantized:
+            y = self._quantized_forward(x, up, core, down, scale, dropout_p)
+            if y is not None:
+                return y
+            # bitsandbytes' own forward and backward (no saved W), plus the rank-r term alone
             return self.base_layer(x) + ops.adapter_term(x, up, core, down, scale, dropout_p=dropout_p,
                                                          dropout_site=self.method.dropout_site)
         return ops.adapted_linear(x, base_weight(self.base_layer), self.base_layer.bias, up, core, down, scale,
                                   dropout_p=dropout_p, dropout_site=self.method.dropout_site, backend=self.backend)
+
+    def _quantized_forward(self, x, up, core, down, scale, dropout_p):
+        """Where the layer's backend resolves to the Triton kernels (a CUDA input, or the interpreter), the
+        quantized base through them: the fused GEMM decoding W's tiles (forward and dx) or the composed
+        dequantize-then-cuBLAS, as dispatch picks, in bitsandbytes' compute dtype. None where the backend
+        resolves to "reference" (today's bitsandbytes forward plus ``adapter_term`` then runs) or the
+        kernels cannot read the weight (``quantized.kernel_weight``)."""
+        xc = x.to(quantized.compute_dtype(self.base_layer, x)) if x.is_floating_point() else x
+        if dispatch.resolve_backend(self.backend, xc, self.rank) == "reference":
+            return None
+        weight = quantized.kernel_weight(self.base_layer)
+        if weight is None:
+            return None
+        bias = self.base_layer.bias
+        y = ops.quantized_adapted_linear(xc, weight, None if bias is None else bias.to(xc.dtype), up, core, down,
+                                         scale, dropout_p=dropout_p, dropout_site=self.method.dropout_site,
+                                         backend=self.backend)
+        return y.to(x.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.library import triton_op
 
 from . import dispatch, reference
 
-__all__ = ["adapted_linear", "adapter_term"]
+__all__ = ["adapted_linear", "adapter_term", "quantized_adapted_linear"]
 
 
 def _fold(factor: Tensor, core: Optional[Tensor], scale) -> Tensor:
@@ -46,6 +46,13 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core
              scale: Optional[Tensor], scale_value: float, seed: Optional[Tensor], dropout_p: float,
              dropout_site: str, backend: str, store_t: bool) -> tuple[Tensor, Tensor]:
     """(y, t) for a 2-D x; t is empty unless ``store_t``. ``backend`` is resolved (not "auto")."""
+    return _adapter_forward(x, weight, bias, up, core, down, scale, scale_value, seed, dropout_p, dropout_site,
+                            backend, store_t)
+
+
+def _adapter_forward(x, weight, bias, up, core, down, scale, scale_value, seed, dropout_p, dropout_site, backend,
+                     store_t):
+    """The forward op's body; ``weight`` a dense tensor or a quantized weight (:func:`quantized_adapted_linear`)."""
     y, t = dispatch.run_lowrank_linear(
         backend, "forward", x, weight, bias, down, _fold(up, core, scale), scale_value, dropout_p=dropout_p,
         dropout_site=dropout_site, seed=seed, store_t=store_t)
@@ -57,6 +64,14 @@ def _backward(g: Tensor, t: Optional[Tensor], x: Optional[Tensor], weight: Tenso
               down: Tensor, scale: Optional[Tensor], scale_value: float, seed: Optional[Tensor], dropout_p: float,
               dropout_site: str, backend: str, needs: list[bool]) -> list[Tensor]:
     """[dx, d_bias, d_up, d_core, d_down, d_scale]; entries not asked for in ``needs`` are empty."""
+    return _adapter_backward(g, t, x, weight, up, core, down, scale, scale_value, seed, dropout_p, dropout_site,
+                             backend, needs)
+
+
+def _adapter_backward(g, t, x, weight, up, core, down, scale, scale_value, seed, dropout_p, dropout_site, backend,
+                      needs):
+    """The backward op's body; ``weight`` a dense tensor or a quantized weight (whose ``.T`` the dx GEMM
+    decodes along the other axis)."""
     impl = dispatch.kernel_module(backend)
     need_x, need_bias, need_up, need_core, need_down, need_scale = needs
     s = scale if scale is not None else scale_value
@@ -154,6 +169,65 @@ def adapted_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor
             x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
             1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, backend, store_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _QuantizedAdapter(torch.autograd.Function):
+    """The forward and backward ops' bodies over a quantized weight (an object, not a tensor: no op
+    schema takes it), under autograd. Saves what the ops save; the quantized weight is the layer's own
+    storage, referenced, never dequantized into a saved tensor."""
+
+    @staticmethod
+    def forward(ctx, x, bias, up, core, down, scale, weight, scale_value, seed, dropout_p, dropout_site, backend,
+                store_t):
+        y, t = _adapter_forward(x, weight, bias, up, core, down, scale, scale_value, seed, dropout_p, dropout_site,
+                                backend, store_t)
+        ctx.save_for_backward(t if store_t else None, x if down.requires_grad else None, up, core, down, scale, seed)
+        ctx.weight, ctx.scale_value, ctx.dropout_p = weight, scale_value, dropout_p
+        ctx.dropout_site, ctx.backend = dropout_site, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        t, x, up, core, down, scale, seed = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:6])  # x, bias, up, core, down, scale
+        grads = _adapter_backward(grad_y, t, x, ctx.weight, up, core, down, scale, ctx.scale_value, seed,
+                                  ctx.dropout_p, ctx.dropout_site, ctx.backend, needs)
+        return (*(grad if wanted else None for grad, wanted in zip(grads, needs)), *(None,) * 7)
+
+
+def quantized_adapted_linear(x: Tensor, weight, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor],
+                             down: Tensor, scale, *, dropout_p: float = 0.0, dropout_site: str = "input",
+                             backend: str = "triton", seed=None) -> Tensor:
+    """:func:`adapted_linear` over a quantized base weight (a ``peft_ops.kernels.dequant.QuantizedWeight``,
+    e.g. ``peft_ops.quantized.kernel_weight(layer)``): the fused GEMM decodes W's tiles in its K-loop
+    (forward, and dx in the backward), or the composed implementation dequantizes W for the call and
+    runs cuBLAS; :mod:`peft_ops.dispatch` picks as for a dense weight. ``backend``: a Triton one
+    ("triton", "fused", "composed"); x is computed in its own dtype. Runs eagerly under autograd
+    (torch.compile does not trace it: the ops' schemas take no quantized weight)."""
+    n, k = weight.shape
+    if x.shape[-1:] != (k,):
+        raise ValueError(f"input: shape {tuple(x.shape)}; expected a last dimension of in_features={k}")
+    r = down.shape[-1]
+    if tuple(up.shape) != (n, r) or tuple(down.shape) != (k, r):
+        raise ValueError(f"up, down: shapes {tuple(up.shape)}, {tuple(down.shape)}; expected {(n, r)}, {(k, r)}")
+    if x.device != weight.device:
+        raise RuntimeError(f"input is on {x.device} but the layer's weights are on {weight.device}")
+    backend = dispatch.resolve_backend(backend, x, r)
+    if backend == "reference":
+        raise ValueError("quantized_adapted_linear runs the Triton kernels; backend='reference' has no quantized "
+                         "GEMM (a layer then runs bitsandbytes' forward plus adapter_term)")
+    scale_tensor = scale if isinstance(scale, Tensor) else None
+    if dropout_p:
+        seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
+                else torch.as_tensor(seed, dtype=torch.int64).to(x.device))
+    else:
+        seed = None
+    store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
+    with torch.autocast(x.device.type, enabled=False):
+        y = _QuantizedAdapter.apply(x.reshape(-1, k), bias, up, core, down, scale_tensor,
+                                    weight, 1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p),
+                                    dropout_site, backend, store_t)
+    return y.reshape(*x.shape[:-1], n)
 
 
 def adapter_term(x: Tensor, up: Tensor, core: Optional[Tensor], down: Tensor, scale, *, dropout_p: float = 0.0,

@@ -13,7 +13,8 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["is_quantized", "quantized_shape", "quantized_dtype", "dequantize", "prepare_for_adapter"]
+__all__ = ["is_quantized", "quantized_shape", "quantized_dtype", "dequantize", "prepare_for_adapter", "kernel_weight",
+           "compute_dtype"]
 
 
 def _bnb_classes() -> tuple[type, ...]:
@@ -93,3 +94,37 @@ def prepare_for_adapter(module: nn.Module) -> None:
         weight.data, weight.quant_state = _unpack_for_cpu()(weight.data, weight.quant_state)
         if getattr(module, "quant_state", None) is not None:
             module.quant_state = weight.quant_state
+
+
+def kernel_weight(module: nn.Module):
+    """The layer's quantized weight as the kernels read it (a ``peft_ops.kernels.dequant.QuantizedWeight``
+    of the module's own tensors, nothing copied or dequantized), or None where they cannot: a 4-bit weight
+    in bitsandbytes' CPU layout, or rows that are not whole blocks (in_features not a multiple of the
+    blocksize). Its ``dense`` is bitsandbytes' dequantization and, for 4-bit, its ``product`` bitsandbytes'
+    ``matmul_4bit`` (QLoRA's base product: the composed implementation's forward)."""
+    from .kernels.dequant import QuantizedWeight
+
+    n, k = quantized_shape(module)
+    weight = module.weight
+    if _is_4bit(module):
+        state = getattr(weight, "quant_state", None)
+        if state is None or _is_cpu_packed(module) or k % 2 or k % state.blocksize:
+            return None
+        nested = dict(scale2=state.state2.absmax, code2=state.state2.code, nested_blocksize=state.state2.blocksize,
+                      offset=torch.as_tensor(state.offset, dtype=torch.float32, device=weight.device).reshape(1)
+                      ) if state.nested else {}
+        bnb = sys.modules["bitsandbytes"]
+        return QuantizedWeight(state.quant_type, weight.data.view(torch.uint8).reshape(-1), state.absmax, n, k,
+                               code=state.code.to(device=weight.device, dtype=torch.float32),
+                               blocksize=state.blocksize, dense=lambda: dequantize(module),
+                               product=lambda a: bnb.matmul_4bit(a, weight.t(), quant_state=state), **nested)
+    scb = getattr(weight, "SCB", None)
+    if weight.dtype != torch.int8 or scb is None:
+        return None
+    return QuantizedWeight("int8", weight.data, scb, n, k, dense=lambda: dequantize(module))
+
+
+def compute_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype bitsandbytes computes the layer's product in for input ``x`` (``Linear4bit.compute_dtype``
+    where set, else x's)."""
+    return getattr(module, "compute_dtype", None) or x.dtype

@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from bench import tutorial_gemms  # noqa: E402
-from peft_ops.kernels import bank, dropout, fused_linear, lowrank_add, reductions  # noqa: E402
+from peft_ops.kernels import bank, dequant, dropout, fused_linear, lowrank_add, reductions  # noqa: E402
 from peft_ops.kernels._config import dot_precision  # noqa: E402
 
 # The targets the gate compiles for, each with what its compiled code is read for: ``shared`` (bytes a
@@ -496,6 +496,69 @@ def target_variants():
     return out
 
 
+# --- quantized weights (issue 22): the fused GEMM decoding NF4 / int8 tiles of W in its K-loop ------------
+_QUANTIZED_POINTERS = {"4bit": {"w_ptr": "*u8", "q_scale_ptr": "*u8", "q_code_ptr": "*fp32", "q_scale2_ptr": "*fp32",
+                                "q_code2_ptr": "*fp32", "q_offset_ptr": "*fp32"},
+                       "int8": {"w_ptr": "*i8", "q_scale_ptr": "*fp32", "q_code_ptr": "*fp32",
+                                "q_scale2_ptr": "*fp32", "q_code2_ptr": "*fp32", "q_offset_ptr": "*fp32"}}
+
+
+def _quantized_variant(config, dtype, layout, w_format, **flags):
+    """The pointer path's fused GEMM over a quantized W (``W_FORMAT`` "4bit" with double quantization, or
+    "int8"), specialised as launches on contiguous tensors are; ``layout`` "forward" or "backward" (dx:
+    the stored weight decoded transposed, ``W_TRANSPOSED``). Marked ``"decodes"``: the gate's instruction
+    check allows the decoding work per K-step (tests/test_sm90_compile.py ``DECODE_INSTRUCTIONS``)."""
+    quant = dict(W_FORMAT=w_format, QUANT_BLOCK=64 if w_format == "4bit" else 1, NESTED=w_format == "4bit",
+                 NESTED_BLOCK=256, PTX_LOOKUP=True)  # as a CUDA launch sets it
+    v = _gemm_variant(config, dtype, layout, "pointer", **quant, **flags)
+    v["constexprs"]["W_TRANSPOSED"] = layout == "backward"
+    names = list(KERNELS["_lowrank_linear_kernel"].arg_names)
+    for name, kind in _QUANTIZED_POINTERS[w_format].items():
+        v["defaults"].pop(name, None)
+        v["signature"][name] = kind
+        v["attrs"][str(names.index(name))] = [["tt.divisibility", 16]]
+    c = {**v["constexprs"], **v["config"]}
+    # elements of W each thread decodes per K-step, the decode work the instruction check allows for
+    v["decodes"] = c["BLOCK_N"] * c["BLOCK_K"] // (32 * v["warps"])
+    kind = fused_linear._gemm_kind(c["HAS_LOW_RANK"], c["SHRINK_IN_LOOP"])
+    v["estimate"] = (fused_linear.shared_memory_bytes(config, kind, c["BLOCK_R"], 2, c["PRECISION"])
+                     + dequant.decode_shared_bytes(config))  # the launcher's bound for a quantized W
+    return v
+
+
+def _quantized_config(preferred, layout, w_format):
+    """The config the launcher picks for a quantized W (``dequant.decodable_configs``)."""
+    fl = fused_linear
+    return fl.default_config(dequant.decodable_configs(preferred, w_format, layout == "backward", 64), "gemm", 16, 2,
+                             "tf32", "pointer")
+
+
+def quantized_variants():
+    """bf16, NF4 with double quantization, rank block 16: forward and dx with the launchers' configs at
+    M ≤ 16 (decode: the split shrink's t, T_SPLITS; the forward's BLOCK_K and dx's BLOCK_N within one
+    64-value block) and above (prefill, the pointer path's default tile); int8 forward at decode."""
+    fl, out = fused_linear, []
+    splits = fl._SHRINK_MAX_SPLITS // 2
+    for preferred, extra in ((fl._PREFERRED_DECODE_GEMM, dict(T_SPLITS=splits)), (fl._PREFERRED_GEMM, {})):
+        for layout in ("forward", "backward"):
+            out.append(_quantized_variant(_quantized_config(preferred, layout, "4bit"), "bfloat16", layout, "4bit",
+                                          **extra))
+    out.append(_quantized_variant(_quantized_config(fl._PREFERRED_DECODE_GEMM, "forward", "int8"), "bfloat16",
+                                  "forward", "int8", T_SPLITS=splits))
+    return out
+
+
+def quantized_counterexample_variants():
+    """The forward at 16×32×128 (w4s4), which the launcher does not pick for a 4-bit W: its 128 columns
+    of K span two absmax blocks, decoded with an absmax per element (the per-element branch of
+    ``dequant.decoded_tile``): the gate's decode-instruction check must fail it (and it spills)."""
+    fl = fused_linear
+    v = _quantized_variant(fl._PREFERRED_DECODE_GEMM[0], "bfloat16", "forward", "4bit",
+                           T_SPLITS=fl._SHRINK_MAX_SPLITS // 2)
+    v["estimate"] = None  # not a launcher's config: no bound of ours to check
+    return [v]
+
+
 KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, _unpipelined_pointer_kernel, _per_element_mask_kernel,
                                    fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    fused_linear._sum_splits_kernel, reductions._rank_reduce_kernel,
@@ -818,6 +881,7 @@ def compile_variant(v) -> dict:
               "estimate": v["estimate"], "tma": bool(v.get("tma")),
               "flattened": bool(v.get("flattened")), "stages": v["stages"], "extra_mma": bool(v.get("extra_mma")),
               "masked": v.get("masked", 0),
+              "decodes": v.get("decodes", 0),
               "rows": rows, "expected_mma": None if rows is None else MMA[0 if rows >= TARGETS[TARGET_NAME]["big_rows"]
                                                                           else -1],
               **read(compiled, log, warnings), "yardstick": None}
@@ -845,7 +909,8 @@ def _variants(which: str):
              "counterexample": counterexample_variants,
              "pointer_counterexample": pointer_counterexample_variants,
              "tensor_memory_counterexample": tensor_memory_counterexample_variants,
-             "mask_counterexample": mask_counterexample_variants}.get(which, lambda: variants(which))()
+             "mask_counterexample": mask_counterexample_variants, "quantized": quantized_variants,
+             "quantized_counterexample": quantized_counterexample_variants}.get(which, lambda: variants(which))()
     return list({label(v): v for v in every}.values())
 
 

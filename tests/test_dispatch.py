@@ -328,3 +328,17 @@ def test_a_poisoned_cache_fails_no_forward_or_backward(monkeypatch, tmp_path):
     dispatch.clear_decisions()
     _check_grads(_backward(layer, x, x.new_ones(40, 90)), _backward(ref, x.double(), x.new_ones(40, 90).double()),
                  TOLERANCE[torch.float32])
+
+
+def test_the_rule_takes_a_quantized_weight_composed_and_keys_it_by_format():
+    """Without timing a quantized weight goes composed at every M (QLoRA's own base product: never slower
+    than QLoRA); its key names the format, so a measured choice for a dense weight of the same shape is not
+    reused; cache rows written before the field was added read as dense."""
+    dense = dispatch.Key(1, 90, 64, 16, "bfloat16", "none", False, "forward")
+    nf4 = dataclasses.replace(dense, weight="nf4+dq")
+    assert dispatch.rule(dense) == "fused" and dispatch.rule(nf4) == "composed" and dense != nf4
+    old_row = dataclasses.asdict(dense)
+    del old_row["weight"]
+    assert dispatch.Key.from_json(old_row) == dense
+    assert dispatch.Key.from_json(dataclasses.asdict(nf4)) == nf4
+    assert dispatch.Key.from_json({**dataclasses.asdict(nf4), "weight": 4}) is None

@@ -46,8 +46,8 @@ def check_against_oracle(layer, tol, x_dtype=torch.float32):
     bias = layer.base_layer.bias
     x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(7)).to(x_dtype).requires_grad_()
     y = layer(x)
-    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(8))
-    y.backward(g.to(y.dtype))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(y.dtype)  # the oracle's g too
+    y.backward(g)
     params = dict(layer.named_parameters(recurse=False))
     twins = {n: p.detach().double().requires_grad_() for n, p in params.items()}
     x64 = x.detach().double().requires_grad_()
@@ -274,3 +274,77 @@ def test_a_4bit_base_takes_well_under_a_third_of_the_fp32_bytes(tmp_path):
     # the 4-bit model keeps its embeddings and head in fp32; its 14 projections take ~1/7 of their fp32 size
     assert q4 < fp32 / 3, (q4, fp32)
     assert q4_saved <= fp32_saved * 1.05, (q4_saved, fp32_saved)  # no dequantized weight saved for backward
+
+
+@pytest.mark.parametrize("backend", ["fused", "composed"])
+@pytest.mark.parametrize("method", list(peft_ops.METHODS))
+@pytest.mark.parametrize("config", [("nf4", True, torch.float32), ("fp4", False, torch.bfloat16)],
+                         ids=lambda c: f"{c[0]}-{'dq' if c[1] else 'sq'}-{str(c[2])[6:]}")
+def test_triton_backends_run_the_quantized_base_through_the_kernels(config, method, backend, monkeypatch, poisoned):
+    """With a Triton backend (here the interpreter) a quantized layer's forward and dx run the fused GEMM
+    decoding the packed weight (or the composed dequantize-then-matmul): bitsandbytes' forward is not
+    called, the kernels see the QuantizedWeight twice (forward, dx), and the output and every gradient
+    match the oracle on the dequantized weight."""
+    from peft_ops import kernels
+    from peft_ops.kernels.dequant import QuantizedWeight
+
+    quant_type, double, compute = config
+    base = linear4bit(quant_type=quant_type, double=double, compute_dtype=compute)
+    storage = base.weight.data.clone()
+    layer = randomized(LAYER_CLASSES[method](base, 4, seed=3, backend=backend, **OPTIONS.get(method, {})))
+    monkeypatch.setattr(base, "forward", lambda x: pytest.fail("bitsandbytes' forward ran"))
+    seen = []
+    entry = "lowrank_linear" if backend == "fused" else "add_lowrank_"
+    original = getattr(kernels, entry)
+
+    def spy(*args, **kwargs):
+        seen.append(isinstance(args[1], QuantizedWeight) if backend == "fused" else args[0].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, entry, spy)
+    if compute == torch.float32:
+        check_against_oracle(layer, TOL[compute])
+    else:  # against the same layer over the dense bfloat16 weight: bfloat16 compute rounds the adapter's
+        # path too (D, g), which TLoRA's scalar α gradient amplifies past 1e-2 dense or quantized alike
+        _check_against_dense_twin(layer, backend)  # the twin's two calls come after the layer's
+    twice = 1 if compute == torch.float32 else 2
+    assert seen == ([True, True] + [False, False] * (twice - 1) if backend == "fused" else [compute] * 2 * twice)
+    assert torch.equal(base.weight.data, storage)  # still quantized
+    assert not any(t.shape == (48, 64) for t in layer.buffers())
+    saved = []  # what autograd keeps for the backward: no dequantized W (dx decodes it again)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(torch.randn(3, 64).to(compute).requires_grad_()).sum().backward()
+    assert saved and not any(t.numel() >= 48 * 64 for t in saved), [tuple(t.shape) for t in saved]
+
+
+def test_linear8bitlt_through_the_fused_kernel_matches_the_oracle_without_input_rounding(poisoned):
+    torch.manual_seed(0)
+    base = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False, threshold=6.0)
+    base.load_state_dict(torch.nn.Linear(64, 64).state_dict())
+    layer = randomized(peft_ops.LoRALinear(base.to("cpu"), 4, backend="fused"))
+    check_against_oracle(layer, 1e-5)  # bitsandbytes' forward (input rounded to int8) is within 2e-2 only
+
+
+def _check_against_dense_twin(layer, backend):
+    """Output and every gradient of a quantized layer on the Triton kernels equal those of the same layer
+    over an nn.Linear holding the dequantized weight in the compute dtype (x in that dtype too), within
+    bfloat16's rounding (a few outputs differ by an ulp: the interpreter's casts to bfloat16)."""
+    base = layer.base_layer
+    dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None).to(base.compute_dtype)
+    with torch.no_grad():
+        dense.weight.copy_(logical_weight(base))
+        if base.bias is not None:
+            dense.bias.copy_(base.bias)
+    twin = type(layer)(dense, layer.rank, alpha=layer.alpha, seed=layer.seed, backend=backend, **layer.options)
+    twin.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")},
+                         strict=False)
+    x = torch.randn(2, 5, layer.in_features, generator=torch.Generator().manual_seed(7)).to(base.compute_dtype)
+    results = []
+    for lay in (layer, twin):
+        xi = x.clone().requires_grad_()
+        y = lay(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(y.dtype))
+        results.append([y, xi.grad] + [p.grad for _, p in sorted(lay.named_parameters(recurse=False))])
+    assert len(results[0]) > 2
+    for ours, theirs in zip(*results):
+        assert rel_error(ours, theirs) <= TOL[torch.bfloat16]

@@ -1,7 +1,8 @@
 """Triton kernels and their launchers (installed as ``peft_ops.kernels``).
 
 * :func:`lowrank_linear`: the fused GEMM ``a Wᵀ + bias + scale·drop((drop(a) D) Eᵀ)``, forward and dx,
-  on one of :data:`GEMM_PATHS` ("tma": Hopper's tensor descriptors, persistent; "pointer": any GPU);
+  on one of :data:`GEMM_PATHS` ("tma": Hopper's tensor descriptors, persistent; "pointer": any GPU); W
+  dense, or quantized (:class:`dequant.QuantizedWeight`: NF4/FP4/int8 tiles decoded in the K-loop, pointer path);
 * :func:`linear`: the same GEMM without the adapter (to measure the GEMM alone);
 * :func:`shrink`: ``drop(a) D``, the rank-r projection on its own;
 * :func:`rank_reduce`: ``drop(A)ᵀ B`` over M, deterministic, for the adapter gradients;

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from ._config import (INTERPRET, LAUNCH_OPTIONS, autotuned, dot_precision, multiprocessors, rank_block, seed_arg,
                       with_unit_stride, wrap_triton)
+from .dequant import QuantizedWeight, decodable_configs, decode_shared_bytes, decoded_tile
 from .dropout import dropout_threshold, keep_mask
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_PATHS", "GEMM_CONFIGS", "TMA_GEMM_CONFIGS",
@@ -115,6 +116,22 @@ def _pointer_blocks(ptr, rows, cols, stride_row, stride_col):
 def _k_stride(stride, BLOCK_K: tl.constexpr):
     """``BLOCK_K · stride`` in int64: a K-stride may be large (column-major a)."""
     return tl.cast(BLOCK_K, tl.int64) * stride
+
+
+@triton.jit
+def _quantized_w_tile(w_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, offs_k, in_k, k0, offs_n, in_n,
+                      n0, N, K, W_TRANSPOSED: tl.constexpr, W_FORMAT: tl.constexpr, QUANT_BLOCK: tl.constexpr,
+                      NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, PTX_LOOKUP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The BLOCK_K × BLOCK_N tile of a quantized W, decoded (float32): the stored N×K weight's rows
+    ``offs_n`` and columns from ``k0``, transposed; with ``W_TRANSPOSED`` (dx: the kernel's W is the stored
+    weight's transpose) its rows ``offs_k`` and columns from ``n0`` as they are."""
+    if W_TRANSPOSED:
+        return decoded_tile(w_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, offs_k, in_k, n0, N,
+                            BLOCK_N, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP)
+    else:
+        return decoded_tile(w_ptr, scale_ptr, code_ptr, scale2_ptr, code2_ptr, offset_ptr, offs_n, in_n, k0, K,
+                            BLOCK_K, W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP).T
 
 
 @triton.jit
@@ -221,11 +238,17 @@ def _lowrank_linear_kernel(
         TMA: tl.constexpr, W_TRANSPOSED: tl.constexpr, PARTIAL: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr, T_SPLITS: tl.constexpr = 1):
+        GROUP_M: tl.constexpr, EPILOGUE_N: tl.constexpr, T_SPLITS: tl.constexpr = 1,
+        q_scale_ptr=None, q_code_ptr=None, q_scale2_ptr=None, q_code2_ptr=None, q_offset_ptr=None,
+        W_FORMAT: tl.constexpr = "dense", QUANT_BLOCK: tl.constexpr = 64, NESTED: tl.constexpr = False,
+        NESTED_BLOCK: tl.constexpr = 256, PTX_LOOKUP: tl.constexpr = False):
     """``TMA``: descriptor loads of a and W (``W_TRANSPOSED``: W has unit stride along N), descriptor
     stores of the output. ``PARTIAL``: ``out_ptr`` is float32 ``split_k × M × N`` partial sums.
     ``OUTPUT_DROPOUT``: the mask on the rank-r term (input-side dropout is the shrink kernel's).
-    ``T_SPLITS``: a given t comes as that many partial sums ``stride_ts`` apart (the split shrink's)."""
+    ``T_SPLITS``: a given t comes as that many partial sums ``stride_ts`` apart (the split shrink's).
+    ``W_FORMAT`` "4bit" or "int8" (pointer path only): ``w_ptr`` and the ``q_*`` tensors are a quantized
+    weight (peft_ops/kernels/dequant.py) whose tiles ``dequant.decoded_tile`` decodes in the K-loop; the
+    kernel's W is the stored weight, or with ``W_TRANSPOSED`` its transpose (the backward's dx)."""
     if TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
@@ -292,9 +315,15 @@ def _lowrank_linear_kernel(
                     w = w_desc.load([n0, k0]).T
             else:
                 a = tl.load(a_block, mask=in_k[None, :], other=0.0)
-                w = tl.load(w_block, mask=in_k[:, None], other=0.0)
                 a_block += _k_stride(stride_ak, BLOCK_K)
-                w_block += _k_stride(stride_wk, BLOCK_K)
+                if W_FORMAT == "dense":
+                    w = tl.load(w_block, mask=in_k[:, None], other=0.0)
+                    w_block += _k_stride(stride_wk, BLOCK_K)
+                else:
+                    offs_k = k0 + ks.to(tl.int64)
+                    w = _quantized_w_tile(w_ptr, q_scale_ptr, q_code_ptr, q_scale2_ptr, q_code2_ptr, q_offset_ptr,
+                                          offs_k, offs_k < K, k0, offs_n, in_n, n0, N, K, W_TRANSPOSED,
+                                          W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP, BLOCK_N, BLOCK_K)
             acc = _mma(a, w, acc, UPCAST, PRECISION)
             if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded (no input dropout here)
                 d = tl.load(d_block, mask=in_k[:, None], other=0.0)
@@ -524,9 +553,14 @@ def _gemm_kind(has_low_rank, shrink_in_loop) -> str:
 
 def _prune_gemm(configs, named_args, **meta):
     kind = _gemm_kind(meta["HAS_LOW_RANK"], meta["SHRINK_IN_LOOP"])
-    return fitting_configs(configs, kind, meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"],
-                           "tma" if meta["TMA"] else "pointer", meta["OUTPUT_DROPOUT"],
-                           has_tensor_memory(named_args["a_ptr"].device))
+    size, path = named_args["a_ptr"].element_size(), "tma" if meta["TMA"] else "pointer"
+    fitting = fitting_configs(configs, kind, meta["BLOCK_R"], size, meta["PRECISION"], path, meta["OUTPUT_DROPOUT"],
+                              has_tensor_memory(named_args["a_ptr"].device))
+    if meta.get("W_FORMAT", "dense") == "dense":
+        return fitting
+    return [c for c in decodable_configs(fitting, meta["W_FORMAT"], meta["W_TRANSPOSED"], meta["QUANT_BLOCK"])
+            if shared_memory_bytes(c, kind, meta["BLOCK_R"], size, meta["PRECISION"], path)
+            + decode_shared_bytes(c) <= SHARED_MEMORY]
 
 
 def _prune_shrink(configs, named_args, **meta):
@@ -534,7 +568,7 @@ def _prune_shrink(configs, named_args, **meta):
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "OUTPUT_DROPOUT", "HAS_BIAS",
-             "PRECISION", "TMA", "W_TRANSPOSED", "split_k", "T_SPLITS"]
+             "PRECISION", "TMA", "W_TRANSPOSED", "split_k", "T_SPLITS", "W_FORMAT", "NESTED"]
 _gemm_tuned = {("pointer", False): autotuned(_lowrank_linear_kernel, GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("tma", False): autotuned(_lowrank_linear_kernel, TMA_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
                ("pointer", True): autotuned(_lowrank_linear_kernel, DECODE_GEMM_CONFIGS, _GEMM_KEY, _prune_gemm),
@@ -677,6 +711,14 @@ def _gemm_path(path, a: torch.Tensor, weight: torch.Tensor) -> tuple[str, bool]:
     return path, path == "tma" and transposed
 
 
+def _quantized_path(path, weight: QuantizedWeight) -> tuple[str, bool]:
+    """A quantized W is decoded on the pointer path (its bytes are no tile a descriptor could load as
+    the dot's operand); W_TRANSPOSED says the kernel's W is the stored weight's transpose."""
+    if path not in (None, "pointer"):
+        raise ValueError(f"path={path!r}: a quantized weight ({weight.format}) is read on the 'pointer' path only")
+    return "pointer", weight.transposed
+
+
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """How many ranges K is cut into at M ≤ 16. Not at all where the 32-column N-blocks already give at
     least half the multiprocessors a program (N ≥ 2112 on 132 SMs: 4096 gives 128 programs on 132 SMs,
@@ -733,7 +775,9 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
                  output_dropout, store_t, block_r, config, path):
     m, k = a.shape
     n = weight.shape[0]
-    path, w_transposed = _gemm_path(path, a, weight)
+    quantized = isinstance(weight, QuantizedWeight)
+    path, w_transposed = _quantized_path(path, weight) if quantized else _gemm_path(path, a, weight)
+    w_strides = (0, 0) if quantized else weight.stride()
     tma = path == "tma"
     decode = m <= _DECODE_MAX_M
     split_k = 1 if shrink_in_loop and store_t else _split_k(m, n, k, a.device)
@@ -743,7 +787,7 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
     kwargs = dict(
         a_ptr=a, w_ptr=weight, bias_ptr=bias if bias is not None else out, down_ptr=down, expand_ptr=expand, t_ptr=t,
         out_ptr=partial, M=m, N=n, K=k, R=down.shape[1],
-        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w_strides[0], stride_wk=w_strides[1],
         stride_b=bias.stride(0) if bias is not None else 0, stride_dk=down.stride(0), stride_dr=down.stride(1),
         stride_en=expand.stride(0), stride_er=expand.stride(1), stride_tm=t.stride(-2),
         stride_ts=t.stride(0) if t.dim() == 3 else 0, T_SPLITS=t.shape[0] if t.dim() == 3 else 1,
@@ -753,6 +797,8 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
         HAS_BIAS=bias is not None, HAS_LOW_RANK=has_low_rank, SHRINK_IN_LOOP=shrink_in_loop,
         OUTPUT_DROPOUT=output_dropout, STORE_T=store_t, TMA=tma, W_TRANSPOSED=w_transposed, PARTIAL=split_k > 1,
         UPCAST=INTERPRET, PRECISION=dot_precision(a.dtype), BLOCK_R=block_r)
+    if quantized:  # w_ptr and the q_* tensors, W_FORMAT and its block sizes
+        kwargs.update(weight.kernel_arguments())
     programs = multiprocessors(a.device) if tma and not decode else None  # persistent
 
     def grid(c):
@@ -761,6 +807,8 @@ def _launch_gemm(a, weight, bias, out, down, expand, t, scale, seed, dropout_p, 
 
     kind = _gemm_kind(has_low_rank, shrink_in_loop)
     preferred = _PREFERRED_DECODE_GEMM if decode else _PREFERRED_TMA_GEMM if tma else _PREFERRED_GEMM
+    if quantized:
+        preferred = decodable_configs(preferred, kwargs["W_FORMAT"], w_transposed, kwargs["QUANT_BLOCK"])
     _run(_lowrank_linear_kernel, _gemm_tuned[path, decode], grid, kwargs, config,
          lambda: default_config(preferred, kind, block_r, a.element_size(), kwargs["PRECISION"], path,
                                 output_dropout, has_tensor_memory(a.device)))
@@ -793,7 +841,8 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if m == 0:
         return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)
     block_r = rank_block(rank)
-    a, weight, expand = with_unit_stride(a), with_unit_stride(weight), with_unit_stride(expand)
+    a, expand = with_unit_stride(a), with_unit_stride(expand)
+    weight = weight if isinstance(weight, QuantizedWeight) else with_unit_stride(weight)
     down = with_unit_stride(down.to(a.dtype))  # the dot runs in a's dtype anyway; half the bytes for 16-bit a
     input_dropout = dropout_p > 0 and dropout_site == "input"
     if t is not None:
