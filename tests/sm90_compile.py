@@ -330,7 +330,8 @@ def bank_variants():
     for dtype in TYPE:
         for block_r in (16, bank._rank_step(fused_linear.MAX_RANK)):
             out.append(_variant(bank._sgmv_shrink_kernel, bank.SGMV_SHRINK_CONFIG, dtype, factors,
-                                dict(UPCAST=False, PRECISION=PRECISION[dtype], BLOCK_R=block_r)))
+                                dict(UPCAST=False, PRECISION=PRECISION[dtype], BLOCK_R=block_r),
+                                unit=("stride_ak", "stride_dr"), aligned=("K", "stride_am", "stride_dk")))
             out.append(_variant(bank._sgmv_expand_kernel, bank.SGMV_EXPAND_CONFIG, dtype, factors,
                                 dict(PRECISION=PRECISION["float32"], BLOCK_R=block_r)))
     return out

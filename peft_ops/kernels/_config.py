@@ -7,7 +7,7 @@ import torch
 import triton
 from torch.library import wrap_triton  # launches that torch.compile can trace inside a triton_op
 
-__all__ = ["INTERPRET", "AUTOTUNE", "LAUNCH_OPTIONS", "autotuned", "dot_precision", "rank_block", "multiprocessors", "seed_arg",
+__all__ = ["INTERPRET", "AUTOTUNE", "LAUNCH_OPTIONS", "MAX_RANK", "autotuned", "check_rank", "dot_precision", "rank_block", "multiprocessors", "seed_arg",
            "with_unit_stride", "wrap_triton"]
 
 # Triton decides interpreter or compiler when a kernel is decorated, so this is fixed at import.
@@ -46,6 +46,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
         return "tf32x3"
     return "tf32"
+
+
+MAX_RANK = 256  # the largest rank the kernels take
+
+
+def check_rank(rank: int) -> None:
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank={rank}: the fused kernels take ranks from 1 to {MAX_RANK}; "
+                         f"use backend='reference' for larger ranks")
 
 
 def rank_block(rank: int) -> int:

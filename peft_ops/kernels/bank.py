@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import INTERPRET, LAUNCH_OPTIONS, dot_precision, rank_block
-from .fused_linear import _check_rank, _load_tile, _mma
+from ._config import INTERPRET, LAUNCH_OPTIONS, check_rank, dot_precision, rank_block, with_unit_stride
+from .tiles import k_stride, load_tile, mma, pointer_block
 
 __all__ = ["bank_core", "sgmv_shrink", "sgmv_expand_add"]
 
@@ -80,12 +80,18 @@ def _sgmv_shrink_kernel(a_ptr, downs_ptr, order_ptr, starts_ptr, adapters_ptr, t
     in_r = offs_r < R
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if tl.max(in_m.to(tl.int32), axis=0) > 0:  # blocks past the segment's end do nothing
+        # tutorial 03's loop: only the K edge masked; slots past the segment read row 0 (order's "other"),
+        # rank columns past R wrap around (neither is stored)
+        ks = tl.arange(0, BLOCK_K).to(tl.int64)
+        a_block = pointer_block(a_ptr, rows, ks, stride_am, stride_ak)
+        d_block = pointer_block(down_ptr, ks, offs_r % R, stride_dk, stride_dr)
         for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            in_k = offs_k < K
-            a = _load_tile(a_ptr, rows, offs_k, stride_am, stride_ak, in_m, in_k)
+            in_k = ks < K - k0
+            a = tl.load(a_block, mask=in_k[None, :], other=0.0)
             # D goes to a's dtype in the dot, not on the host (that would copy the whole bank every call)
-            t = _mma(a, _load_tile(down_ptr, offs_k, offs_r, stride_dk, stride_dr, in_k, in_r), t, UPCAST, PRECISION)
+            t = mma(a, tl.load(d_block, mask=in_k[:, None], other=0.0), t, UPCAST, PRECISION)
+            a_block += k_stride(stride_ak, BLOCK_K)
+            d_block += k_stride(stride_dk, BLOCK_K)
         tl.store(t_ptr + slots[:, None] * stride_tm + offs_r[None, :], t, mask=in_m[:, None] & in_r[None, :])
 
 
@@ -107,7 +113,7 @@ def _sgmv_expand_kernel(out_ptr, t_ptr, expands_ptr, order_ptr, starts_ptr, adap
             in_r = offs_r < R
             t = tl.load(t_ptr + slots[:, None] * stride_tm + offs_r[None, :], mask=in_m[:, None] & in_r[None, :],
                         other=0.0)
-            e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+            e = load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
             low_rank = tl.dot(t, e, low_rank, input_precision=PRECISION)
         out_tile = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
         inside = in_m[:, None] & in_n[None, :]
@@ -139,7 +145,7 @@ def bank_core(t: torch.Tensor, cores: torch.Tensor, rows: torch.Tensor) -> torch
     """``h_i = t_i C_{rows[i]}ᵀ`` (M×r, float32) for ``t``: M×r float32, ``cores``: A×r×r, ``rows``: M
     adapter indices (``h_i = 0`` where ``rows[i] < 0``)."""
     m, rank = t.shape
-    _check_rank(rank)
+    check_rank(rank)
     h = torch.empty(m, rank, device=t.device, dtype=torch.float32)
     if m:
         _launch(_bank_core_kernel, (triton.cdiv(m, BANK_CORE_CONFIG.kwargs["BLOCK_M"]),), BANK_CORE_CONFIG,
@@ -154,8 +160,11 @@ def sgmv_shrink(a: torch.Tensor, downs: torch.Tensor, order: torch.Tensor, seg_s
     A×K×r (any float dtype: the dot runs in ``a``'s), ``max_segment_rows``: the longest segment (sizes
     the grid without reading the device)."""
     rank = downs.shape[2]
-    _check_rank(rank)
+    check_rank(rank)
     t = torch.empty(order.shape[0], rank, device=a.device, dtype=torch.float32)
+    a = with_unit_stride(a)
+    if downs.stride(1) != 1 and downs.stride(2) != 1:
+        downs = downs.contiguous()  # a known order for the dot's operand (see with_unit_stride)
     if order.shape[0]:
         step = _rank_step(rank)
         grid = _segment_grid(SGMV_SHRINK_CONFIG, max_segment_rows, seg_adapters, triton.cdiv(rank, step))
@@ -171,7 +180,7 @@ def sgmv_expand_add(out: torch.Tensor, t: torch.Tensor, expands: torch.Tensor, o
     """``out[order[j]] += t[j] E_{adapter of j's segment}ᵀ`` in place, summed in float32 and rounded
     once to ``out``'s dtype; ``expands``: A×N×r. Returns ``out``."""
     n, rank = out.shape[1], expands.shape[2]
-    _check_rank(rank)
+    check_rank(rank)
     if order.shape[0]:
         grid = _segment_grid(SGMV_EXPAND_CONFIG, max_segment_rows, seg_adapters,
                              triton.cdiv(n, SGMV_EXPAND_CONFIG.kwargs["BLOCK_N"]))

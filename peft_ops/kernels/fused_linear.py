@@ -54,15 +54,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import (INTERPRET, LAUNCH_OPTIONS, autotuned, dot_precision, multiprocessors, rank_block, seed_arg,
-                      with_unit_stride, wrap_triton)
+from ._config import (INTERPRET, LAUNCH_OPTIONS, MAX_RANK, autotuned, check_rank, dot_precision, multiprocessors,
+                      rank_block, seed_arg, with_unit_stride, wrap_triton)
 from .dequant import QuantizedWeight, decodable_configs, decode_shared_bytes, decoded_tile
 from .dropout import dropout_threshold, keep_mask
+from .tiles import k_stride, load_tile, mma, pointer_block
 
 __all__ = ["lowrank_linear", "linear", "shrink", "MAX_RANK", "GEMM_PATHS", "GEMM_CONFIGS", "TMA_GEMM_CONFIGS",
            "DECODE_GEMM_CONFIGS", "SHRINK_CONFIGS", "SHARED_MEMORY", "shared_memory_bytes", "fitting_configs"]
 
-MAX_RANK = 256
 GEMM_PATHS = ("tma", "pointer")
 _LOOP_SHRINK_MAX_M = 64  # heuristic until measured on a GPU: at most this many rows, shrink in the K-loop
 _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R float32 registers
@@ -79,43 +79,13 @@ _RANK_STEP, _TF32X3_RANK_STEP = tl.constexpr(64), tl.constexpr(32)
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_row, stride_col, in_rows, in_cols):
-    """A [rows × cols] tile, zero outside the tensor."""
-    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
-                   mask=in_rows[:, None] & in_cols[None, :], other=0.0)
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` in float32, ``b`` cast to ``a``'s dtype for a native-rate dot. Under the interpreter
-    the operands go up to float32: it multiplies bf16 dot operands wrongly (triton#11584)."""
-    if UPCAST:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    else:
-        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
 def _shrink_step(t, a, down, offs_m, k0, K, seed, drop_threshold, DROPOUT_INPUT: tl.constexpr, UPCAST: tl.constexpr,
                  PRECISION: tl.constexpr):
     """One K-step of ``t += drop(a) D`` for the ``a`` tile at rows ``offs_m``, columns from ``k0``, and its
     ``down`` (D) tile."""
     if DROPOUT_INPUT:
         a = tl.where(keep_mask(seed, offs_m, k0, K, drop_threshold, a.shape[1]), a, 0.0)
-    return _mma(a, down, t, UPCAST, PRECISION)
-
-
-@triton.jit
-def _pointer_blocks(ptr, rows, cols, stride_row, stride_col):
-    """Pointers to a [rows × cols] tile (tutorial 03's pointer block, advanced along K by the caller)."""
-    return ptr + rows[:, None] * stride_row + cols[None, :] * stride_col
-
-
-@triton.jit
-def _k_stride(stride, BLOCK_K: tl.constexpr):
-    """``BLOCK_K · stride`` in int64: a K-stride may be large (column-major a)."""
-    return tl.cast(BLOCK_K, tl.int64) * stride
+    return mma(a, down, t, UPCAST, PRECISION)
 
 
 @triton.jit
@@ -187,11 +157,11 @@ def _add_rank_step(term, r0, t_ptr, offs_m, stride_tm, stride_ts, t_rows, t_scal
     (t: the sum of ``T_SPLITS`` partial sums, in order)."""
     offs_r = r0 + tl.arange(0, RANK_STEP)
     in_r = offs_r < R
-    t_step = _load_tile(t_ptr, offs_m, offs_r, stride_tm, 1, t_rows, in_r)
+    t_step = load_tile(t_ptr, offs_m, offs_r, stride_tm, 1, t_rows, in_r)
     for s in tl.static_range(1, T_SPLITS):
-        t_step += _load_tile(t_ptr + s * stride_ts, offs_m, offs_r, stride_tm, 1, t_rows, in_r)
+        t_step += load_tile(t_ptr + s * stride_ts, offs_m, offs_r, stride_tm, 1, t_rows, in_r)
     t_step = t_step * t_scale
-    e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
+    e = load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, in_r, in_n).to(tl.float32)
     return tl.dot(t_step, e, term, input_precision=PRECISION)
 
 
@@ -210,7 +180,7 @@ def _epilogue_part(acc, m0, n0, t, R, M, N, expand_ptr, stride_en, stride_er, bi
     in_m, in_n = offs_m < M, offs_n < N
     if ADD_LOW_RANK:
         offs_r = tl.arange(0, BLOCK_R)
-        e = _load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
+        e = load_tile(expand_ptr, offs_r, offs_n, stride_er, stride_en, offs_r < R, in_n).to(tl.float32)
         low_rank = tl.dot(t, e, input_precision=PRECISION)  # its own accumulator: see the module's docstring
         if OUTPUT_DROPOUT:  # the mask of this sub-tile only: a whole tile's spilled registers
             low_rank = tl.where(keep_mask(seed, offs_m, n0, N, drop_threshold, acc.shape[1]), low_rank, 0.0)
@@ -301,10 +271,10 @@ def _lowrank_linear_kernel(
         # epilogue masks rows and columns, and E's rows past R load as zeros)
         ks = tl.arange(0, BLOCK_K)
         k_first = k_start + ks.to(tl.int64)
-        d_block = _pointer_blocks(down_ptr, k_first, offs_r % R, stride_dk, stride_dr)
+        d_block = pointer_block(down_ptr, k_first, offs_r % R, stride_dk, stride_dr)
         if not TMA:
-            a_block = _pointer_blocks(a_ptr, offs_m % M, k_first, stride_am, stride_ak)
-            w_block = _pointer_blocks(w_ptr, k_first, offs_n % N, stride_wk, stride_wn)
+            a_block = pointer_block(a_ptr, offs_m % M, k_first, stride_am, stride_ak)
+            w_block = pointer_block(w_ptr, k_first, offs_n % N, stride_wk, stride_wn)
         for k0 in range(k_start, k_end, BLOCK_K):
             in_k = ks < k_end - k0
             if TMA:  # out-of-bounds parts of a tile load as zeros
@@ -315,19 +285,19 @@ def _lowrank_linear_kernel(
                     w = w_desc.load([n0, k0]).T
             else:
                 a = tl.load(a_block, mask=in_k[None, :], other=0.0)
-                a_block += _k_stride(stride_ak, BLOCK_K)
+                a_block += k_stride(stride_ak, BLOCK_K)
                 if W_FORMAT == "dense":
                     w = tl.load(w_block, mask=in_k[:, None], other=0.0)
-                    w_block += _k_stride(stride_wk, BLOCK_K)
+                    w_block += k_stride(stride_wk, BLOCK_K)
                 else:
                     offs_k = k0 + ks.to(tl.int64)
                     w = _quantized_w_tile(w_ptr, q_scale_ptr, q_code_ptr, q_scale2_ptr, q_code2_ptr, q_offset_ptr,
                                           offs_k, offs_k < K, k0, offs_n, in_n, n0, N, K, W_TRANSPOSED,
                                           W_FORMAT, QUANT_BLOCK, NESTED, NESTED_BLOCK, PTX_LOOKUP, BLOCK_N, BLOCK_K)
-            acc = _mma(a, w, acc, UPCAST, PRECISION)
+            acc = mma(a, w, acc, UPCAST, PRECISION)
             if HAS_LOW_RANK and SHRINK_IN_LOOP:  # t from the a tile already loaded (no input dropout here)
                 d = tl.load(d_block, mask=in_k[:, None], other=0.0)
-                d_block += _k_stride(stride_dk, BLOCK_K)
+                d_block += k_stride(stride_dk, BLOCK_K)
                 t = _shrink_step(t, a, d, offs_m, k0, K, seed, drop_threshold, False, UPCAST, PRECISION)
 
         if HAS_LOW_RANK and SHRINK_IN_LOOP:  # each split's t is its own part of the sum, and so is its rank-r term
@@ -399,14 +369,14 @@ def _shrink_kernel(a_ptr, down_ptr, t_ptr, M, K, R,
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # the GEMM's pointer loop (tutorial 03's): only the K edge masked, rows and rank columns wrapped
     ks = tl.arange(0, BLOCK_K)
-    a_block = _pointer_blocks(a_ptr, offs_m % M, ks.to(tl.int64), stride_am, stride_ak)
-    d_block = _pointer_blocks(down_ptr, ks.to(tl.int64), offs_r % R, stride_dk, stride_dr)
+    a_block = pointer_block(a_ptr, offs_m % M, ks.to(tl.int64), stride_am, stride_ak)
+    d_block = pointer_block(down_ptr, ks.to(tl.int64), offs_r % R, stride_dk, stride_dr)
     for k0 in range(0, k_len, BLOCK_K):
         in_k = ks < k_len - k0
         a = tl.load(a_block, mask=in_k[None, :], other=0.0)
         d = tl.load(d_block, mask=in_k[:, None], other=0.0)
-        a_block += _k_stride(stride_ak, BLOCK_K)
-        d_block += _k_stride(stride_dk, BLOCK_K)
+        a_block += k_stride(stride_ak, BLOCK_K)
+        d_block += k_stride(stride_dk, BLOCK_K)
         # the dropout mask by the absolute column k_start + k0
         t = _shrink_step(t, a, d, offs_m, k_start + k0, K, seed, drop_threshold, DROPOUT_INPUT, UPCAST, PRECISION)
     if DROPOUT_INPUT:
@@ -623,12 +593,6 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 8192)
 
 
-def _check_rank(rank: int) -> None:
-    if not 1 <= rank <= MAX_RANK:
-        raise ValueError(f"rank={rank}: the fused kernels take ranks from 1 to {MAX_RANK}; "
-                         f"use backend='reference' for larger ranks")
-
-
 def _run(kernel, tuned, grid, kwargs, config, default):
     """Launch ``kernel`` with its arguments by name, with ``config`` when one is given, else autotuned
     (``tuned``) where autotuning is on, else with ``default()``."""
@@ -653,7 +617,7 @@ def _shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed
     float32; their sum in order is t), ``splits`` programs per block of rows."""
     m, k = a.shape
     rank = down.shape[1]
-    _check_rank(rank)
+    check_rank(rank)
     t = torch.empty(splits, m, rank, device=a.device, dtype=torch.float32)
     if m == 0:
         return t
@@ -836,7 +800,7 @@ def lowrank_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     m, k = a.shape
     n = weight.shape[0]
     rank = down.shape[1]
-    _check_rank(rank)
+    check_rank(rank)
     out = torch.empty(m, n, device=a.device, dtype=a.dtype)
     if m == 0:
         return out, (torch.empty(0, rank, device=a.device, dtype=torch.float32) if store_t else None)

@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import LAUNCH_OPTIONS, dot_precision, rank_block, seed_arg, with_unit_stride, wrap_triton
+from ._config import LAUNCH_OPTIONS, MAX_RANK, dot_precision, rank_block, seed_arg, with_unit_stride, wrap_triton
 from .dropout import dropout_threshold, keep_mask
-from .fused_linear import MAX_RANK
 
 __all__ = ["add_lowrank_", "ADD_LOWRANK_CONFIG"]
 
