@@ -178,7 +178,7 @@ def variants(which: str):
             for config in fl.fitting_configs(fl.DECODE_GEMM_CONFIGS, "gemm_in_loop", 64, 2, "tf32", path):
                 out.append(gemm_variant(config, "bfloat16", "forward", path, SHRINK_IN_LOOP=True, BLOCK_R=64,
                                         PARTIAL=True))
-        for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2, "tf32"):
+        for config in fl.fitting_configs(fl.SHRINK_CONFIGS, "shrink", 256, 2, "tf32", input_dropout=True):
             out.append(shrink_variant(config, "bfloat16", 256, True))
         return out
     for dtype in TYPE:
@@ -212,8 +212,8 @@ def variants(which: str):
                     out.append(gemm_variant(config, dtype, "forward", path, HAS_BIAS=bias, OUTPUT_DROPOUT=drop,
                                             PRECISION=precision, T_SPLITS=decode_splits))
             for drop in (False, True) if dtype == "bfloat16" else (False,):
-                out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision),
-                                          dtype, 16, drop, decode_splits))
+                out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision,
+                                                            input_dropout=drop), dtype, 16, drop, decode_splits))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
                 if path == "tma" and layout == "backward" and dtype == "float32":
@@ -227,8 +227,8 @@ def variants(which: str):
             out.append(gemm_variant(fl.default_config(preferred, "plain", 16, size, precision, path), dtype,
                                     "forward", path, HAS_LOW_RANK=False, STORE_T=False, PRECISION=precision))
         for drop in (False, True):
-            out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size, precision), dtype, 64,
-                                      drop))
+            out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 64, size, precision,
+                                                        input_dropout=drop), dtype, 64, drop))
             out.append(_variant(reduce, triton.Config({}), dtype, {"b_ptr": "*fp32", "partial_ptr": "*fp32",
                                                                    "seed_ptr": "*i64"},
                                 dict(DROPOUT=drop, UPCAST=False, PRECISION=PRECISION["float32"],
@@ -455,11 +455,12 @@ def mask_counterexample_variants():
 
 
 def tensor_memory_counterexample_variants():
-    """The fused GEMM with a given t on a 128×256 descriptor-path tile (8 warps, 3 stages, bf16, rank
-    16), the launchers' first choice on Hopper: for sm_100 Triton compiles it to a trap (the launchers
-    keep such tiles off GPUs with tensor memory: fused_linear's ``fitting_configs``)."""
+    """The fused GEMM with a given t and no bias on a 128×256 descriptor-path tile (8 warps, 3 stages,
+    bf16, rank 16), the launchers' first choice on Hopper: for sm_100 Triton compiles it to a trap (with
+    a bias it did until the bias moved to the tile's start; the launchers keep such tiles off GPUs with
+    tensor memory: fused_linear's ``fitting_configs``)."""
     config = fused_linear._PREFERRED_TMA_GEMM[0]
-    return [_gemm_variant(config, "bfloat16", "forward", "tma")]
+    return [_gemm_variant(config, "bfloat16", "forward", "tma", HAS_BIAS=False)]
 
 
 def pointer_counterexample_variants():

@@ -68,8 +68,8 @@ def test_target_gate_flags_a_bad_kernel(target):
 
 
 def test_gate_flags_a_kernel_compiled_to_a_trap():
-    """A given t on a 128×256 descriptor-path tile does not fit sm_100's tensor memory: Triton compiles
-    the kernel to a trap, which the gate reports; the launchers' configs for sm_100 avoid that tile."""
+    """A given t (no bias) on a 128×256 descriptor-path tile: for sm_100 Triton compiles the kernel to a
+    trap, which the gate reports; the launchers' configs for sm_100 avoid that tile."""
     (report,) = _compile("tensor_memory_counterexample", 0, 1, "sm_100")
     assert "compiled to a trap" in gate_failures(report), gate_failures(report)
     assert report["main_loop"] is None

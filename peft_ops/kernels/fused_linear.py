@@ -455,7 +455,7 @@ def rank_step_size(block_r: int, precision: str) -> int:
 
 
 def fitting_configs(configs, kind: str, block_r: int, element_size: int, precision: str, path: str = "pointer",
-                    output_dropout: bool = False, tensor_memory: bool = False) -> list:
+                    output_dropout: bool = False, tensor_memory: bool = False, input_dropout: bool = False) -> list:
     """The configs whose shared memory fits and whose registers do (compiled for sm_90, the others
     spill or get ptxas's C7511 advisory, wgmma serialized):
 
@@ -475,7 +475,10 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
       spilled 56 B once the pointer loads went through cp.async);
     * in the shrink kernel at most 64 values of t per thread, 32 at rank blocks of 256 (32×32 tiles
       with the input dropout spilled 8 B compiled by Triton 3.6), and BLOCK_K ≤ 64 (32×128 tiles of a
-      with the input dropout's masked copy spilled 8 B);
+      with the input dropout's masked copy spilled 8 B); with the input dropout (``input_dropout``) at
+      least 8 elements of a per thread: one Philox call draws 8 elements of a row, and on 16×32 tiles
+      (4 per thread) threads repeated each other's calls (279 instructions per K-step against 87 for
+      tutorial 03, twice the mask's budget);
     * under "tf32x3" (three products per dot) tiles of at most 64×64 (32×64 on the pointer path:
       64×64 spilled 8–96 B), and 32×32 at rank blocks of 128 and more (64×64 and 32×64 tiles spilled
       56–128 B there), at most 32 values of t per thread in the shrink, and BLOCK_K ≤ 32.
@@ -485,9 +488,10 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
 
     ``tensor_memory``: for a GPU whose MMA accumulates in tensor memory (Blackwell, compute capability
     10: 512 columns of 32-bit values per multiprocessor). With t given, descriptor-path tiles of at
-    most 128×128: at 128×256 the tile's accumulator and the rank-r term's product do not fit beside
-    each other, and Triton compiles the whole kernel to a trap (compiled for sm_100: its PTX is one
-    ``trap;``; tests/test_targets_compile.py checks)."""
+    most 128×128: at 128×256 Triton compiled the whole kernel to a trap (compiled for sm_100, bf16, rank
+    16, without bias: its PTX is one ``trap;``; with a bias too, until the bias moved to the tile's
+    start). The same tile without the rank-r term compiles, so presumably the tile's accumulator and the
+    term's product outgrow tensor memory; tests/test_targets_compile.py checks the trap is caught."""
     def registers_fit(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         tile, threads = bm * c.kwargs.get("BLOCK_N", 0), 32 * c.num_warps
@@ -498,7 +502,8 @@ def fitting_configs(configs, kind: str, block_r: int, element_size: int, precisi
         if kind in ("shrink", "gemm_in_loop") and bk * block_r > 128 * 64:
             return False  # the D tiles in flight
         if kind == "shrink":
-            return bk <= 64 and bm * block_r <= (32 if block_r >= 256 else 64) * threads
+            return (bk <= 64 and bm * block_r <= (32 if block_r >= 256 else 64) * threads
+                    and (not input_dropout or bm * bk >= 8 * threads))
         if kind == "gemm_in_loop" and bm > 32:
             return False
         if kind == "gemm" and block_r >= 128 and tile > (32 * 64 if path == "pointer" else 64 * 64):
@@ -534,7 +539,8 @@ def _prune_gemm(configs, named_args, **meta):
 
 
 def _prune_shrink(configs, named_args, **meta):
-    return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"])
+    return fitting_configs(configs, "shrink", meta["BLOCK_R"], named_args["a_ptr"].element_size(), meta["PRECISION"],
+                           input_dropout=meta["DROPOUT_INPUT"])
 
 
 _GEMM_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_LOW_RANK", "SHRINK_IN_LOOP", "OUTPUT_DROPOUT", "HAS_BIAS",
@@ -573,15 +579,18 @@ else:
     _PREFERRED_SHRINK = [triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_stages=3, num_warps=4),
                          triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_stages=3, num_warps=4),
                          triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_stages=3, num_warps=4),
+                         triton.Config({"BLOCK_M": 16, "BLOCK_K": 64}, num_stages=3, num_warps=4),
                          triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_stages=3, num_warps=4)]
 
 
 def default_config(preferred, kind: str, block_r: int, element_size: int, precision: str,
-                   path: str = "pointer", output_dropout: bool = False, tensor_memory: bool = False) -> triton.Config:
+                   path: str = "pointer", output_dropout: bool = False, tensor_memory: bool = False,
+                   input_dropout: bool = False) -> triton.Config:
     """The first preferred config that fits (see fitting_configs; the interpreter has no limits)."""
     if INTERPRET:
         return preferred[0]
-    return fitting_configs(preferred, kind, block_r, element_size, precision, path, output_dropout, tensor_memory)[0]
+    return fitting_configs(preferred, kind, block_r, element_size, precision, path, output_dropout, tensor_memory,
+                           input_dropout)[0]
 
 
 def has_tensor_memory(device: torch.device) -> bool:
@@ -631,7 +640,7 @@ def _shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed
                   PRECISION=dot_precision(a.dtype), BLOCK_R=rank_block(rank), SPLITS=splits)
     _run(_shrink_kernel, _shrink_tuned, lambda c: (triton.cdiv(m, c["BLOCK_M"]), splits), kwargs, config,
          lambda: default_config(_PREFERRED_SHRINK, "shrink", kwargs["BLOCK_R"], a.element_size(),
-                                kwargs["PRECISION"]))
+                                kwargs["PRECISION"], input_dropout=dropout_p > 0))
     return t
 
 
