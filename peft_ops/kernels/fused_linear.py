@@ -219,6 +219,11 @@ def _lowrank_linear_kernel(
     ``W_FORMAT`` "4bit" or "int8" (pointer path only): ``w_ptr`` and the ``q_*`` tensors are a quantized
     weight (peft_ops/kernels/dequant.py) whose tiles ``dequant.decoded_tile`` decodes in the K-loop; the
     kernel's W is the stored weight, or with ``W_TRANSPOSED`` its transpose (the backward's dx)."""
+    GIVEN_T: tl.constexpr = HAS_LOW_RANK and not SHRINK_IN_LOOP
+    # the epilogue's sub-tile: with a given t the whole tile (its rank-r term and bias were added at the
+    # tile's start, so the epilogue only stores; one descriptor store instead of sub-tiles that each
+    # waited for the previous one's staging buffer, compiled for sm_90), else EPILOGUE_N columns
+    STORE_N: tl.constexpr = BLOCK_N if GIVEN_T else EPILOGUE_N
     if TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
                                            block_shape=[BLOCK_M, BLOCK_K])
@@ -230,7 +235,7 @@ def _lowrank_linear_kernel(
                                                block_shape=[BLOCK_N, BLOCK_K])
         if not PARTIAL:
             out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[stride_om, 1],
-                                                 block_shape=[BLOCK_M, EPILOGUE_N])
+                                                 block_shape=[BLOCK_M, STORE_N])
     seed = 0
     if OUTPUT_DROPOUT:
         seed = tl.load(seed_ptr)
@@ -243,7 +248,6 @@ def _lowrank_linear_kernel(
     # accumulator with the rank-r term in a branch that yields the previous K-step's wgmma result, and
     # Triton's pipeliner then gives up ("operation scheduled before its operands": every wgmma waited
     # on its own loads, compiled for sm_90). Nested, each tile's K-loop is pipelined on its own.
-    GIVEN_T: tl.constexpr = HAS_LOW_RANK and not SHRINK_IN_LOOP
     FLATTEN: tl.constexpr = TMA and not GIVEN_T
     for work in tl.range(tl.program_id(0), tiles * split_k, tl.num_programs(0), flatten=FLATTEN):
         split = work % split_k
@@ -312,21 +316,21 @@ def _lowrank_linear_kernel(
             out = out_desc
         else:
             out = out_ptr
-        # the epilogue in sub-tiles of EPILOGUE_N columns
-        tl.static_assert(EPILOGUE_N * 1 == BLOCK_N or EPILOGUE_N * 2 == BLOCK_N or EPILOGUE_N * 4 == BLOCK_N,
+        # the epilogue in sub-tiles of STORE_N columns
+        tl.static_assert(STORE_N * 1 == BLOCK_N or STORE_N * 2 == BLOCK_N or STORE_N * 4 == BLOCK_N,
                          "BLOCK_N / EPILOGUE_N must be 1, 2 or 4")
-        if EPILOGUE_N == BLOCK_N:
+        if STORE_N == BLOCK_N:
             parts = (acc,)
         else:
             left, right = _halves(acc)
-            if 2 * EPILOGUE_N == BLOCK_N:
+            if 2 * STORE_N == BLOCK_N:
                 parts = (left, right)
             else:
                 left_left, left_right = _halves(left)
                 right_left, right_right = _halves(right)
                 parts = (left_left, left_right, right_left, right_right)
         for i in tl.static_range(len(parts)):
-            _epilogue_part(parts[i], m0, n0 + i * EPILOGUE_N, t, R, M, N, expand_ptr, stride_en, stride_er, bias_ptr,
+            _epilogue_part(parts[i], m0, n0 + i * STORE_N, t, R, M, N, expand_ptr, stride_en, stride_er, bias_ptr,
                            stride_b, out, stride_om, stride_on, N * (split == 0), seed, drop_threshold,
                            HAS_LOW_RANK and SHRINK_IN_LOOP, HAS_BIAS and not GIVEN_T, OUTPUT_DROPOUT,
                            TMA and not PARTIAL, PRECISION, BLOCK_R)
@@ -429,7 +433,8 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
     step (``rank_step_size``) at the tile's start, beside the pipeline's buffers; with the in-loop shrink, t
     and an E sub-tile and their float32 product in the epilogue, which on the pointer path reuses the
     pipeline's memory once the K-loop is done. On the "tma" path the next tile's loads are in flight
-    during the epilogue, so everything adds up, plus the staging buffer of the descriptor store.
+    during the epilogue, so everything adds up, plus the staging buffer of the descriptor store (the
+    whole tile with a given t); wgmma (tiles of 64+ rows) reads t, its A operand, from registers.
     tests/test_sm90_compile.py checks the bound against the compiler's own numbers."""
     c = config.kwargs
     bm, bk = c["BLOCK_M"], c["BLOCK_K"]
@@ -443,6 +448,10 @@ def shared_memory_bytes(config: triton.Config, kind: str, block_r: int, element_
     else:
         pipeline = config.num_stages * (bm + bn) * bk * element_size
         low_rank = 0 if kind == "plain" else (bm + bn) * rank_step_size(block_r, precision) * split * 4
+        if kind == "gemm":
+            sub_n = bn  # a given t's tile is stored whole (the kernel's STORE_N)
+            if path == "tma" and bm >= 64:  # wgmma takes t, its A operand, from registers: E alone is staged
+                low_rank = bn * rank_step_size(block_r, precision) * split * 4
     if path == "tma":  # plus the pipeline's barriers (a few bytes a stage)
         return pipeline + low_rank + bm * sub_n * element_size + 1024
     return max(pipeline, low_rank) if kind == "gemm_in_loop" else pipeline + low_rank
