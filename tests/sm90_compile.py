@@ -214,6 +214,14 @@ def variants(which: str):
             for drop in (False, True) if dtype == "bfloat16" else (False,):
                 out.append(shrink_variant(fl.default_config(fl._PREFERRED_SHRINK, "shrink", 16, size, precision,
                                                             input_dropout=drop), dtype, 16, drop, decode_splits))
+        if dtype == "bfloat16":  # above decoding, t as the partial sums of a shrink split along K (T_SPLITS)
+            for layout, path, preferred in (("forward", "pointer", fl._PREFERRED_GEMM),
+                                            ("forward", "tma", fl._PREFERRED_TMA_GEMM),
+                                            ("backward", "tma", fl._PREFERRED_TMA_GEMM)):
+                for drop in (False, True):
+                    config = fl.default_config(preferred, "gemm", 16, size, precision, path, drop)
+                    out.append(gemm_variant(config, dtype, layout, path, OUTPUT_DROPOUT=drop, PRECISION=precision,
+                                            T_SPLITS=3))
         for layout in ("forward", "backward"):  # specialised as real launches are (unit strides, aligned sizes)
             for path, preferred in (("pointer", fl._PREFERRED_GEMM), ("tma", fl._PREFERRED_TMA_GEMM)):
                 if path == "tma" and layout == "backward" and dtype == "float32":

@@ -190,11 +190,35 @@ def test_decode_plan_on_132_multiprocessors(monkeypatch):
     assert plan(16, 2112, 4096, 16, dev)["split_k"] == 1  # 66 N-blocks: half of 132
     assert plan(16, 2080, 4096, 16, dev) == dict(shrink_in_loop=True, split_k=3, shrink_splits=0)  # 65
     assert plan(16, 1024, 4096, 16, dev) == dict(shrink_in_loop=True, split_k=5, shrink_splits=0)
-    # input-side dropout is the shrink kernel's, split there too; above M = 16 nothing changed
+    # input-side dropout is the shrink kernel's, split there too
     assert plan(16, 4096, 4096, 16, dev, dropout_p=0.1) == dict(shrink_in_loop=False, split_k=1, shrink_splits=8)
     assert plan(16, 1024, 4096, 16, dev, dropout_p=0.1) == dict(shrink_in_loop=False, split_k=5, shrink_splits=8)
     assert plan(17, 4096, 4096, 16, dev) == dict(shrink_in_loop=True, split_k=1, shrink_splits=0)
-    assert plan(300, 4096, 4096, 16, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=1)
+    # above M = 16 the shrink is split so that its programs (blocks of 32 rows × splits) number at least
+    # twice the SMs: 128 blocks at M = 4096 → 3 splits (384 programs); none from 264 blocks on
+    assert plan(300, 4096, 4096, 16, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=8)
+    assert plan(4096, 4096, 4096, 16, dev) == dict(shrink_in_loop=False, split_k=1, shrink_splits=3)
+    assert plan(8192, 4096, 4096, 16, dev)["shrink_splits"] == 2
+    assert plan(8448, 4096, 4096, 16, dev)["shrink_splits"] == 1
+    assert plan(4096, 4096, 256, 16, dev)["shrink_splits"] == 1  # K of one split's 512 columns
+
+
+@pytest.mark.parametrize("path", kernels.GEMM_PATHS)
+@pytest.mark.parametrize("site", [None, "input", "output"])
+def test_split_shrink_above_decode(monkeypatch, path, site, poisoned):
+    """M > 16 with few row blocks (8 "SMs" here): the shrink kernel over 3 ranges of K, the GEMM adding
+    the partial sums; the reference's result and t, and `shrink` returns their sum."""
+    monkeypatch.setattr(fused_linear, "multiprocessors", lambda device: 8)
+    m, k, rank, p, seed = 80, 1104, 6, 0.3, 21  # past the in-loop shrink's 64 rows
+    assert fused_linear.decode_plan(m, 152, k, rank, torch.device(DEVICE), dropout_p=p if site else 0.0,
+                                    dropout_site=site or "input")["shrink_splits"] == 3
+    a, w, bias, down, expand = _kernel_inputs(m, 152, k, rank, torch.float32)
+    kw = dict(dropout_p=p if site else 0.0, dropout_site=site or "input", seed=seed)
+    out, t = kernels.lowrank_linear(a, w, bias, down, expand, 0.5, store_t=True, path=path, **kw)
+    expected, expected_t = reference_kernels.lowrank_linear(a, w, bias, down, expand, 0.5, store_t=True, **kw)
+    assert rel_error(out, expected) < TOLERANCE[torch.float32]
+    assert rel_error(t, expected_t) < TOLERANCE[torch.float32]
+    assert rel_error(kernels.shrink(a, down), a.double() @ down.double()) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("path", kernels.GEMM_PATHS)

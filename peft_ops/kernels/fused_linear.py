@@ -73,7 +73,8 @@ _LOOP_SHRINK_MAX_RANK = 64  # the in-loop accumulator is BLOCK_M × BLOCK_R floa
 _LOOP_SHRINK_MIN_BLOCK_R = 32
 _DECODE_MAX_M = 16
 _DECODE_BLOCK_N = 32  # the decode configs' narrowest N-block (the split rule counts programs with it)
-_SHRINK_SPLIT_COLUMNS, _SHRINK_MAX_SPLITS = 512, 16  # the shrink kernel at M ≤ 16: see _shrink_splits
+_SHRINK_SPLIT_COLUMNS, _SHRINK_MAX_SPLITS = 512, 16  # the shrink kernel's K-splits: see _shrink_splits
+_SHRINK_BLOCK_M = 32  # the shrink's usual block of rows, for counting its programs
 # ranks per step of the rank-r term of a given t (see rank_step_size); constexpr: the kernel reads them
 _RANK_STEP, _TF32X3_RANK_STEP = tl.constexpr(64), tl.constexpr(32)
 
@@ -626,7 +627,8 @@ def shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=
            config: triton.Config | None = None) -> torch.Tensor:
     """``t = drop(a) D`` (M×r, float32) with ``a``: M×K (any strides), ``D``: K×r. ``seed``: an int or
     a 0-d int64 tensor (read on the device). ``config`` forces one kernel configuration."""
-    return _shrink(a, down, dropout_p=dropout_p, seed=seed, config=config)[0]
+    t = _shrink(a, down, dropout_p=dropout_p, seed=seed, config=config, splits=_shrink_splits(*a.shape, a.device))
+    return t[0] if t.shape[0] == 1 else t.sum(0)  # the partial sums in order (deterministic)
 
 
 def _shrink(a: torch.Tensor, down: torch.Tensor, *, dropout_p: float = 0.0, seed=None,
@@ -716,14 +718,24 @@ def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(sms, blocks), k // 256))
 
 
-def _shrink_splits(m: int, k: int) -> int:
-    """Programs per block of rows of the shrink kernel at M ≤ 16 (one block of rows): one per
-    ``_SHRINK_SPLIT_COLUMNS`` columns of K, at most ``_SHRINK_MAX_SPLITS`` (each GEMM program then reads
-    ``splits × M × r`` float32 partials: 16 KiB at M = 16, r = 16, 16 splits). One program would stream
-    x and D (256 KiB at K = 4096, r = 16, bf16) alone, about 3 stages of 8 KiB in flight: several µs."""
+def _shrink_splits(m: int, k: int, device: torch.device) -> int:
+    """Programs per block of rows of the shrink kernel, each summing one range of K into its own float32
+    partial (the GEMM adds them, ``T_SPLITS``), one per ``_SHRINK_SPLIT_COLUMNS`` columns of K at most
+    and at most ``_SHRINK_MAX_SPLITS`` (each GEMM program then reads ``splits × BLOCK_M × r`` float32
+    partials: 16 KiB at M = 16, r = 16, 16 splits).
+
+    At M ≤ 16 (one block of rows) as many as that allows: one program would stream x and D (256 KiB at
+    K = 4096, r = 16, bf16) alone, about 3 stages of 8 KiB in flight: several µs. Above, enough to give
+    every multiprocessor two programs, counting blocks of ``_SHRINK_BLOCK_M`` rows: ⌈4096 / 32⌉ = 128
+    blocks on 132 SMs ran one program of 4 warps per SM with 12–24 KiB in flight, below the ≈ 15 KiB per
+    SM that copy bandwidth needs by Little's law (3.35 TB/s × ≈ 0.6 µs over 132 SMs) once the masks'
+    instructions are counted; 3 splits give 384 programs, each reading a third of D (no more bytes of
+    D than one split), and add 3 × M × r × 4 bytes of partials (768 KiB at M = 4096, r = 16)."""
+    splits = min(triton.cdiv(k, _SHRINK_SPLIT_COLUMNS), _SHRINK_MAX_SPLITS)
     if m > _DECODE_MAX_M:
-        return 1
-    return max(1, min(triton.cdiv(k, _SHRINK_SPLIT_COLUMNS), _SHRINK_MAX_SPLITS))
+        programs, blocks = 2 * multiprocessors(device), triton.cdiv(m, _SHRINK_BLOCK_M)
+        splits = min(splits, triton.cdiv(programs, blocks)) if blocks < programs else 1
+    return max(1, splits)
 
 
 def decode_plan(m: int, n: int, k: int, rank: int, device: torch.device, *, dropout_p: float = 0.0,
@@ -745,7 +757,7 @@ def decode_plan(m: int, n: int, k: int, rank: int, device: torch.device, *, drop
         shrink_in_loop = (m <= _LOOP_SHRINK_MAX_M and block_r <= _LOOP_SHRINK_MAX_RANK and not input_dropout
                           and (m > _DECODE_MAX_M or 2 * triton.cdiv(n, _DECODE_BLOCK_N) < multiprocessors(device)))
     return dict(shrink_in_loop=shrink_in_loop, split_k=split_k,
-                shrink_splits=0 if shrink_in_loop else _shrink_splits(m, k))
+                shrink_splits=0 if shrink_in_loop else _shrink_splits(m, k, device))
 
 
 def _descriptor_scratch(size: int, alignment: int, stream):
