@@ -934,7 +934,9 @@ def table_row(v, r) -> str:
     flags = {"no adapter": c.get("HAS_LOW_RANK") is False, "no bias": c.get("HAS_BIAS") is False,
              "in-loop shrink": c.get("SHRINK_IN_LOOP"),
              "out dropout": output_drop, "in dropout": bool(drop) and not output_drop,
-             f"r≤{c.get('BLOCK_R')}": "BLOCK_R" in c, "unit strides": any(k.startswith("stride_") for k in c),
+             f"r≤{c.get('BLOCK_R')}": "BLOCK_R" in c, f"t in {c.get('T_SPLITS')} parts": c.get("T_SPLITS", 1) > 1,
+             f"{c.get('SPLITS')} K-splits": c.get("SPLITS", 1) > 1, f"W {c.get('W_FORMAT')}": "W_FORMAT" in c,
+             "unit strides": any(k.startswith("stride_") for k in c),
              "i64 sizes": "i64" in v["signature"].values(), "tma": v.get("tma")}
     flags = [flag for flag, shown in flags.items() if shown]
     name = " ".join(part for part in [kernel, TYPE[v["dtype"]], tile, f"w{v['warps']}s{v['stages']}", *flags] if part)
