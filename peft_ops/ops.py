@@ -136,6 +136,21 @@ torch.library.register_autograd("peft_ops::adapter_backward", _refuse_double_bac
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+def _call_state(x: Tensor, up: Tensor, core: Optional[Tensor], scale, dropout_p: float, seed):
+    """What a call passes to the ops besides its tensors: the scale as a tensor (a trainable one) or a
+    float, the dropout seed as a 0-d int64 device tensor (drawn when not given), and whether t must be
+    stored for the factors' gradients."""
+    scale_tensor = scale if isinstance(scale, Tensor) else None
+    scale_value = 1.0 if scale_tensor is not None else float(scale)
+    if dropout_p:
+        seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
+                else torch.as_tensor(seed, dtype=torch.int64).to(x.device))
+    else:
+        seed = None
+    store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
+    return scale_tensor, scale_value, seed, store_t
+
+
 def adapted_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor, core: Optional[Tensor],
                    down: Tensor, scale, *, dropout_p: float = 0.0, dropout_site: str = "input", backend: str = "auto",
                    seed=None) -> Tensor:
@@ -156,18 +171,12 @@ def adapted_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], up: Tensor
     if backend != "reference" and x.device.type == "cpu" and torch.compiler.is_compiling():
         raise RuntimeError(f"backend={backend!r} on the CPU runs the Triton interpreter, which torch.compile "
                            f"cannot trace; compile with backend='reference' (or 'auto') on the CPU")
-    scale_tensor = scale if isinstance(scale, Tensor) else None
-    if dropout_p:
-        seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
-                else torch.as_tensor(seed, dtype=torch.int64).to(x.device))
-    else:
-        seed = None
-    store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
+    scale_tensor, scale_value, seed, store_t = _call_state(x, up, core, scale, dropout_p, seed)
     # inputs are cast to the autocast dtype above; inside, the rank-r work stays float32 (E = U·C, t)
     with torch.autocast(x.device.type, enabled=False):
         y, _ = torch.ops.peft_ops.adapter_forward(
-            x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor,
-            1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p), dropout_site, backend, store_t)
+            x.reshape(-1, x.shape[-1]), weight, bias, up, core, down, scale_tensor, scale_value, seed,
+            float(dropout_p), dropout_site, backend, store_t)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -216,17 +225,10 @@ def quantized_adapted_linear(x: Tensor, weight, bias: Optional[Tensor], up: Tens
     if backend == "reference":
         raise ValueError("quantized_adapted_linear runs the Triton kernels; backend='reference' has no quantized "
                          "GEMM (a layer then runs bitsandbytes' forward plus adapter_term)")
-    scale_tensor = scale if isinstance(scale, Tensor) else None
-    if dropout_p:
-        seed = (torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=x.device) if seed is None
-                else torch.as_tensor(seed, dtype=torch.int64).to(x.device))
-    else:
-        seed = None
-    store_t = torch.is_grad_enabled() and any(f is not None and f.requires_grad for f in (up, core, scale_tensor))
+    scale_tensor, scale_value, seed, store_t = _call_state(x, up, core, scale, dropout_p, seed)
     with torch.autocast(x.device.type, enabled=False):
-        y = _QuantizedAdapter.apply(x.reshape(-1, k), bias, up, core, down, scale_tensor,
-                                    weight, 1.0 if scale_tensor is not None else float(scale), seed, float(dropout_p),
-                                    dropout_site, backend, store_t)
+        y = _QuantizedAdapter.apply(x.reshape(-1, k), bias, up, core, down, scale_tensor, weight, scale_value, seed,
+                                    float(dropout_p), dropout_site, backend, store_t)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -311,7 +311,7 @@ def yardstick(v):
     block as the tile's N); both in the variant's dtype and dot precision."""
     c = {**v["constexprs"], **v["config"]}
     if v["kernel"] not in ("_lowrank_linear_kernel", "_shrink_kernel", "_sgmv_shrink_kernel",
-                           "_unpipelined_matmul_kernel", "_unpipelined_pointer_kernel", "_per_element_mask_kernel"):
+                           "_unpipelined_matmul_kernel", "_unpipelined_pointer_kernel"):
         return None
     tile = {"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"] if "BLOCK_N" in c else c["BLOCK_R"], "BLOCK_K": c["BLOCK_K"],
             "GROUP_M": c.get("GROUP_M", 8)}
@@ -319,8 +319,7 @@ def yardstick(v):
     if v.get("tma"):
         return _descriptor_yardstick(config, v["dtype"], c["PRECISION"], bool(v.get("flattened")))
     same = {name: name for name in _GEMM_ARGS.values()}
-    args = {"_lowrank_linear_kernel": _GEMM_ARGS, "_unpipelined_pointer_kernel": same, "_per_element_mask_kernel": same
-            }.get(v["kernel"], _SHRINK_ARGS)
+    args = {"_lowrank_linear_kernel": _GEMM_ARGS, "_unpipelined_pointer_kernel": same}.get(v["kernel"], _SHRINK_ARGS)
     unit = tuple(args[name] for name in v["constexprs"] if name in args)
     aligned = tuple(args[name] for name in v["aligned"] if name in args)
     return _variant(tutorial_gemms.pointer_matmul_kernel, config, v["dtype"], {}, dict(PRECISION=c["PRECISION"]),
@@ -396,11 +395,12 @@ def counterexample_variants():
 def _unpipelined_pointer_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_cm,
                                 stride_cn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 GROUP_M: tl.constexpr, PRECISION: tl.constexpr, PIPELINE: tl.constexpr,
-                                MASK_ROWS: tl.constexpr):
-    """The pointer path's counterexample for the other targets: tutorial 03 (bench/tutorial_gemms.py)
-    with its K-loop kept out of the software pipeline (``PIPELINE=False``: the loop's own
-    ``num_stages=1``), or pipelined but with rows and columns masked every K-step (``MASK_ROWS``: the
-    instruction count's check)."""
+                                MASK_ROWS: tl.constexpr, DROP_A: tl.constexpr = False):
+    """The pointer path's counterexample: tutorial 03 (bench/tutorial_gemms.py) with its K-loop kept out
+    of the software pipeline (``PIPELINE=False``: the loop's own ``num_stages=1``), or pipelined but with
+    rows and columns masked every K-step (``MASK_ROWS``: the instruction count's check), or with its
+    ``a`` tile dropped (p = 1/2) by one Philox call per element (``DROP_A``, ``tl.rand``'s way, where the
+    kernels draw eight elements per call: the dropout-mask budget's check)."""
     block_m, block_n = tutorial_gemms._grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
                                                     GROUP_M)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -418,6 +418,8 @@ def _unpipelined_pointer_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_
             a_mask = a_mask & (rows[:, None] < M) & ((rows[:, None] * k_left) % M < K)
             w_mask = w_mask & (cols[None, :] < N) & ((cols[None, :] * k_left) % N < K)
         a = tl.load(a_block, mask=a_mask, other=0.0)
+        if DROP_A:
+            a = tl.where(tl.rand(0, rows[:, None] * K + (k_step * BLOCK_K + ks)[None, :]) >= 0.5, a, 0.0)
         w = tl.load(w_block, mask=w_mask, other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_block += BLOCK_K * stride_ak
@@ -426,37 +428,12 @@ def _unpipelined_pointer_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-@triton.jit
-def _per_element_mask_kernel(a_ptr, w_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_wn, stride_wk, stride_cm,
-                             stride_cn, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
-    """The mask budget's counterexample: tutorial 03 with its ``a`` tile dropped (p = 1/2) by one Philox
-    call per element (``tl.rand``'s way), where the kernels draw eight elements per call."""
-    block_m, block_n = tutorial_gemms._grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N),
-                                                    GROUP_M)
-    rows = (block_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    cols = (block_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-    ks = tl.arange(0, BLOCK_K)
-    a_block = a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    w_block = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_step in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k_step * BLOCK_K
-        a = tl.load(a_block, mask=ks[None, :] < k_left, other=0.0)
-        offsets = rows[:, None] * K + (k_step * BLOCK_K + ks)[None, :]
-        a = tl.where(tl.rand(seed, offsets) >= 0.5, a, 0.0)
-        w = tl.load(w_block, mask=ks[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-        a_block += BLOCK_K * stride_ak
-        w_block += BLOCK_K * stride_wk
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty))
-
-
 def mask_counterexample_variants():
     """The per-element mask on the shrink's default tile (32 rows, BLOCK_K 64, rank block 64 as the
     tile's N), bf16, measured against tutorial 03 there with the shrink's mask budget."""
     config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3)
-    v = _variant(_per_element_mask_kernel, config, "bfloat16", {}, dict(PRECISION="tf32"),
+    v = _variant(_unpipelined_pointer_kernel, config, "bfloat16", {},
+                 dict(PRECISION="tf32", PIPELINE=True, MASK_ROWS=False, DROP_A=True),
                  unit=("stride_ak", "stride_wk", "stride_cn"), aligned=("K", "N", "stride_am", "stride_wn", "stride_cm"))
     v["masked"] = 32 * 64 // (32 * 4)
     return [v]
@@ -569,7 +546,7 @@ def quantized_counterexample_variants():
     return [v]
 
 
-KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, _unpipelined_pointer_kernel, _per_element_mask_kernel,
+KERNELS = {k.__name__: k for k in (_unpipelined_matmul_kernel, _unpipelined_pointer_kernel,
                                    fused_linear._lowrank_linear_kernel, fused_linear._shrink_kernel,
                                    fused_linear._sum_splits_kernel, reductions._rank_reduce_kernel,
                                    dropout._dropout_mask_kernel,
